@@ -1,0 +1,349 @@
+"""One topology-evolution step over a set of sparse layers (ALGORITHM.md section 2), with no Trainer import.
+
+The engine owns the schedules and the per-layer bookkeeping; the tensor work is done by the pure functions of
+:mod:`hf_chts.topology`. It sees every layer as an ``(n_out, n_in)`` mask plus the matching weight (and, for
+RigL-style regrowth, the dense gradient), and returns new masks. Applying them to a model, syncing ranks and
+resetting optimizer state is the caller's job (:mod:`hf_chts.masking`, :mod:`hf_chts.callback`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ._validation import check_shape_2d, link_count
+from .config import SparseTrainingConfig
+from .topology.init import allocate_densities, init_mask
+from .topology.percolation import active_neurons, chain_removal
+from .topology.regrowth import regrow_links
+from .topology.removal import remove_links
+from .topology.schedules import DropFraction, Temperature, make_density_schedule
+from .topology.scores import removal_scores
+
+__all__ = ["LayerStats", "StepStats", "TopologyEngine", "derive_generator"]
+
+
+def derive_generator(seed: int, *keys: Any, device: torch.device | str | None = None) -> torch.Generator:
+    """A generator seeded by a stable hash of ``(seed, *keys)``.
+
+    Random streams depend only on what they are for (step, layer, phase), never on the rank or on how many
+    draws happened before, so a resumed run, or another rank, draws exactly the same.
+    """
+    digest = hashlib.sha256(repr((int(seed),) + tuple(keys)).encode()).digest()
+    generator = torch.Generator(device=torch.device(device) if device is not None else "cpu")
+    generator.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return generator
+
+
+@dataclass
+class LayerStats:
+    """What one evolution step did to one layer."""
+
+    nnz_before: int
+    nnz: int
+    target_nnz: int
+    density: float
+    decay_pruned: int = 0
+    removed: int = 0
+    chain_removed: int = 0
+    regrown: int = 0
+    turnover: float = 0.0
+    active_out: float = 1.0
+    active_in: float = 1.0
+    frozen: bool = False
+    seconds: float = 0.0
+
+
+@dataclass
+class StepStats:
+    """Statistics of one evolution step over all the layers it touched."""
+
+    step: int
+    drop_fraction: float
+    temperature: float
+    seconds: float = 0.0
+    layers: dict[str, LayerStats] = field(default_factory=dict)
+
+    def to_log_dict(self, prefix: str = "sparsity/", per_layer: bool = True) -> dict[str, float]:
+        """Flat ``{key: number}`` for Trainer logs: global figures, then per-layer ones if asked."""
+        layers = self.layers.values()
+        nnz = sum(s.nnz for s in layers)
+        numel = sum(s.nnz / s.density if s.density > 0 else 0 for s in layers)
+        logs = {
+            f"{prefix}density": nnz / numel if numel else 0.0,
+            f"{prefix}links_removed": float(sum(s.removed + s.decay_pruned + s.chain_removed for s in layers)),
+            f"{prefix}links_regrown": float(sum(s.regrown for s in layers)),
+            f"{prefix}chain_removed": float(sum(s.chain_removed for s in layers)),
+            f"{prefix}turnover": _mean(s.turnover for s in layers),
+            f"{prefix}active_neurons": _mean((s.active_out + s.active_in) / 2 for s in layers),
+            f"{prefix}drop_fraction": self.drop_fraction,
+            f"{prefix}temperature": self.temperature,
+            f"{prefix}update_seconds": self.seconds,
+        }
+        if per_layer:
+            for name, s in self.layers.items():
+                logs[f"{prefix}{name}/density"] = s.density
+                logs[f"{prefix}{name}/active_out"] = s.active_out
+                logs[f"{prefix}{name}/active_in"] = s.active_in
+                logs[f"{prefix}{name}/turnover"] = s.turnover
+        return logs
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return float(sum(values) / len(values)) if values else 0.0
+
+
+class TopologyEngine:
+    """Initial masks and topology updates for a set of sparse layers.
+
+    Args:
+        config (`SparseTrainingConfig`): the method and its knobs.
+        shapes (`Mapping[str, tuple[int, int]]`): ``(n_out, n_in)`` of every sparse layer, by name. The order
+            is the order of :meth:`groups`.
+        chains (`Sequence`): chain specs for chain removal (`LayerChain`, `LlamaBlockChain` from
+            :mod:`hf_chts.topology.percolation`); layers of one chain are updated together.
+        max_steps (`int`): total optimizer steps of the run; resolves ``t_end`` and ``decay_end``.
+
+    Example:
+        >>> engine = TopologyEngine(SparseTrainingConfig(method="chts", density=0.2), {"fc": (8, 16)}, max_steps=100)
+        >>> masks = engine.init_masks()
+        >>> int(masks["fc"].sum())
+        26
+    """
+
+    def __init__(
+        self,
+        config: SparseTrainingConfig,
+        shapes: Mapping[str, Sequence[int]],
+        chains: Sequence[Any] = (),
+        max_steps: int = 1,
+    ) -> None:
+        if not isinstance(config, SparseTrainingConfig):
+            raise ValueError(f"`config` must be a SparseTrainingConfig, got {type(config).__name__}.")
+        if not shapes:
+            raise ValueError("`shapes` is empty: the engine needs at least one sparse layer.")
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise ValueError(f"`max_steps` must be a positive integer, got {max_steps!r}.")
+        self.config = config
+        self.shapes = {name: check_shape_2d(shape) for name, shape in shapes.items()}
+        self.names = list(self.shapes)
+        self.max_steps = max_steps
+        self.t_end = config.resolve_t_end(max_steps)
+        self.chains = list(chains)
+        self._chain_of: dict[str, int] = {}
+        for index, chain in enumerate(self.chains):
+            for name in _chain_layers(chain):
+                if name not in self.shapes:
+                    raise ValueError(f"Chain {index} names layer {name!r}, which is not among the sparse layers.")
+                if name in self._chain_of:
+                    raise ValueError(f"Layer {name!r} belongs to two chains ({self._chain_of[name]} and {index}).")
+                self._chain_of[name] = index
+        final = allocate_densities([self.shapes[n] for n in self.names], config.density, config.density_distribution)
+        self.final_density = dict(zip(self.names, final))
+        decay_end = config.resolve_decay_end(max_steps)
+        self.density_schedule = make_density_schedule(
+            config.density_schedule,
+            config.density,
+            initial_density=config.initial_density,
+            decay_start=config.decay_start,
+            decay_end=decay_end,
+            update_interval=config.update_interval,
+            steepness=config.decay_steepness,
+        )
+        self.drop_fraction = DropFraction(config.zeta, max(self.t_end, 1), kind=config.zeta_schedule)
+        self.temperature = Temperature(max(self.t_end, 1), config.temperature_start, config.temperature_end)
+        self.frozen: set[str] = set()
+
+    # ------------------------------------------------------------------ schedule queries
+    def should_update(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (counted from 1) ends with a topology update."""
+        cfg = self.config
+        return cfg.is_dynamic and step > 0 and step % cfg.update_interval == 0 and step <= self.t_end
+
+    def layer_density(self, name: str, step: int) -> float:
+        """Target density of layer ``name`` after the update at ``step`` (ERK layers scale with the global one)."""
+        scale = self.density_schedule(step) / self.config.density
+        return min(1.0, self.final_density[name] * scale)
+
+    def target_nnz(self, name: str, step: int) -> int:
+        """Exact number of links layer ``name`` holds after the update at ``step``."""
+        return link_count(self.shapes[name], self.layer_density(name, step))
+
+    def groups(self) -> list[list[str]]:
+        """Layers that must be updated together: one group per chain, then one per unchained layer."""
+        groups = [list(_chain_layers(chain)) for chain in self.chains]
+        groups += [[name] for name in self.names if name not in self._chain_of]
+        return groups
+
+    # ------------------------------------------------------------------ masks
+    def init_masks(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """Initial masks of every layer at the step-0 density, seeded by ``config.seed`` and the layer name."""
+        cfg = self.config
+        params: dict[str, Any] = {}
+        if cfg.init == "brf":
+            params = {"r": cfg.brf_r, "degree_dist": cfg.brf_degree_dist}
+        elif cfg.init == "bsw":
+            params = {"beta": cfg.bsw_beta}
+        masks = {}
+        for name in self.names:
+            generator = derive_generator(cfg.seed, "init", name, device=device)
+            masks[name] = init_mask(
+                self.shapes[name],
+                self.layer_density(name, 0),
+                cfg.init,
+                generator=generator,
+                device=device,
+                **params,
+            )
+        return masks
+
+    def step(
+        self,
+        step: int,
+        masks: Mapping[str, torch.Tensor],
+        weights: Mapping[str, torch.Tensor],
+        grads: Mapping[str, torch.Tensor] | None = None,
+        groups: Sequence[Sequence[str]] | None = None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], StepStats]:
+        """Run one evolution step (ALGORITHM.md section 2) on ``groups`` (default: all layers).
+
+        Args:
+            step (`int`): the optimizer step the update belongs to; seeds every random draw.
+            masks (`Mapping[str, Tensor]`): current ``(n_out, n_in)`` bool masks.
+            weights (`Mapping[str, Tensor]`): the matching weights (masked positions are 0).
+            grads (`Mapping[str, Tensor]`, *optional*): dense gradients of the effective weights; needed by
+                gradient regrowth (RigL, GraNet) and MEST removal.
+            groups: subset of :meth:`groups` to update (a rank's share); layers outside are not returned.
+
+        Returns:
+            `(new_masks, grown, stats)`: new masks and the newly grown positions of the updated layers, and a
+            :class:`StepStats`.
+        """
+        cfg = self.config
+        start = time.perf_counter()
+        zeta = float(self.drop_fraction(step)) if cfg.removal != "none" else 0.0
+        temperature = float(self.temperature(step))
+        stats = StepStats(step=step, drop_fraction=zeta, temperature=temperature)
+        new_masks: dict[str, torch.Tensor] = {}
+        grown_masks: dict[str, torch.Tensor] = {}
+        for group in self.groups() if groups is None else groups:
+            group = list(group)
+            times = dict.fromkeys(group, 0.0)
+            pruned: dict[str, torch.Tensor] = {}
+            for name in group:
+                t0 = time.perf_counter()
+                mask = masks[name]
+                if mask.shape != self.shapes[name]:
+                    raise ValueError(
+                        f"Mask of layer {name!r} has shape {tuple(mask.shape)}, expected {self.shapes[name]}."
+                    )
+                pruned[name], layer = self._prune(step, name, mask, weights[name], grads, zeta, temperature)
+                stats.layers[name] = layer
+                times[name] += time.perf_counter() - t0
+            if cfg.chain_removal and group[0] in self._chain_of:
+                t0 = time.perf_counter()
+                chain = self.chains[self._chain_of[group[0]]]
+                before = {name: int(pruned[name].sum()) for name in group}
+                pruned, _ = chain_removal(pruned, [chain])
+                for name in group:
+                    stats.layers[name].chain_removed = before[name] - int(pruned[name].sum())
+                    times[name] += (time.perf_counter() - t0) / len(group)
+            for name in group:
+                t0 = time.perf_counter()
+                new_mask, grown = self._regrow(step, name, masks[name], pruned[name], grads, stats.layers[name])
+                new_masks[name], grown_masks[name] = new_mask, grown
+                stats.layers[name].seconds = times[name] + time.perf_counter() - t0
+        stats.seconds = time.perf_counter() - start
+        return new_masks, grown_masks, stats
+
+    def _prune(self, step, name, mask, weight, grads, zeta, temperature):
+        """Density decay (hard, by the decay score) then link removal; returns the pruned mask and stats."""
+        cfg = self.config
+        mask = mask.bool()
+        nnz_before = int(mask.sum())
+        target = self.target_nnz(name, step)
+        layer = LayerStats(nnz_before=nnz_before, nnz=nnz_before, target_nnz=target, density=0.0)
+        layer.frozen = name in self.frozen
+        nnz = nnz_before
+        if nnz > target:
+            scores = removal_scores(weight, cfg.decay_pruning)
+            mask = remove_links(mask, scores, nnz - target, mode="hard")
+            layer.decay_pruned = nnz - target
+            nnz = target
+        if not layer.frozen and cfg.removal != "none":
+            n_remove = math.floor(zeta * nnz)
+            if n_remove > 0:
+                grad = None if grads is None else grads.get(name)
+                if cfg.removal == "mest" and grad is None:
+                    raise ValueError(f"MEST removal needs the gradient of layer {name!r}; pass `grads`.")
+                scores = removal_scores(weight, cfg.removal, grad=grad, mest_lambda=cfg.mest_lambda)
+                generator = derive_generator(cfg.seed, step, name, "remove", device=mask.device)
+                mask = remove_links(
+                    mask, scores, n_remove, mode=cfg.removal_mode, temperature=temperature, generator=generator
+                )
+                layer.removed = n_remove
+        return mask, layer
+
+    def _regrow(self, step, name, old_mask, mask, grads, layer: LayerStats):
+        """Grow back to the target; update the layer's stats (turnover, active neurons, early stop)."""
+        cfg = self.config
+        n_grow = layer.target_nnz - int(mask.sum())
+        grown = torch.zeros_like(mask)
+        # A frozen layer (early stop) skips removal, so it only regrows what chain removal or decay took.
+        if n_grow > 0 and cfg.regrowth != "none":
+            grad = None if grads is None else grads.get(name)
+            if cfg.regrowth == "gradient" and grad is None:
+                raise ValueError(f"Gradient regrowth needs the dense gradient of layer {name!r}; pass `grads`.")
+            generator = derive_generator(cfg.seed, step, name, "regrow", device=mask.device)
+            mask, grown = regrow_links(
+                mask,
+                n_grow,
+                method=cfg.regrowth,
+                mode=cfg.regrowth_mode,
+                grad=grad,
+                ch_variant=cfg.ch_variant,
+                generator=generator,
+            )
+            layer.regrown = n_grow
+        old_mask = old_mask.bool()
+        layer.nnz = int(mask.sum())
+        numel = mask.numel()
+        layer.density = layer.nnz / numel
+        layer.turnover = int((mask & ~old_mask).sum()) / max(layer.nnz_before, 1)
+        layer.active_out, layer.active_in = (float(v) for v in active_neurons(mask))
+        if cfg.early_stop_threshold is not None and layer.regrown > 0 and not layer.frozen:
+            came_back = int((grown & old_mask).sum()) / layer.regrown
+            if came_back >= cfg.early_stop_threshold:
+                self.frozen.add(name)
+        return mask, grown
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state (everything else is a pure function of the step)."""
+        return {"frozen": sorted(self.frozen)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        unknown = set(state.get("frozen", [])) - set(self.names)
+        if unknown:
+            raise ValueError(f"Engine state freezes unknown layers {sorted(unknown)}; was it saved for this model?")
+        self.frozen = set(state.get("frozen", []))
+
+
+def _chain_layers(chain: Any) -> list[str]:
+    """Layer names of a chain spec (a `LayerChain` has ``layers``; a `LlamaBlockChain` names its seven)."""
+    if hasattr(chain, "layers"):
+        return list(chain.layers)
+    names = [getattr(chain, key) for key in ("q", "k", "v", "o", "gate", "up", "down") if hasattr(chain, key)]
+    if not names:
+        raise ValueError(f"Unknown chain spec {chain!r}: expected a LayerChain or a LlamaBlockChain.")
+    return names
