@@ -8,6 +8,7 @@ resetting optimizer state is the caller's job (:mod:`hf_chts.masking`, :mod:`hf_
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import time
@@ -112,7 +113,8 @@ class TopologyEngine:
             is the order of :meth:`groups`.
         chains (`Sequence`): chain specs for chain removal (`LayerChain`, `LlamaBlockChain` from
             :mod:`hf_chts.topology.percolation`); layers of one chain are updated together.
-        max_steps (`int`): total optimizer steps of the run; resolves ``t_end`` and ``decay_end``.
+        max_steps (`int`): total optimizer steps of the run; resolves ``t_end`` and ``decay_end``. Only
+            :meth:`init_masks` is meaningful without the real value.
 
     Example:
         >>> engine = TopologyEngine(SparseTrainingConfig(method="chts", density=0.2), {"fc": (8, 16)}, max_steps=100)
@@ -150,21 +152,26 @@ class TopologyEngine:
                 self._chain_of[name] = index
         final = allocate_densities([self.shapes[n] for n in self.names], config.density, config.density_distribution)
         self.final_density = dict(zip(self.names, final))
-        decay_end = config.resolve_decay_end(max_steps)
-        self.density_schedule = make_density_schedule(
-            config.density_schedule,
-            config.density,
-            initial_density=config.initial_density,
-            decay_start=config.decay_start,
-            decay_end=decay_end,
-            update_interval=config.update_interval,
-            steepness=config.decay_steepness,
-        )
         self.drop_fraction = DropFraction(config.zeta, max(self.t_end, 1), kind=config.zeta_schedule)
         self.temperature = Temperature(max(self.t_end, 1), config.temperature_start, config.temperature_end)
         self.frozen: set[str] = set()
 
     # ------------------------------------------------------------------ schedule queries
+    @functools.cached_property
+    def density_schedule(self):
+        """Global target density as a function of the step (built on first use: drawing initial masks does
+        not need a run long enough for the decay)."""
+        cfg = self.config
+        return make_density_schedule(
+            cfg.density_schedule,
+            cfg.density,
+            initial_density=cfg.initial_density,
+            decay_start=cfg.decay_start,
+            decay_end=cfg.resolve_decay_end(self.max_steps),
+            update_interval=cfg.update_interval,
+            steepness=cfg.decay_steepness,
+        )
+
     def should_update(self, step: int) -> bool:
         """Whether optimizer step ``step`` (counted from 1) ends with a topology update."""
         cfg = self.config
@@ -172,7 +179,9 @@ class TopologyEngine:
 
     def layer_density(self, name: str, step: int) -> float:
         """Target density of layer ``name`` after the update at ``step`` (ERK layers scale with the global one)."""
-        scale = self.density_schedule(step) / self.config.density
+        cfg = self.config
+        density = cfg.initial_density if step <= cfg.decay_start else self.density_schedule(step)
+        scale = density / cfg.density
         return min(1.0, self.final_density[name] * scale)
 
     def target_nnz(self, name: str, step: int) -> int:

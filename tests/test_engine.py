@@ -168,3 +168,11 @@ def test_bad_inputs():
     weights, _ = fake_training_state(engine.init_masks())
     with pytest.raises(ValueError, match="Mask of layer 'fc1' has shape"):
         engine.step(10, masks, weights)
+
+
+def test_initial_masks_need_no_valid_run_length():
+    # drawing masks before training (e.g. building a model) must not depend on max_steps
+    cfg = SparseTrainingConfig(method="chtss", density=0.1)
+    engine = TopologyEngine(cfg, SHAPES, max_steps=1)
+    masks = engine.init_masks()
+    assert all(int(m.sum()) == link_count(SHAPES[n], 0.5) for n, m in masks.items())

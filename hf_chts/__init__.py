@@ -1,0 +1,41 @@
+"""hf_chts: brain-inspired dynamic sparse training (CHTs, CHTss, BRF) for Hugging Face Transformers.
+
+Importing the package registers ``SparseLlamaConfig`` / ``SparseLlamaForCausalLM`` with ``AutoConfig`` and
+``AutoModelForCausalLM`` (model_type ``"sparse_llama"``), so sparse checkpoints load with the Auto classes.
+Heavier pieces (the Trainer callback, evaluation, hub helpers) are imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .config import METHODS, PRESETS, SparseTrainingConfig
+from .modeling import SparseLlamaConfig, SparseLlamaForCausalLM, register
+
+__version__ = "0.1.0"
+
+# name -> submodule that defines it; imported lazily so `import hf_chts` stays light.
+_LAZY = {
+    "CHTssCallback": "callback",
+    "TopologyEngine": "engine",
+    "StepStats": "engine",
+    "sparsify_": "masking",
+    "find_sparse_modules": "masking",
+    "get_masks": "masking",
+    "set_masks_": "masking",
+    "apply_masks_": "masking",
+    "llama_chains": "modeling",
+    "sparsity_summary": "modeling",
+}
+
+__all__ = ["METHODS", "PRESETS", "SparseLlamaConfig", "SparseLlamaForCausalLM", "SparseTrainingConfig", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'hf_chts' has no attribute {name!r}")
+
+
+register()
