@@ -1,0 +1,693 @@
+"""`SparseLlamaConfig` and `SparseLlamaForCausalLM`: a LLaMA whose q,k,v,o,gate,up,down carry masks.
+
+The model is a plain :class:`~transformers.LlamaForCausalLM` whose selected projections are swapped to the
+masked forward of :mod:`hf_chts.masking` and carry a persistent ``torch.bool`` buffer ``weight_mask`` shaped
+like their weight (docs/DESIGN.md, "Masks"). Embeddings, norms and ``lm_head`` stay dense. The sparse-training
+settings travel with the model in ``config.sparsity`` (a :class:`~hf_chts.config.SparseTrainingConfig` as a
+dict), so ``save_pretrained`` / ``from_pretrained`` round-trip masks, zeros and the recipe together.
+
+How masks come to exist (transformers 5 builds models on the ``meta`` device, then loads the checkpoint):
+
+- a fresh ``SparseLlamaForCausalLM(config)`` draws its masks in ``_initialize_weights`` (its call on the
+  root module, the last of the weight initialisation ``post_init`` runs) with
+  :class:`~hf_chts.engine.TopologyEngine` ``.init_masks()``, seeded by ``config.sparsity["seed"]``, and
+  zeroes the masked weights;
+- ``from_pretrained`` of a sparse checkpoint loads the masks; before any weight is read, the checkpoint's
+  masks are checked (shape, ``torch.bool`` dtype, none missing) so a bad file fails with a ``ValueError``
+  naming the layer instead of being silently cast;
+- ``from_pretrained`` of a *dense* LLaMA checkpoint (its ``config.json`` says ``model_type: llama`` and it
+  holds no masks) loads the dense weights, then ``_initialize_missing_keys`` calls ``_initialize_weights``,
+  which draws the masks exactly as for a fresh model and zeroes the loaded weights at masked positions.
+
+Example:
+
+```python
+>>> from hf_chts.modeling import SparseLlamaConfig, SparseLlamaForCausalLM, sparsity_summary
+>>> config = SparseLlamaConfig(
+...     vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+...     num_attention_heads=4, num_key_value_heads=2, sparsity={"method": "chts", "density": 0.3},
+... )
+>>> model = SparseLlamaForCausalLM(config)
+>>> int(model.model.layers[0].self_attn.q_proj.weight_mask.sum())  # round(0.3 * 32 * 32)
+307
+>>> round(sparsity_summary(model)["density"], 2)
+0.3
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from .._validation import check_choice
+from ..config import SparseTrainingConfig
+from ..engine import TopologyEngine
+from ..masking import MASK_NAME, apply_masks_, get_masks, is_masked, layer_view, make_masked_, unwrap_model
+from ..topology.percolation import LlamaBlockChain
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SPARSE_PROJECTIONS",
+    "SparseLlamaConfig",
+    "SparseLlamaForCausalLM",
+    "llama_chains",
+    "register",
+    "sparsity_summary",
+]
+
+# Projection name -> the sub-module of a LlamaDecoderLayer that holds it.
+_PROJECTION_PARENT = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
+SPARSE_PROJECTIONS: tuple[str, ...] = tuple(_PROJECTION_PARENT)
+
+# Set by `SparseLlamaForCausalLM.from_pretrained(..., init_missing_masks=True)` for the duration of the load.
+_INIT_MISSING_MASKS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "init_missing_masks", default=False
+)
+
+# safetensors dtype names -> torch names, for error messages.
+_SAFETENSORS_DTYPES = {
+    "BOOL": "torch.bool",
+    "U8": "torch.uint8",
+    "I8": "torch.int8",
+    "I16": "torch.int16",
+    "I32": "torch.int32",
+    "I64": "torch.int64",
+    "F16": "torch.float16",
+    "BF16": "torch.bfloat16",
+    "F32": "torch.float32",
+    "F64": "torch.float64",
+}
+
+
+# ------------------------------------------------------------------------------------------ configuration
+def _normalise_sparsity(value: Any) -> dict[str, Any]:
+    """A full, validated ``SparseTrainingConfig.to_dict()`` from a config object or a (partial) dict."""
+    if isinstance(value, SparseTrainingConfig):
+        return SparseTrainingConfig.from_dict(value.to_dict()).to_dict()
+    if isinstance(value, Mapping):
+        return SparseTrainingConfig.from_dict(dict(value)).to_dict()
+    raise ValueError(
+        f"`sparsity` must be a SparseTrainingConfig or a dict of its fields, got {type(value).__name__}; "
+        "e.g. sparsity={'method': 'chts', 'density': 0.3}."
+    )
+
+
+def _normalise_projections(value: Any) -> list[str]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ValueError(
+            f"`sparse_projections` must be a list of projection names from {list(SPARSE_PROJECTIONS)}, "
+            f"got {value!r}."
+        )
+    value = list(value)
+    if not value:
+        raise ValueError(
+            "`sparse_projections` is empty; list at least one of "
+            f"{list(SPARSE_PROJECTIONS)}, or use a plain LlamaForCausalLM for a dense model."
+        )
+    for name in value:
+        check_choice("sparse projection", name, SPARSE_PROJECTIONS)
+    if len(set(value)) != len(value):
+        raise ValueError(f"`sparse_projections` repeats a name: {value!r}.")
+    # Canonical order, so two configs naming the same set compare equal.
+    return [name for name in SPARSE_PROJECTIONS if name in value]
+
+
+def _compile_patterns(patterns: list[str] | None, field: str) -> list[re.Pattern]:
+    compiled = []
+    for pattern in patterns or []:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as err:
+            raise ValueError(
+                f"`sparsity[{field!r}]` entry {pattern!r} is not a valid regular expression: {err}."
+            ) from err
+    return compiled
+
+
+@strict
+class SparseLlamaConfig(LlamaConfig):
+    r"""Configuration of a [`SparseLlamaForCausalLM`]: a `LlamaConfig` plus the sparse-training settings.
+
+    Args:
+        sparsity (`dict` or `SparseTrainingConfig`, *optional*):
+            The sparse-training settings, stored as ``SparseTrainingConfig.to_dict()`` (every field resolved
+            from the preset). A partial dict such as ``{"method": "chtss", "density": 0.3}`` is completed;
+            bad values raise a ``ValueError`` when the config is built (or the field assigned). Defaults to
+            ``SparseTrainingConfig()`` (CHTs at density 0.3, seed 0). Its ``seed`` seeds the initial masks;
+            its ``target_modules`` / ``exclude_modules`` (regular expressions, ``re.search`` on the module
+            name) further narrow the sparse layers.
+        sparse_projections (`list[str]`, *optional*):
+            Which projections of every decoder block are sparse, among ``q_proj, k_proj, v_proj, o_proj,
+            gate_proj, up_proj, down_proj`` (the default: all seven). Embeddings, norms and ``lm_head`` are
+            always dense.
+        **kwargs: every `LlamaConfig` field (``hidden_size``, ``num_hidden_layers``, ...).
+
+    Example:
+
+    ```python
+    >>> config = SparseLlamaConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
+    ...                            intermediate_size=64, sparsity={"method": "chtss", "density": 0.1})
+    >>> config.model_type, config.sparse_training_config.initial_density
+    ('sparse_llama', 0.5)
+    >>> config.sparse_layer_names()[:2]
+    ['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.k_proj']
+    ```
+    """
+
+    model_type = "sparse_llama"
+
+    sparsity: dict[str, Any] | None = None
+    sparse_projections: list[str] | None = None
+
+    def __post_init__(self, **kwargs):
+        # A dense LLaMA config.json loaded into this class carries `model_type: llama`; the class decides the
+        # model type (it is what `to_dict` / `config.json` write), so drop the stale instance attribute.
+        kwargs.pop("model_type", None)
+        if self.sparsity is None:
+            self.sparsity = SparseTrainingConfig().to_dict()
+        if self.sparse_projections is None:
+            self.sparse_projections = list(SPARSE_PROJECTIONS)
+        super().__post_init__(**kwargs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Normalise and validate on every assignment, including the ones `from_pretrained(..., sparsity=...)`
+        # makes after construction (they bypass `__post_init__`).
+        if name == "sparsity" and value is not None:
+            value = _normalise_sparsity(value)
+        elif name == "sparse_projections" and value is not None:
+            value = _normalise_projections(value)
+        super().__setattr__(name, value)
+
+    @property
+    def sparse_training_config(self) -> SparseTrainingConfig:
+        """``sparsity`` as a :class:`~hf_chts.config.SparseTrainingConfig` (a new object on every access)."""
+        return SparseTrainingConfig.from_dict(self.sparsity)
+
+    def sparse_layer_names(self) -> list[str]:
+        """Module names of the sparse layers of a ``SparseLlamaForCausalLM`` built from this config.
+
+        Every ``model.layers.<i>.<self_attn|mlp>.<projection>`` for the projections in ``sparse_projections``,
+        kept only if it matches one of ``sparsity["target_modules"]`` (when set) and none of
+        ``sparsity["exclude_modules"]`` (regular expressions, ``re.search``, as in
+        :func:`hf_chts.masking.find_sparse_modules`).
+        """
+        targets = _compile_patterns(self.sparsity.get("target_modules"), "target_modules")
+        excludes = _compile_patterns(self.sparsity.get("exclude_modules"), "exclude_modules")
+        names = []
+        for layer in range(self.num_hidden_layers):
+            for proj in self.sparse_projections:
+                name = f"model.layers.{layer}.{_PROJECTION_PARENT[proj]}.{proj}"
+                if targets and not any(p.search(name) for p in targets):
+                    continue
+                if any(p.search(name) for p in excludes):
+                    continue
+                names.append(name)
+        if not names:
+            raise ValueError(
+                f"No sparse layer left: sparse_projections={self.sparse_projections}, "
+                f"target_modules={self.sparsity.get('target_modules')}, "
+                f"exclude_modules={self.sparsity.get('exclude_modules')} select none of the "
+                f"model.layers.<i>.<self_attn|mlp>.<projection> modules. Widen `target_modules` or drop "
+                "`exclude_modules`, or use a plain LlamaForCausalLM for a dense model."
+            )
+        return names
+
+    def to_llama_config(self) -> LlamaConfig:
+        """The same architecture as a plain `LlamaConfig` (no sparsity fields, ``model_type: llama``)."""
+        data = self.to_dict()
+        for key in ("sparsity", "sparse_projections", "model_type", "transformers_version"):
+            data.pop(key, None)
+        data["architectures"] = ["LlamaForCausalLM"]
+        config = LlamaConfig.from_dict(data)
+        config._attn_implementation = self._attn_implementation
+        return config
+
+
+# ------------------------------------------------------------------------------------------ model
+class SparseLlamaForCausalLM(LlamaForCausalLM):
+    r"""A `LlamaForCausalLM` whose projections listed in ``config.sparse_projections`` are sparse.
+
+    Each sparse projection is a :class:`hf_chts.masking.MaskedLinear` (forward with ``weight * weight_mask``)
+    with a persistent ``torch.bool`` buffer ``weight_mask`` shaped like its weight, saved as
+    ``<module>.weight_mask`` in ``model.safetensors``. Masked weights are exactly 0.0 after construction and
+    after loading, so a plain ``LlamaForCausalLM`` (or any LLaMA tool) loads the folder and computes the same
+    logits, ignoring the mask keys.
+
+    Args:
+        config (`SparseLlamaConfig`): architecture and sparsity settings.
+
+    Example:
+
+    ```python
+    >>> model = SparseLlamaForCausalLM(config)  # doctest: +SKIP
+    >>> model.save_pretrained("out")  # doctest: +SKIP
+    >>> # masks and zeros kept, in any dtype
+    >>> SparseLlamaForCausalLM.from_pretrained("out", dtype=torch.bfloat16)  # doctest: +SKIP
+    >>> # a dense LLaMA checkpoint, masked on load (masks drawn from `sparsity`, then weights zeroed)
+    >>> sparsity = {"method": "chts", "density": 0.3}
+    >>> SparseLlamaForCausalLM.from_pretrained("dense-llama", sparsity=sparsity)  # doctest: +SKIP
+    >>> model.to_dense().save_pretrained("dense-out")  # model_type llama  # doctest: +SKIP
+    ```
+    """
+
+    config_class = SparseLlamaConfig
+    config: SparseLlamaConfig
+    # Missing masks are dealt with explicitly (drawn for dense checkpoints, refused otherwise, see
+    # `_load_pretrained_model`), so the generic "missing keys" report need not list them.
+    _keys_to_ignore_on_load_missing = [rf"\.{MASK_NAME}$"]
+
+    def __init__(self, config: SparseLlamaConfig):
+        if not isinstance(config, SparseLlamaConfig):
+            raise ValueError(
+                f"SparseLlamaForCausalLM needs a SparseLlamaConfig, got {type(config).__name__}. Build "
+                "one with `SparseLlamaConfig(**llama_config.to_dict(), sparsity=...)`, or load a dense "
+                "checkpoint with `SparseLlamaForCausalLM.from_pretrained(path, sparsity=...)`."
+            )
+        super().__init__(config)
+
+    # -------------------------------------------------------------- construction and initialisation
+    def post_init(self):
+        # `LlamaForCausalLM.__init__` ends with `post_init()`. Attach the masks first, so that the weight
+        # initialisation it triggers (skipped on the meta device, where from_pretrained builds the model)
+        # reaches `_initialize_weights` with the mask buffers in place.
+        for name in self.config.sparse_layer_names():
+            make_masked_(self.get_submodule(name), name=name)
+        super().post_init()
+
+    def sparse_modules(self) -> dict[str, nn.Module]:
+        """The sparse (masked) modules by name, in the order of ``config.sparse_layer_names()``."""
+        return {name: self.get_submodule(name) for name in self.config.sparse_layer_names()}
+
+    @torch.no_grad()
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        if module is self and getattr(self, "_is_hf_initialized", False):
+            # Initialised once already (a later `init_weights()` call): never redraw masks. Buffers lose
+            # their `_is_hf_initialized` flag on `.to()`, so the flag of the root is the one to trust.
+            return
+        super()._initialize_weights(module, is_custom_code)
+        # `initialize_weights` visits children before their parent, so the root comes last: every weight is
+        # initialised or loaded by now. The hook is this one rather than `_init_weights` because transformers
+        # skips `_init_weights` on a module of custom code that holds no tensor of its own (our root). Masks
+        # are drawn for all layers at once because the per-layer densities (ERK) depend on every shape.
+        if module is self:
+            self._init_missing_masks_()
+
+    def _init_missing_masks_(self) -> None:
+        """Draw the masks whose buffers were neither loaded nor drawn yet, then zero every masked weight."""
+        modules = self.sparse_modules()
+        missing = [
+            name
+            for name, m in modules.items()
+            if not getattr(m._buffers[MASK_NAME], "_is_hf_initialized", False)
+            and m._buffers[MASK_NAME].device.type != "meta"
+        ]
+        if missing:
+            cfg = self.config.sparse_training_config
+            shapes = {name: tuple(layer_view(m)[1].shape) for name, m in modules.items()}
+            device = modules[missing[0]].weight.device
+            engine = TopologyEngine(cfg, shapes, max_steps=_init_horizon(cfg))
+            masks = engine.init_masks(device=device)
+            for name in missing:
+                buffer = modules[name]._buffers[MASK_NAME]
+                buffer.copy_(masks[name].to(buffer.device))
+                buffer._is_hf_initialized = True
+            logger.info(
+                "Drew %d initial masks (init=%s, initial density %s, seed %d).",
+                len(missing),
+                cfg.init,
+                cfg.initial_density,
+                cfg.seed,
+            )
+        apply_masks_({n: m for n, m in modules.items() if m.weight.device.type != "meta"})
+
+    # -------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike | None,
+        *model_args,
+        init_missing_masks: bool = False,
+        **kwargs,
+    ):
+        r"""Load a sparse checkpoint, or a dense LLaMA one to be masked on load.
+
+        Takes every argument of `PreTrainedModel.from_pretrained`, plus:
+
+        Args:
+            init_missing_masks (`bool`, *optional*, defaults to `False`): draw fresh masks (from
+                ``config.sparsity``) for a checkpoint whose ``config.json`` says ``sparse_llama`` but that
+                lacks some masks, instead of raising. Dense checkpoints (``model_type`` other than
+                ``sparse_llama`` and no mask in the file) always get fresh masks.
+            sparsity (`dict`, *optional*): passed on to the config like any config field, e.g. the sparsity
+                settings to apply to a dense checkpoint.
+
+        Raises:
+            ValueError: when a checkpoint mask has the wrong shape or is not ``torch.bool`` (naming the layer,
+                what was expected and what was found), or when a sparse checkpoint lacks masks.
+        """
+        token = _INIT_MISSING_MASKS.set(bool(init_missing_masks))
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        finally:
+            _INIT_MISSING_MASKS.reset(token)
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
+        # The one point of `from_pretrained` that sees both the model skeleton (on meta) and the raw
+        # checkpoint before anything is read into the model: masks are validated here because the loader
+        # would otherwise cast a float mask to bool and report a shape mismatch as a generic RuntimeError.
+        if isinstance(model, SparseLlamaForCausalLM):
+            model._check_checkpoint_masks(state_dict, checkpoint_files, load_config)
+        return LlamaForCausalLM._load_pretrained_model(
+            model, state_dict, checkpoint_files, load_config, expected_keys=expected_keys
+        )
+
+    def _check_checkpoint_masks(self, state_dict, checkpoint_files, load_config) -> None:
+        modules = self.sparse_modules()
+        # Only masks still to be materialised matter (adapter loading reuses this path on a live model).
+        pending = {name for name, m in modules.items() if m._buffers[MASK_NAME].device.type == "meta"}
+        if not pending:
+            return
+        found = _checkpoint_mask_specs(state_dict, checkpoint_files)
+        if found is None:  # unreadable format: the loader's own checks apply
+            return
+        expected_keys = {f"{name}.{MASK_NAME}": name for name in modules}
+        present = set()
+        for key, (dtype, shape) in found.items():
+            full_key = key if key in expected_keys else f"{self.base_model_prefix}.{key}"
+            if full_key not in expected_keys:
+                continue
+            name = expected_keys[full_key]
+            present.add(name)
+            want = tuple(modules[name].weight.shape)
+            if tuple(shape) != want:
+                raise ValueError(
+                    f"Checkpoint mask of layer {name!r} ({key}) has shape {tuple(shape)}, expected {want} "
+                    "(the shape of its weight). The checkpoint does not match this config; check "
+                    "hidden_size, intermediate_size and the head counts."
+                )
+            if dtype != "torch.bool":
+                raise ValueError(
+                    f"Checkpoint mask of layer {name!r} ({key}) has dtype {dtype}, expected torch.bool. "
+                    "Rewrite the checkpoint with bool masks (`mask.bool()`) before loading; non-bool masks "
+                    "are refused rather than silently cast."
+                )
+        missing = [name for name in modules if name in pending and name not in present]
+        if not missing or _INIT_MISSING_MASKS.get():
+            return
+        source_type = _checkpoint_model_type(load_config)
+        if source_type != SparseLlamaConfig.model_type and not present:
+            return  # a dense checkpoint: masks are drawn by `_initialize_weights` once weights are loaded
+        keys = [f"{name}.{MASK_NAME}" for name in missing]
+        shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+        path = load_config.pretrained_model_name_or_path
+        raise ValueError(
+            f"The checkpoint {path!r} is a sparse_llama model but lacks {len(keys)} of its masks: {shown}. "
+            f"Either load it as a dense model with `LlamaForCausalLM.from_pretrained({path!r})`, or draw "
+            f"fresh masks from `config.sparsity` with `SparseLlamaForCausalLM.from_pretrained({path!r}, "
+            "init_missing_masks=True)` (the loaded weights are then zeroed outside the new masks)."
+        )
+
+    # -------------------------------------------------------------- export
+    @torch.no_grad()
+    def to_dense(self) -> LlamaForCausalLM:
+        """A plain `LlamaForCausalLM` with the effective weights (``weight * weight_mask``) and no masks.
+
+        The copy owns its tensors (same dtypes and devices as here); zeros are kept, so it computes the same
+        logits, and its ``save_pretrained`` writes ``model_type: llama`` that any LLaMA tool loads.
+
+        Example:
+
+        ```python
+        >>> dense = sparse_model.to_dense()        # doctest: +SKIP
+        >>> dense.save_pretrained("llama-dense")  # doctest: +SKIP
+        ```
+        """
+        with torch.device("meta"):
+            dense = LlamaForCausalLM(self.config.to_llama_config())
+        masked = {name: m for name, m in self.named_modules() if MASK_NAME in m._buffers}
+        copies: dict[int, torch.Tensor] = {}  # by id of the source: tied tensors stay tied
+
+        for name, param in self.named_parameters(remove_duplicate=False):
+            module_name, _, leaf = name.rpartition(".")
+            if id(param) not in copies:
+                value = param.detach().clone()
+                source = masked.get(module_name)
+                if source is not None and leaf == "weight":
+                    value.masked_fill_(~source._buffers[MASK_NAME].to(value.device), 0.0)
+                copies[id(param)] = nn.Parameter(value, requires_grad=param.requires_grad)
+            dense.get_submodule(module_name)._parameters[leaf] = copies[id(param)]
+        for name, buffer in self.named_buffers(remove_duplicate=False):
+            module_name, _, leaf = name.rpartition(".")
+            if leaf == MASK_NAME:
+                continue
+            if id(buffer) not in copies:
+                copies[id(buffer)] = buffer.detach().clone()
+            dense.get_submodule(module_name)._buffers[leaf] = copies[id(buffer)]
+        left = [n for n, t in [*dense.named_parameters(), *dense.named_buffers()] if t.device.type == "meta"]
+        if left:
+            raise RuntimeError(f"to_dense() left tensors on the meta device: {left[:5]}; please report this.")
+        dense.generation_config = copy.deepcopy(self.generation_config)
+        dense.train(self.training)
+        return dense
+
+
+def _init_horizon(config: SparseTrainingConfig) -> int:
+    """A run length for building the engine that draws the initial masks.
+
+    The step-0 density (``initial_density``, spread over layers) does not depend on the run length, but the
+    engine validates its schedules over one: a decaying schedule needs an update inside
+    ``[decay_start, decay_end_fraction * max_steps]``, so pick a horizon long enough for that.
+    """
+    window = config.decay_start + config.update_interval
+    return max(config.update_interval, math.ceil(window / config.decay_end_fraction) + 1)
+
+
+# -------------------------------------------------------------------------------- checkpoint inspection
+def _checkpoint_mask_specs(
+    state_dict: Mapping[str, Any] | None, checkpoint_files: list[str] | None
+) -> dict[str, tuple[str, tuple[int, ...]]] | None:
+    """``{key: (torch dtype name, shape)}`` of every ``*.weight_mask`` entry of the checkpoint.
+
+    Reads no tensor data (safetensors headers; ``.bin`` files are mapped to ``meta``). ``None`` when the
+    checkpoint format cannot be inspected (the loader's own checks then apply).
+    """
+    suffix = f".{MASK_NAME}"
+    if state_dict is not None:
+        specs = {}
+        for key, value in state_dict.items():
+            if key.endswith(suffix):
+                if isinstance(value, torch.Tensor):
+                    specs[key] = (str(value.dtype), tuple(value.shape))
+                else:  # a lazy safetensors slice
+                    specs[key] = (
+                        _SAFETENSORS_DTYPES.get(value.get_dtype(), value.get_dtype()),
+                        value.get_shape(),
+                    )
+        return specs
+    if not checkpoint_files:
+        return None
+    specs = {}
+    for file in checkpoint_files:
+        if file.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(file, framework="pt") as handle:
+                for key in handle.keys():
+                    if key.endswith(suffix):
+                        piece = handle.get_slice(key)
+                        dtype = piece.get_dtype()
+                        specs[key] = (_SAFETENSORS_DTYPES.get(dtype, dtype), tuple(piece.get_shape()))
+        elif file.endswith((".bin", ".pt", ".pth")):
+            data = torch.load(file, map_location="meta", weights_only=True)
+            for key, value in data.items():
+                if key.endswith(suffix) and isinstance(value, torch.Tensor):
+                    specs[key] = (str(value.dtype), tuple(value.shape))
+        else:
+            return None
+    return specs
+
+
+def _checkpoint_model_type(load_config) -> str | None:
+    """The ``model_type`` in the checkpoint's own ``config.json`` (``None`` when there is none)."""
+    path = getattr(load_config, "pretrained_model_name_or_path", None)
+    if path is None:
+        return None
+    from transformers.utils import cached_file
+
+    download_kwargs = dict(getattr(load_config, "download_kwargs", None) or {})
+    with contextlib.suppress(Exception):
+        resolved = cached_file(
+            path,
+            "config.json",
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **download_kwargs,
+        )
+        if resolved is not None:
+            with open(resolved, encoding="utf-8") as handle:
+                return json.load(handle).get("model_type")
+    return None
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def llama_chains(
+    model_or_config: nn.Module | LlamaConfig,
+    names: Iterable[str] | None = None,
+    *,
+    rotary: bool = True,
+) -> list[LlamaBlockChain]:
+    """The :class:`~hf_chts.topology.percolation.LlamaBlockChain` of every fully sparse decoder block.
+
+    Chain removal (ALGORITHM.md section 5) needs all seven projections of a block; blocks with a dense
+    projection get no chain (their sparse layers are still evolved, one by one).
+
+    Args:
+        model_or_config (`nn.Module` or `LlamaConfig`): a LLaMA model (module names are read from it, so a
+            bare ``LlamaModel`` without the ``model.`` prefix works too) or a config (names
+            ``model.layers.<i>...``).
+        names (`Iterable[str]`, *optional*): the sparse layer names; default: the model's masked modules, or
+            ``config.sparse_layer_names()`` for a `SparseLlamaConfig`, or all seven projections of every block
+            for a plain `LlamaConfig`.
+        rotary (`bool`, defaults to `True`): pair q/k dimensions as rotary embeddings do (see
+            `LlamaBlockChain`).
+
+    Returns:
+        `list[LlamaBlockChain]`, in block order.
+
+    Example:
+
+    ```python
+    >>> chains = llama_chains(SparseLlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4))
+    >>> len(chains), chains[1].down
+    (2, 'model.layers.1.mlp.down_proj')
+    ```
+    """
+    if isinstance(model_or_config, nn.Module):
+        model_or_config = unwrap_model(model_or_config)
+        config = model_or_config.config
+        module_names = [n for n, _ in model_or_config.named_modules()]
+        if names is None:
+            names = get_masks(model_or_config).keys()
+    elif isinstance(model_or_config, LlamaConfig):
+        config = model_or_config
+        module_names = [
+            f"model.layers.{i}.{_PROJECTION_PARENT[p]}.{p}"
+            for i in range(config.num_hidden_layers)
+            for p in SPARSE_PROJECTIONS
+        ]
+        if names is None:
+            names = (
+                config.sparse_layer_names() if isinstance(config, SparseLlamaConfig) else list(module_names)
+            )
+    else:
+        raise ValueError(
+            f"`model_or_config` must be a LLaMA model or a LlamaConfig, got {type(model_or_config).__name__}."
+        )
+    sparse = set(names)
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    suffix = ".self_attn.q_proj"
+    chains = []
+    for name in module_names:
+        if not name.endswith(suffix):
+            continue
+        chain = LlamaBlockChain.from_prefix(
+            name[: -len(suffix)],
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            rotary=rotary,
+        )
+        if all(layer in sparse for layer in chain.names):
+            chains.append(chain)
+    return chains
+
+
+def sparsity_summary(model: nn.Module) -> dict[str, Any]:
+    """Density of every masked layer, per projection type and overall (used by the model card).
+
+    Works on any model whose sparse modules carry ``weight_mask`` (not only `SparseLlamaForCausalLM`).
+
+    Returns:
+        `dict` with ``density`` (overall: links / entries of all masked layers), ``nnz``, ``numel``,
+        ``per_projection`` (``{"q_proj": {"density", "nnz", "numel", "layers"}, ...}``, grouped by the last
+        component of the module name) and ``per_layer`` (``{name: {"density", "nnz", "numel", "shape"}}``,
+        shape as ``(n_out, n_in)``).
+
+    Example:
+
+    ```python
+    >>> summary = sparsity_summary(model)               # doctest: +SKIP
+    >>> summary["per_projection"]["q_proj"]["density"]  # doctest: +SKIP
+    0.2998046875
+    ```
+    """
+    model = unwrap_model(model)
+    per_layer: dict[str, dict[str, Any]] = {}
+    per_projection: dict[str, dict[str, Any]] = {}
+    for name, mask in get_masks(model).items():
+        nnz, numel = int(mask.sum()), mask.numel()
+        module = model.get_submodule(name)
+        shape = tuple(layer_view(module)[1].shape) if is_masked(module) else tuple(mask.shape)
+        per_layer[name] = {"density": nnz / numel, "nnz": nnz, "numel": numel, "shape": tuple(shape)}
+        group = per_projection.setdefault(name.rsplit(".", 1)[-1], {"nnz": 0, "numel": 0, "layers": 0})
+        group["nnz"] += nnz
+        group["numel"] += numel
+        group["layers"] += 1
+    for group in per_projection.values():
+        group["density"] = group["nnz"] / group["numel"]
+    nnz = sum(layer["nnz"] for layer in per_layer.values())
+    numel = sum(layer["numel"] for layer in per_layer.values())
+    return {
+        "density": nnz / numel if numel else 1.0,
+        "nnz": nnz,
+        "numel": numel,
+        "per_projection": per_projection,
+        "per_layer": per_layer,
+    }
+
+
+def register() -> None:
+    """Register `SparseLlamaConfig` with `AutoConfig`, `SparseLlamaForCausalLM` with `AutoModelForCausalLM`.
+
+    Idempotent; ``import hf_chts`` calls it, so ``AutoModelForCausalLM.from_pretrained(folder)`` loads a saved
+    ``sparse_llama`` model.
+
+    Example:
+
+    ```python
+    >>> register()
+    >>> from transformers import AutoConfig
+    >>> type(AutoConfig.for_model("sparse_llama")).__name__
+    'SparseLlamaConfig'
+    ```
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoConfig.register(SparseLlamaConfig.model_type, SparseLlamaConfig, exist_ok=True)
+    AutoModelForCausalLM.register(SparseLlamaConfig, SparseLlamaForCausalLM, exist_ok=True)
