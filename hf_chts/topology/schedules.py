@@ -1,0 +1,303 @@
+"""Schedules of the evolution (spec sections 2 and 4): pure functions of the optimizer step.
+
+- density: :class:`ConstantDensity`, :class:`SigmoidDensityDecay` (CHTss), :class:`CubicDensityDecay`
+  (GraNet / GMP), :class:`LinearDensityDecay`, or :func:`make_density_schedule` by name;
+- fraction of links removed per evolution step: :class:`DropFraction` (constant or cosine-annealed zeta);
+- soft-removal temperature: :class:`Temperature` (linear ``T_start -> T_end``).
+
+Each is a small frozen dataclass, validated on construction, called as ``schedule(step) -> float``.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+from .._validation import check_choice, check_density, check_fraction, check_positive_int
+
+__all__ = [
+    "DENSITY_SCHEDULES",
+    "ConstantDensity",
+    "CubicDensityDecay",
+    "DropFraction",
+    "LinearDensityDecay",
+    "SigmoidDensityDecay",
+    "Temperature",
+    "make_density_schedule",
+]
+
+DENSITY_SCHEDULES = ("constant", "sigmoid", "cubic", "linear")
+
+
+def _check_step(step: int) -> int:
+    """Accept any integer type (Python, NumPy, 0-d integer tensors); refuse bools, floats and negatives."""
+    try:
+        value = None if isinstance(step, bool) else operator.index(step)
+    except TypeError:
+        value = None
+    if value is None or value < 0:
+        raise ValueError(f"`step` must be an integer >= 0 (the optimizer step), got {step!r}.")
+    return value
+
+
+def _check_positive_number(value: float, name: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ConstantDensity:
+    """The same density at every step (SET, RigL, CHT, CHTs).
+
+    Example:
+        >>> ConstantDensity(0.3)(1000)
+        0.3
+    """
+
+    density: float = field(metadata={"help": "Target density in (0, 1]."})
+
+    def __post_init__(self):
+        object.__setattr__(self, "density", check_density(self.density))
+
+    def __call__(self, step: int) -> float:
+        step = _check_step(step)
+        return self.density
+
+
+@dataclass(frozen=True)
+class _DensityDecay:
+    initial_density: float = field(metadata={"help": "Density up to `decay_start`, in (0, 1]."})
+    final_density: float = field(metadata={"help": "Density from `decay_end` on, in (0, 1], <= initial."})
+    decay_start: int = field(metadata={"help": "Optimizer step at which the decay starts (>= 0)."})
+    decay_end: int = field(metadata={"help": "Optimizer step at which the final density is reached."})
+
+    def __post_init__(self):
+        object.__setattr__(self, "initial_density", check_density(self.initial_density, "initial_density"))
+        object.__setattr__(self, "final_density", check_density(self.final_density, "final_density"))
+        if self.final_density > self.initial_density:
+            raise ValueError(
+                f"A density decay needs `final_density` <= `initial_density`, got {self.final_density} > "
+                f"{self.initial_density}; use ConstantDensity for a fixed density."
+            )
+        check_positive_int(self.decay_start, "decay_start", allow_zero=True)
+        check_positive_int(self.decay_end, "decay_end")
+        if self.decay_end <= self.decay_start:
+            raise ValueError(
+                f"`decay_end` ({self.decay_end}) must be after `decay_start` ({self.decay_start})."
+            )
+
+    def _progress(self, step: int) -> float:
+        """Fraction of the decay window elapsed at ``step``, clipped to [0, 1]."""
+        span = self.decay_end - self.decay_start
+        return min(max((step - self.decay_start) / span, 0.0), 1.0)
+
+    def _density(self, shaped: float) -> float:
+        """Interpolate the *sparsity* from ``1 - initial_density`` (at 0) to ``1 - final_density`` (at 1)."""
+        if shaped <= 0.0:
+            return self.initial_density
+        if shaped >= 1.0:
+            return self.final_density
+        s0, s1 = 1.0 - self.initial_density, 1.0 - self.final_density
+        return 1.0 - (s0 + (s1 - s0) * shaped)
+
+
+@dataclass(frozen=True)
+class SigmoidDensityDecay(_DensityDecay):
+    """Sigmoid decay of the density, one step per topology update (CHTss, spec section 4).
+
+    With ``u`` the index of the evolution step since ``decay_start``
+    (``floor((t - decay_start) / update_interval)``, clipped to ``[0, U]``), ``U`` the number of evolution
+    steps in the decay, ``m = U / 2``, ``kappa = steepness / m`` and ``s(u) = 1 / (1 + exp(-kappa (u - m)))``:
+    ``shaped(u) = (s(u) - 0.5) / (s(U) - s(0)) + 0.5`` and
+    ``sparsity = s_0 + (s_1 - s_0) * shaped(u)``. The endpoints are exactly ``initial_density`` and
+    ``final_density``.
+
+    Example:
+        >>> schedule = SigmoidDensityDecay(0.5, 0.3, decay_start=0, decay_end=8000, update_interval=100)
+        >>> schedule(0), schedule(4000), schedule(8000)
+        (0.5, 0.4, 0.3)
+    """
+
+    update_interval: int = field(default=1, metadata={"help": "Optimizer steps between topology updates."})
+    steepness: float = field(default=6.0, metadata={"help": "kappa * m: larger is a sharper sigmoid."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive_int(self.update_interval, "update_interval")
+        object.__setattr__(self, "steepness", _check_positive_number(self.steepness, "steepness"))
+        if self.num_updates < 1:
+            raise ValueError(
+                f"The decay window [{self.decay_start}, {self.decay_end}] holds no topology update with "
+                f"update_interval={self.update_interval}; widen the window or lower `update_interval`."
+            )
+
+    @property
+    def num_updates(self) -> int:
+        """``U``: the number of evolution steps the decay spans."""
+        return (self.decay_end - self.decay_start) // self.update_interval
+
+    def shaped(self, u: int) -> float:
+        """The normalised sigmoid, 0 at ``u = 0`` and 1 at ``u = U``."""
+        total = self.num_updates
+        mid = total / 2
+        kappa = self.steepness / mid
+
+        def sigmoid(x: float) -> float:
+            return 1.0 / (1.0 + math.exp(-kappa * (x - mid)))
+
+        return (sigmoid(u) - 0.5) / (sigmoid(total) - sigmoid(0)) + 0.5
+
+    def __call__(self, step: int) -> float:
+        step = _check_step(step)
+        if step < self.decay_start:
+            return self.initial_density
+        if step >= self.decay_end:
+            return self.final_density
+        u = min((step - self.decay_start) // self.update_interval, self.num_updates)
+        if u == 0:
+            return self.initial_density
+        if u == self.num_updates:
+            return self.final_density
+        return self._density(self.shaped(u))
+
+
+@dataclass(frozen=True)
+class CubicDensityDecay(_DensityDecay):
+    """Cubic decay (GraNet / GMP): ``sparsity = s_1 + (s_0 - s_1) * (1 - progress) ** 3``.
+
+    ``progress = clip((t - decay_start) / (decay_end - decay_start), 0, 1)``; ``s = 1 - density``.
+
+    Example:
+        >>> round(CubicDensityDecay(1.0, 0.2, decay_start=0, decay_end=100)(50), 6)
+        0.3
+    """
+
+    def __call__(self, step: int) -> float:
+        step = _check_step(step)
+        return self._density(1.0 - (1.0 - self._progress(step)) ** 3)
+
+
+@dataclass(frozen=True)
+class LinearDensityDecay(_DensityDecay):
+    """Linear decay: ``sparsity = s_0 + (s_1 - s_0) * progress``, progress as in :class:`CubicDensityDecay`.
+
+    Example:
+        >>> LinearDensityDecay(0.5, 0.3, decay_start=0, decay_end=100)(50)
+        0.4
+    """
+
+    def __call__(self, step: int) -> float:
+        step = _check_step(step)
+        return self._density(self._progress(step))
+
+
+def make_density_schedule(
+    kind: str,
+    density: float,
+    *,
+    initial_density: float | None = None,
+    decay_start: int = 0,
+    decay_end: int | None = None,
+    update_interval: int = 1,
+    steepness: float = 6.0,
+) -> ConstantDensity | SigmoidDensityDecay | CubicDensityDecay | LinearDensityDecay:
+    """Build a density schedule by name.
+
+    Args:
+        kind (`str`): ``"constant"``, ``"sigmoid"``, ``"cubic"`` or ``"linear"``.
+        density (`float`): the target (final) density.
+        initial_density (`float`, *optional*): density before the decay; required by the decays.
+        decay_start (`int`, defaults to 0): first step of the decay.
+        decay_end (`int`, *optional*): step at which ``density`` is reached; required by the decays.
+        update_interval (`int`, defaults to 1): steps between topology updates (sigmoid only).
+        steepness (`float`, defaults to 6.0): sigmoid steepness (sigmoid only).
+
+    Returns:
+        A callable ``schedule(step) -> density``.
+
+    Example:
+        >>> make_density_schedule("linear", 0.3, initial_density=0.5, decay_end=100)(100)
+        0.3
+    """
+    check_choice("density schedule", kind, DENSITY_SCHEDULES)
+    if kind == "constant":
+        return ConstantDensity(density)
+    if initial_density is None or decay_end is None:
+        raise ValueError(
+            f"A {kind!r} density schedule needs `initial_density` and `decay_end` "
+            f"(got initial_density={initial_density!r}, decay_end={decay_end!r})."
+        )
+    if kind == "sigmoid":
+        return SigmoidDensityDecay(
+            initial_density,
+            density,
+            decay_start,
+            decay_end,
+            update_interval=update_interval,
+            steepness=steepness,
+        )
+    decay = CubicDensityDecay if kind == "cubic" else LinearDensityDecay
+    return decay(initial_density, density, decay_start, decay_end)
+
+
+@dataclass(frozen=True)
+class DropFraction:
+    """Fraction ``zeta_t`` of each layer's links removed at an evolution step (spec section 2).
+
+    ``"constant"``: ``zeta``; ``"cosine"`` (adaptive zeta): ``zeta / 2 * (1 + cos(pi * t / t_end))``, which
+    reaches 0 at ``t_end`` and stays there.
+
+    Example:
+        >>> DropFraction(0.1, t_end=1000, kind="cosine")(500)
+        0.05
+    """
+
+    zeta: float = field(metadata={"help": "Initial (or constant) drop fraction, in [0, 1]."})
+    t_end: int = field(metadata={"help": "Last step of the evolution (> 0)."})
+    kind: str = field(default="constant", metadata={"help": "'constant' or 'cosine'."})
+
+    def __post_init__(self):
+        object.__setattr__(self, "zeta", check_fraction(self.zeta, "zeta"))
+        check_positive_int(self.t_end, "t_end")
+        check_choice("drop fraction kind", self.kind, ("constant", "cosine"))
+
+    def __call__(self, step: int) -> float:
+        step = _check_step(step)
+        if self.kind == "constant":
+            return self.zeta
+        t = min(step, self.t_end)
+        return self.zeta / 2.0 * (1.0 + math.cos(math.pi * t / self.t_end))
+
+
+@dataclass(frozen=True)
+class Temperature:
+    """Soft-removal temperature: linear from ``t_start_value`` (step 0) to ``t_end_value`` (``t_end``).
+
+    Constant after ``t_end`` (spec section 2a; LLaMA defaults 1 -> 9).
+
+    Example:
+        >>> Temperature(t_end=1000)(500)
+        5.0
+    """
+
+    t_end: int = field(metadata={"help": "Step at which `t_end_value` is reached (> 0)."})
+    t_start_value: float = field(default=1.0, metadata={"help": "Temperature at step 0 (> 0)."})
+    t_end_value: float = field(default=9.0, metadata={"help": "Temperature from `t_end` on (> 0)."})
+
+    def __post_init__(self):
+        check_positive_int(self.t_end, "t_end")
+        object.__setattr__(self, "t_start_value", _check_positive_number(self.t_start_value, "t_start_value"))
+        object.__setattr__(self, "t_end_value", _check_positive_number(self.t_end_value, "t_end_value"))
+
+    def __call__(self, step: int) -> float:
+        step = _check_step(step)
+        if step >= self.t_end:
+            return self.t_end_value
+        return self.t_start_value + (self.t_end_value - self.t_start_value) * step / self.t_end
