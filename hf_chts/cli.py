@@ -1,0 +1,330 @@
+"""``hf-chts``: command line for sparse checkpoints.
+
+Subcommands::
+
+    hf-chts eval    CHECKPOINT [--tasks arc_easy,piqa] [--local_data_dir DIR] [--limit N] [--output_dir DIR]
+    hf-chts inspect CHECKPOINT [--json FILE]
+    hf-chts plot    RUN_OR_STATE --output_dir DIR [--prefix sparsity/] [--checkpoint DIR] [--layer NAME]
+    hf-chts export  CHECKPOINT OUTPUT --format compact|dense [--push_to_hub --hub_model_id USER/NAME]
+    hf-chts card    CHECKPOINT [--dataset NAME] [--validation_perplexity X] [--push_to_hub --hub_model_id ID]
+
+A CHECKPOINT is a folder written by ``save_pretrained`` (masks as ``*.weight_mask`` tensors) or by
+``hf-chts export --format compact``; every subcommand accepts both.
+
+Examples:
+    hf-chts eval out/llama-60m --local_data_dir /data/lm_eval --limit 200
+    hf-chts inspect out/llama-60m
+    hf-chts plot out/llama-60m --output_dir out/plots --layer model.layers.0.mlp.up_proj
+    hf-chts export out/llama-60m out/llama-60m-compact --format compact
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+# files copied next to an exported checkpoint when the source folder has them
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "README.md",
+    "trainer_state.json",
+    "zero_shot_results.json",
+    "zero_shot_results.md",
+)
+
+
+def _add_hub_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--push_to_hub", action="store_true", help="Upload the folder to the Hub afterwards.")
+    parser.add_argument(
+        "--hub_model_id", default=None, help="Hub repository id, e.g. your-name/llama-60m-chtss."
+    )
+    parser.add_argument("--hub_private", action="store_true", help="Create the Hub repository private.")
+    parser.add_argument("--hub_token", default=None, help="Hub token (default: the stored login).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-chts",
+        description="Evaluate, inspect, plot and export sparse checkpoints trained with hf_chts.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,inspect,plot,export,card}")
+
+    p = sub.add_parser("eval", help="Zero-shot evaluation with lm-eval (offline with --local_data_dir).")
+    p.add_argument("checkpoint", help="Checkpoint folder (save_pretrained or compact format).")
+    p.add_argument("--tokenizer", default=None, help="Tokenizer folder (default: the checkpoint folder).")
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="Comma-separated task names. Default: the paper's tasks, or every local task found under "
+        "--local_data_dir. Offline test task: hf_chts_tiny_mc.",
+    )
+    p.add_argument(
+        "--local_data_dir", default=None, help="Folder with local data files (llm-foundry ICL jsonl)."
+    )
+    p.add_argument(
+        "--include_path", action="append", default=None, help="Folder of extra lm-eval YAML tasks."
+    )
+    p.add_argument("--num_fewshot", type=int, default=0)
+    p.add_argument("--limit", type=float, default=None, help="Items per task (int) or fraction (< 1).")
+    p.add_argument("--batch_size", default="8", help="Batch size or 'auto'.")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu).")
+    p.add_argument("--output_dir", default=None, help="Where results go (default: the checkpoint folder).")
+    p.add_argument(
+        "--no_lm_eval_tasks",
+        action="store_true",
+        help="Only shipped / --include_path tasks (skips indexing lm-eval's task list).",
+    )
+
+    p = sub.add_parser("inspect", help="Per-layer density, degrees and active neurons of a checkpoint.")
+    p.add_argument("checkpoint")
+    p.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
+
+    p = sub.add_parser("plot", help="PNG plots: training curves, degree distributions, a layer's mask.")
+    p.add_argument("source", help="trainer_state.json, a training output folder, or a checkpoint folder.")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--prefix", default="sparsity/", help="Log keys to plot (default: sparsity/).")
+    p.add_argument(
+        "--checkpoint", default=None, help="Checkpoint folder for the mask plots (default: source)."
+    )
+    p.add_argument("--layer", default=None, help="Layer for the mask plots (default: the first sparse one).")
+
+    p = sub.add_parser("export", help="Write a checkpoint as compact (values + bitmask) or plain dense.")
+    p.add_argument("checkpoint")
+    p.add_argument("output")
+    p.add_argument("--format", choices=("compact", "dense"), required=True)
+    _add_hub_args(p)
+
+    p = sub.add_parser("card", help="Write the model card README.md of a checkpoint (and optionally push).")
+    p.add_argument("checkpoint")
+    p.add_argument("--model_name", default=None)
+    p.add_argument("--dataset", action="append", default=None, help="Training dataset (repeatable).")
+    p.add_argument("--training_steps", type=int, default=None)
+    p.add_argument("--training_tokens", type=int, default=None)
+    p.add_argument("--validation_perplexity", type=float, default=None)
+    p.add_argument("--eval_results", default=None, help="zero_shot_results.json (default: the folder's).")
+    p.add_argument("--license", default="apache-2.0")
+    _add_hub_args(p)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate, results_to_markdown
+
+    limit = args.limit
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    results = evaluate(
+        args.checkpoint,
+        args.tokenizer,
+        args.tasks,
+        local_data_dir=args.local_data_dir,
+        include_path=args.include_path,
+        num_fewshot=args.num_fewshot,
+        limit=limit,
+        batch_size=batch_size,
+        device=args.device,
+        output_dir=args.output_dir or args.checkpoint,
+        include_lm_eval_tasks=not args.no_lm_eval_tasks,
+    )
+    print(results_to_markdown(results))
+    print(
+        f"Results written to {Path(args.output_dir or args.checkpoint) / 'zero_shot_results.json'} (and .md)"
+    )
+    return 0
+
+
+def _inspect(folder: str) -> dict:
+    from .compact import (
+        is_compact,
+        is_transposed_config,
+        mask_statistics,
+        mlp_active_neurons,
+        read_config,
+        read_masks,
+        summarize_by_layer_type,
+    )
+
+    masks = read_masks(folder)
+    stats = mask_statistics(masks, transposed=is_transposed_config(read_config(folder)))
+    return {
+        "checkpoint": str(folder),
+        "format": "compact" if is_compact(folder) else "safetensors",
+        "layers": stats,
+        "by_type": summarize_by_layer_type(stats),
+        "mlp_active_neurons": mlp_active_neurons(masks),
+    }
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    report = _inspect(args.checkpoint)
+    layers = report["layers"]
+    print(f"{report['checkpoint']} ({report['format']} format): {len(layers)} sparse layers")
+    if not layers:
+        print("No weight_mask found: a dense checkpoint.")
+    else:
+        width = max(len(n) for n in layers)
+        head = (
+            f"{'layer':<{width}}  {'shape':>11}  {'density':>7}  {'nnz':>9}  "
+            f"{'in-degree min/mean/max':>23}  {'out-degree min/mean/max':>23}  {'act.out':>7}  {'act.in':>7}"
+        )
+        print(head)
+        print("-" * len(head))
+        for name, s in layers.items():
+            ind, outd = s["in_degree"], s["out_degree"]
+            shape = f"{s['shape'][0]}x{s['shape'][1]}"
+            print(
+                f"{name:<{width}}  {shape:>11}  {s['density']:>7.4f}  {s['nnz']:>9}  "
+                f"{ind['min']:>6.0f}/{ind['mean']:>7.1f}/{ind['max']:>6.0f}    "
+                f"{outd['min']:>6.0f}/{outd['mean']:>7.1f}/{outd['max']:>6.0f}    "
+                f"{s['active_out']:>7.3f}  {s['active_in']:>7.3f}"
+            )
+        print()
+        print(f"{'layer type':<12}  {'layers':>6}  {'density':>7}  {'act.out':>7}  {'act.in':>7}")
+        for name, s in report["by_type"].items():
+            print(
+                f"{name:<12}  {s['layers']:>6}  {s['density']:>7.4f}  {s['active_out']:>7.3f}  "
+                f"{s['active_in']:>7.3f}"
+            )
+        print(
+            "Active neurons (mean over layers of (act.out + act.in) / 2): "
+            f"{report['by_type']['all']['active_neurons']:.4f}"
+        )
+        if report["mlp_active_neurons"] is not None:
+            print(f"MLP hidden neurons active (gate, up and down): {report['mlp_active_neurons']:.4f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _has_masks(folder: Path) -> bool:
+    from .compact import read_masks
+
+    try:
+        return bool(read_masks(folder))
+    except FileNotFoundError:
+        return False
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .plotting import load_log_history, plot_checkpoint, plot_training_curves
+
+    source = Path(args.source)
+    written = []
+    state_found = True
+    try:
+        load_log_history(source)
+    except FileNotFoundError:
+        state_found = False
+    if state_found:
+        written += plot_training_curves(source, args.output_dir, prefix=args.prefix)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else (source if source.is_dir() else None)
+    if checkpoint is not None and (args.checkpoint or args.layer or _has_masks(checkpoint)):
+        written += plot_checkpoint(checkpoint, args.output_dir, layer=args.layer)
+    if not written:
+        raise ValueError(
+            f"Nothing to plot from {source}: no trainer_state.json and no checkpoint with masks. Pass a "
+            "trainer_state.json, a training output folder or --checkpoint."
+        )
+    for path in written:
+        print(path)
+    return 0
+
+
+def _copy_side_files(source: Path, output: Path) -> None:
+    for name in SIDE_FILES:
+        if (source / name).is_file() and not (output / name).exists():
+            shutil.copy(source / name, output / name)
+
+
+def _push(args: argparse.Namespace, folder: Path, card_source: Path) -> None:
+    from .hub import push_to_hub, render_model_card
+
+    if not (folder / "README.md").is_file():
+        render_model_card(card_source, repo_id=args.hub_model_id).save(folder / "README.md")
+    info = push_to_hub(
+        folder, args.hub_model_id, token=args.hub_token, private=args.hub_private, write_card=False
+    )
+    print(f"Pushed {folder} to {getattr(info, 'commit_url', None) or args.hub_model_id}")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .compact import folder_size, load_sparse_model, save_compact, save_dense
+
+    source, output = Path(args.checkpoint), Path(args.output)
+    if output.resolve() == source.resolve():
+        raise ValueError("The export OUTPUT folder must differ from the CHECKPOINT folder.")
+    model = load_sparse_model(source)
+    if args.format == "compact":
+        save_compact(model, output)
+    else:
+        save_dense(model, output)
+    _copy_side_files(source, output)
+    print(
+        f"Wrote {args.format} checkpoint {output}: {folder_size(output) / 1e6:.2f} MB of weights "
+        f"(source {folder_size(source) / 1e6:.2f} MB)"
+    )
+    if args.push_to_hub:
+        _push(args, output, source)
+    return 0
+
+
+def _cmd_card(args: argparse.Namespace) -> int:
+    from .hub import write_model_card
+
+    path = write_model_card(
+        args.checkpoint,
+        model_name=args.model_name,
+        repo_id=args.hub_model_id,
+        datasets=args.dataset,
+        training_steps=args.training_steps,
+        training_tokens=args.training_tokens,
+        validation_perplexity=args.validation_perplexity,
+        eval_results=args.eval_results,
+        license=args.license,
+    )
+    print(f"Wrote {path}")
+    if args.push_to_hub:
+        _push(args, Path(args.checkpoint), Path(args.checkpoint))
+    return 0
+
+
+COMMANDS = {
+    "eval": _cmd_eval,
+    "inspect": _cmd_inspect,
+    "plot": _cmd_plot,
+    "export": _cmd_export,
+    "card": _cmd_card,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hf-chts`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "push_to_hub", False) and not args.hub_model_id:
+        parser.error(
+            "--push_to_hub needs --hub_model_id, the Hub repository id (e.g. your-name/llama-60m-chtss)."
+        )
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"hf-chts {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
