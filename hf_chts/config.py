@@ -137,7 +137,10 @@ class SparseTrainingConfig:
     bsw_beta: float = _help("BSW rewiring probability beta in [0, 1].", 0.1)
     # --- evolution timing (section 2)
     update_interval: int = _help("Optimizer steps between topology updates (> 0).", 100)
-    t_end: int | None = _help("Last optimizer step with a topology update; default t_end_fraction x max_steps.")
+    t_end: int | None = _help(
+        "Last optimizer step with link removal and regrowth; default t_end_fraction x max_steps. A density "
+        "decay that ends later keeps pruning (only) at update steps until decay_end."
+    )
     t_end_fraction: float = _help("t_end as a fraction of the total optimizer steps, when t_end is None.", 0.75)
     # --- removal (section 2a)
     zeta: float = _help("Fraction of existing links removed at each update (drop fraction), in [0, 1).", 0.1)
@@ -296,11 +299,10 @@ class SparseTrainingConfig:
             )
         if self.density_schedule != "constant":
             decay_end = self.resolve_decay_end(max_steps)
-            if decay_end > t_end:
+            if decay_end > max_steps:
                 raise ValueError(
-                    f"Density decay ends at step {decay_end} but topology updates stop at t_end={t_end}; the "
-                    f"final density {self.density} would never be reached. Set decay_end <= t_end "
-                    "(e.g. decay_end_fraction <= t_end_fraction)."
+                    f"Density decay ends at step {decay_end}, after the last step ({max_steps}); the final "
+                    f"density {self.density} would never be reached. Lower `decay_end` / `decay_end_fraction`."
                 )
             if (decay_end - self.decay_start) < self.update_interval:
                 raise ValueError(

@@ -172,10 +172,26 @@ class TopologyEngine:
             steepness=cfg.decay_steepness,
         )
 
+    @functools.cached_property
+    def last_update(self) -> int:
+        """The last step with a topology update: ``t_end``, or ``decay_end`` when a density decay ends later.
+
+        Removal and regrowth stop at ``t_end``; update steps between ``t_end`` and ``decay_end`` only prune to
+        the decaying density (the research settings have t_end = 0.75 and decay_end = 0.8 of the run).
+        """
+        cfg = self.config
+        if cfg.density_schedule == "constant":
+            return self.t_end
+        return max(self.t_end, cfg.resolve_decay_end(self.max_steps))
+
     def should_update(self, step: int) -> bool:
         """Whether optimizer step ``step`` (counted from 1) ends with a topology update."""
         cfg = self.config
-        return cfg.is_dynamic and step > 0 and step % cfg.update_interval == 0 and step <= self.t_end
+        return cfg.is_dynamic and step > 0 and step % cfg.update_interval == 0 and step <= self.last_update
+
+    def evolves(self, step: int) -> bool:
+        """Whether the update at ``step`` removes and regrows links (not only density-decay pruning)."""
+        return self.should_update(step) and step <= self.t_end
 
     def layer_density(self, name: str, step: int) -> float:
         """Target density of layer ``name`` after the update at ``step`` (ERK layers scale with the global one)."""
@@ -240,7 +256,8 @@ class TopologyEngine:
         """
         cfg = self.config
         start = time.perf_counter()
-        zeta = float(self.drop_fraction(step)) if cfg.removal != "none" else 0.0
+        evolve = step <= self.t_end  # past t_end, an update only follows the density decay
+        zeta = float(self.drop_fraction(step)) if cfg.removal != "none" and evolve else 0.0
         temperature = float(self.temperature(step))
         stats = StepStats(step=step, drop_fraction=zeta, temperature=temperature)
         new_masks: dict[str, torch.Tensor] = {}
@@ -259,7 +276,7 @@ class TopologyEngine:
                 pruned[name], layer = self._prune(step, name, mask, weights[name], grads, zeta, temperature)
                 stats.layers[name] = layer
                 times[name] += time.perf_counter() - t0
-            if cfg.chain_removal and group[0] in self._chain_of:
+            if cfg.chain_removal and evolve and group[0] in self._chain_of:
                 t0 = time.perf_counter()
                 chain = self.chains[self._chain_of[group[0]]]
                 before = {name: int(pruned[name].sum()) for name in group}

@@ -63,8 +63,9 @@ def test_check_against_steps():
     cfg.check_against_steps(10_000)
     with pytest.raises(ValueError, match="update_interval=100 is larger than t_end=7"):
         cfg.check_against_steps(10)
-    cfg = SparseTrainingConfig(method="chtss", decay_end_fraction=0.9, update_interval=10)
-    with pytest.raises(ValueError, match="decay_end"):
+    SparseTrainingConfig(method="chtss", update_interval=10).check_against_steps(1000)  # decay ends after t_end
+    cfg = SparseTrainingConfig(method="chtss", decay_end=2000, update_interval=10)
+    with pytest.raises(ValueError, match="Density decay ends at step 2000, after the last step"):
         cfg.check_against_steps(1000)
     SparseTrainingConfig(method="static").check_against_steps(3)  # never updates: nothing to check
 

@@ -89,9 +89,12 @@ def test_chtss_density_follows_sigmoid_schedule_exactly():
             nnz = int(mask.sum())
             assert nnz == engine.target_nnz(name, step) <= previous[name]
             previous[name] = nnz
-    # decay ends at 0.8 * 200 = 160 <= t_end = 150? no: t_end 150 < 160 -> the config check refuses it
-    with pytest.raises(ValueError, match="decay_end"):
-        engine.config.check_against_steps(200)
+    # decay ends at 0.8 * 200 = 160, after t_end = 150: steps 160 only prunes, to the final density
+    assert engine.t_end == 150 and engine.last_update == 160
+    assert engine.should_update(160) and not engine.evolves(160) and engine.evolves(150)
+    assert all(int(m.sum()) == link_count(SHAPES[n], 0.1) for n, m in masks.items())
+    assert stats.drop_fraction == 0.0 and all(s.regrown == 0 and s.removed == 0 for s in stats.layers.values())
+    engine.config.check_against_steps(200)
 
 
 def test_chtss_reaches_final_density_when_decay_ends_before_t_end():
@@ -142,8 +145,18 @@ def test_stats_log_dict_and_state_round_trip():
     weights, _ = fake_training_state(masks)
     _, _, stats = engine.step(10, masks, weights)
     logs = stats.to_log_dict()
-    for key in ("density", "links_removed", "links_regrown", "turnover", "active_neurons", "temperature",
-                "drop_fraction", "update_seconds", "fc1/density", "fc2/active_out"):
+    for key in (
+        "density",
+        "links_removed",
+        "links_regrown",
+        "turnover",
+        "active_neurons",
+        "temperature",
+        "drop_fraction",
+        "update_seconds",
+        "fc1/density",
+        "fc2/active_out",
+    ):
         assert f"sparsity/{key}" in logs, key
     assert abs(logs["sparsity/density"] - 0.3) < 0.01
     state = engine.state_dict()
