@@ -1,0 +1,281 @@
+"""Speed and peak memory of the topology engine's operations vs a straightforward baseline, side by side.
+
+The baseline does what the research code does: BRF by a per-row loop with ``torch.multinomial``, CH2-L3n with
+dense fp32 ``C_r`` and ``C_c`` materialised whole, and soft sampling with ``torch.multinomial`` (which refuses
+more than 2**24 categories). Both run in the same process, interleaved, so the ratios hold on a noisy machine.
+
+Usage::
+
+    python benchmarks/bench_topology.py                       # all shapes and densities, CPU (+ CUDA if present)
+    python benchmarks/bench_topology.py --shapes 11008x4096 --densities 0.3 --ops ch2 --repeats 3
+    python benchmarks/bench_topology.py --out benchmarks/results/topology_cpu.md
+
+Peak memory is the peak resident-set growth during the call on CPU (sampled every 2 ms from /proc), and
+``torch.cuda.max_memory_allocated`` growth on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from hf_chts.topology.init import init_mask
+from hf_chts.topology.link_prediction import ch_scores
+from hf_chts.topology.regrowth import regrow_links
+from hf_chts.topology.removal import remove_links
+
+SHAPES = {"768x2048": (768, 2048), "5461x2048": (5461, 2048), "4096x4096": (4096, 4096), "11008x4096": (11008, 4096)}
+MODEL_OF = {"768x2048": "LLaMA-130M", "5461x2048": "LLaMA-1B", "4096x4096": "LLaMA-7B", "11008x4096": "LLaMA-7B"}
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+def baseline_brf(shape, density, r, generator, device):
+    """Per-row loop: each source neuron draws its targets with ``torch.multinomial``."""
+    n_out, n_in = shape
+    transpose = n_out > n_in
+    n_s, n_l = (n_in, n_out) if transpose else (n_out, n_in)
+    budget = round(density * n_out * n_in)
+    degrees = torch.full((n_s,), budget // n_s, dtype=torch.long)
+    degrees[torch.randperm(n_s, generator=generator)[: budget - int(degrees.sum())]] += 1
+    alpha = (1 - r) / r
+    mask = torch.zeros(n_s, n_l, dtype=torch.bool, device=device)
+    j = torch.arange(n_l, dtype=torch.float64)
+    for i in range(n_s):
+        centre = (i * n_l) // n_s
+        dist = torch.minimum((j - centre).abs(), n_l - (j - centre).abs())
+        p = (1 + dist) ** (-alpha)
+        mask[i, torch.multinomial(p, int(degrees[i]), replacement=False, generator=generator)] = True
+    return mask.T if transpose else mask
+
+
+def baseline_ch2(mask):
+    """Dense fp32 CH2-L3n: C_r, C_c, E and G materialised whole."""
+    m = mask.float()
+    k_row, k_col = m.sum(1), m.sum(0)
+    c_r, c_c = m @ m.T, m.T @ m
+    pos_r, pos_c = (c_r > 0).float(), (c_c > 0).float()
+    e_r = torch.clamp(k_row[None, :] - c_r - 1, min=0) * pos_r
+    e_c = torch.clamp(k_col[None, :] - c_c - 1, min=0) * pos_c
+    g_r = (c_r + pos_r) / (1 + e_r)
+    g_c = (c_c + pos_c) / (1 + e_c)
+    return g_r @ m + (g_c @ m.T).T
+
+
+def baseline_soft_removal(mask, scores, n_remove, temperature, generator):
+    """``torch.multinomial`` over the existing links (fails beyond 2**24 of them)."""
+    idx = mask.flatten().nonzero().squeeze(1)
+    p = scores.flatten()[idx].double() ** temperature
+    keep = torch.multinomial(p, idx.numel() - n_remove, replacement=False, generator=generator)
+    new = torch.zeros_like(mask).flatten()
+    new[idx[keep]] = True
+    return new.view_as(mask)
+
+
+def baseline_soft_regrowth(mask, scores, n_grow, generator):
+    """``torch.multinomial`` over the empty positions (fails beyond 2**24 of them)."""
+    idx = (~mask).flatten().nonzero().squeeze(1)
+    p = scores.flatten()[idx].double() + 1e-12
+    pick = torch.multinomial(p, n_grow, replacement=False, generator=generator)
+    new = mask.clone().flatten()
+    new[idx[pick]] = True
+    return new.view_as(mask)
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+class PeakMemory:
+    """Peak growth of resident memory (CPU) or of allocated memory (CUDA) during a block."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = self._rss()
+            self.peak_rss = self.base
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak_rss = max(self.peak_rss, self._rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak_rss, self._rss()) - self.base
+
+
+def measure(fn: Callable[[], object], device: torch.device, repeats: int) -> dict:
+    """Median wall time over ``repeats`` runs and the peak memory of the first one; errors are reported."""
+    times, peak = [], None
+    for _ in range(repeats):
+        try:
+            with PeakMemory(device) as mem:
+                t0 = time.perf_counter()
+                out = fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            del out
+        except (RuntimeError, MemoryError) as err:
+            return {"error": str(err).splitlines()[0][:120]}
+        peak = mem.peak if peak is None else peak
+    return {"seconds": statistics.median(times), "peak_mb": peak / 2**20, "runs": len(times)}
+
+
+# ---------------------------------------------------------------------------------------------- operations
+def make_ops(shape, density, device, seed):
+    """(name, ours, baseline or None) for one layer shape and density."""
+    g = lambda: torch.Generator(device=device).manual_seed(seed)  # noqa: E731
+    mask = init_mask(shape, density, "er", generator=g(), device=device)
+    weight = torch.randn(shape, generator=g(), device=device) * mask
+    scores = ch_scores(mask)
+    n_move = math.floor(0.1 * int(mask.sum()))
+    removed = remove_links(mask, weight.abs(), n_move, mode="soft", temperature=9.0, generator=g())
+
+    def ours_sampling():
+        m = remove_links(mask, weight.abs(), n_move, mode="soft", temperature=9.0, generator=g())
+        return regrow_links(m, n_move, method="ch", mode="soft", scores=scores, generator=g())
+
+    def base_sampling():
+        m = baseline_soft_removal(mask, weight.abs(), n_move, 9.0, g())
+        return baseline_soft_regrowth(m, scores, n_move, g())
+
+    return [
+        ("init_brf_r0.3", lambda: init_mask(shape, density, "brf", r=0.3, degree_dist="fixed", generator=g(),
+                                            device=device),
+         lambda: baseline_brf(shape, density, 0.3, g(), device)),
+        ("init_er", lambda: init_mask(shape, density, "er", generator=g(), device=device), None),
+        ("ch2_l3n", lambda: ch_scores(mask, "CH2_L3n"), lambda: baseline_ch2(mask)),
+        ("soft_removal", lambda: remove_links(mask, weight.abs(), n_move, mode="soft", temperature=9.0,
+                                              generator=g()),
+         lambda: baseline_soft_removal(mask, weight.abs(), n_move, 9.0, g())),
+        ("soft_regrowth_sampling", lambda: regrow_links(removed, n_move, method="ch", mode="soft", scores=scores,
+                                                        generator=g()),
+         lambda: baseline_soft_regrowth(removed, scores, n_move, g())),
+        ("soft_removal+regrowth", ours_sampling, base_sampling),
+        ("soft_regrowth_with_ch", lambda: regrow_links(removed, n_move, method="ch", mode="soft", generator=g()),
+         None),
+    ]
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--densities", nargs="+", type=float, default=[0.3, 0.05, 0.01])
+    parser.add_argument("--ops", nargs="+", default=None, help="substrings of op names to run (default all)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline-repeats", type=int, default=1, help="repeats of slow baselines")
+    parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="write a markdown table here (and a .json beside it)")
+    args = parser.parse_args(argv)
+    devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    rows = []
+    for device_name in devices:
+        device = torch.device(device_name)
+        for shape_name in args.shapes:
+            for density in args.densities:
+                for op, ours, base in make_ops(SHAPES[shape_name], density, device, args.seed):
+                    if args.ops and not any(s in op for s in args.ops):
+                        continue
+                    if op.startswith("init_brf") and density != args.densities[0]:
+                        base = None  # the per-row loop is slow; once per shape is enough for the ratio
+                    r_ours = measure(ours, device, args.repeats)
+                    r_base = measure(base, device, args.baseline_repeats) if base is not None else None
+                    row = dict(device=device_name, hardware=hardware(device), shape=shape_name,
+                               model=MODEL_OF[shape_name], density=density, op=op, ours=r_ours, baseline=r_base)
+                    if r_base and "seconds" in r_base and "seconds" in r_ours:
+                        row["speedup"] = r_base["seconds"] / r_ours["seconds"]
+                        row["memory_ratio"] = r_ours["peak_mb"] / max(r_base["peak_mb"], 1e-9)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    if args.out:
+        write_markdown(rows, args, args.out)
+
+
+def _fmt(result):
+    if result is None:
+        return "-", "-"
+    if "error" in result:
+        return "fails: " + result["error"], "-"
+    return f"{result['seconds']:.3f}", f"{result['peak_mb']:.0f}"
+
+
+def write_markdown(rows, args, path):
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    lines = [
+        "# Topology engine: speed and peak memory vs the research-code-style baseline",
+        "",
+        f"Command: `python benchmarks/bench_topology.py {' '.join(os.sys.argv[1:])}`",
+        f"Commit: {commit}; torch {torch.__version__}; Python {platform.python_version()}; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        "Times are medians (ours over several runs, the slow baselines once); memory is the peak growth during",
+        "the call. speedup = baseline time / ours; mem = our peak / baseline peak.",
+        "",
+        "| device | hardware | shape | density | op | ours s | ours MB | baseline s | baseline MB | speedup | mem |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        o_t, o_m = _fmt(row["ours"])
+        b_t, b_m = _fmt(row["baseline"])
+        speed = f"{row['speedup']:.2f}x" if "speedup" in row else "-"
+        mem = f"{row['memory_ratio']:.2f}" if "memory_ratio" in row else "-"
+        lines.append(
+            f"| {row['device']} | {row['hardware']} | {row['shape']} ({row['model']}) | {row['density']} | "
+            f"{row['op']} | {o_t} | {o_m} | {b_t} | {b_m} | {speed} | {mem} |"
+        )
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
