@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hf_chts._validation import link_count
-from hf_chts.topology.init import allocate_densities, init_mask
+from hf_chts.topology.init import _select_by_rank, _source_degrees, allocate_densities, init_mask
 
 METHODS = [
     ("er", {}),
@@ -164,6 +164,75 @@ def test_brf_r_controls_locality():
     ]
     assert means == sorted(means)
     assert means[0] < 0.2 * means[-1]
+
+
+@pytest.mark.parametrize("n", [1, 2, 9, 64, 301])
+def test_select_by_rank_exact_counts_and_order_with_ties(n):
+    g = gen(n)
+    for spread in (3, 1000):  # keys from 3 values (ties everywhere) and from many
+        keys = torch.randint(0, spread, (50, n), generator=g).float()
+        for counts in (
+            torch.randint(0, n + 1, (50,), generator=g),  # anything from 0 to n, mixed
+            torch.full((50,), n // 3),  # all equal
+            (n - torch.randint(0, 2, (50,), generator=g)).clamp_(min=0),  # nearly full: the complement path
+            torch.tensor([0, n] * 25),  # K_i = 0 and K_i = n_l
+        ):
+            picked = _select_by_rank(keys, counts)
+            assert torch.equal(picked.sum(1), counts)
+            for i in range(50):  # no unpicked key beats a picked one: the same values as a full sort
+                expected = keys[i].sort(descending=True).values[: counts[i]]
+                assert torch.equal(keys[i][picked[i]].sort(descending=True).values, expected)
+
+
+@pytest.mark.parametrize("degree_dist", ["fixed", "uniform"])
+@pytest.mark.parametrize("r", [0.0, 0.02, 0.3, 1.0])
+@pytest.mark.parametrize(
+    "shape,density", [((30, 70), 0.3), ((70, 30), 0.95), ((90, 40), 0.01), ((33, 33), 0.5)]
+)
+def test_brf_each_source_gets_exactly_its_degree(shape, density, r, degree_dist):
+    # r = 0.02 exercises the log-domain (Gumbel) keys, r = 0.3 the linear race; 0.95 "uniform" has sources
+    # capped at K_i = n_l, 0.01 with more sources than links has sources with K_i = 0.
+    mask = init_mask(shape, density, "brf", r=r, degree_dist=degree_dist, generator=gen(7))
+    src = mask if shape[0] <= shape[1] else mask.T
+    n_s, n_l = src.shape
+    degrees = _source_degrees(n_s, n_l, link_count(shape, density), degree_dist, gen(7))  # drawn first
+    assert torch.equal(src.sum(1), degrees)
+    assert int(mask.sum()) == link_count(shape, density)
+
+
+def test_brf_single_draw_follows_the_weights():
+    # K_i = 1 on a square layer: each source's target offset from its centre has probability
+    # (1 + delta)^-alpha / sum, the first step of the weighted sample without replacement.
+    n, r, seeds = 32, 0.3, 150
+    alpha = (1 - r) / r
+    offsets = torch.zeros(n)
+    for seed in range(seeds):
+        mask = init_mask((n, n), 1 / n, "brf", r=r, degree_dist="fixed", generator=gen(seed))
+        offsets += torch.bincount((mask.float().argmax(1) - torch.arange(n)) % n, minlength=n)
+    delta = ring_distance(1, n)[0].double()
+    p = (1 + delta) ** -alpha
+    p /= p.sum()
+    total = n * seeds
+    for d in range(4):  # both offsets at distance d together
+        sel = delta == d
+        prob = float(p[sel].sum())
+        sd = math.sqrt(total * prob * (1 - prob))
+        assert abs(float(offsets[sel].sum()) - total * prob) < 4.5 * sd + 1, d
+
+
+@pytest.mark.parametrize("r", [0.0, 0.02])
+def test_brf_equal_weights_tie_break_at_random(r):
+    # K_i = 2 near the pure receptive field: the centre plus one of its two neighbours at distance 1, which
+    # have equal weight (and at r = 0 equal distance): each side about half of the time.
+    n, right = 40, 0
+    for seed in range(40):
+        mask = init_mask((n, n), 2 / n, "brf", r=r, degree_dist="fixed", generator=gen(seed))
+        centres = torch.arange(n)
+        assert mask[centres, centres].all()
+        right += int(mask[centres, (centres + 1) % n].sum())
+        assert int(mask[centres, (centres - 1) % n].sum()) + int(mask[centres, (centres + 1) % n].sum()) == n
+    total = 40 * n
+    assert abs(right - total / 2) < 4 * math.sqrt(total / 4)
 
 
 # ------------------------------------------------------------------------------------ BSW

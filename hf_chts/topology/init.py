@@ -32,6 +32,9 @@ DENSITY_DISTRIBUTIONS = ("uniform", "erk")
 # Entries of one chunk of a dense (rows x n) working matrix: bounds the temporaries of BRF and BSW
 # (keys, sort values and indices: ~20 bytes per entry, i.e. ~80 MB per chunk).
 _CHUNK_ENTRIES = 1 << 22
+# BRF's chunks are larger (~12 bytes per entry in flight, ~100 MB): on CPU its cost is dominated by the
+# number of passes, and fewer, larger chunks halve the per-operation overhead of the loop.
+_BRF_CHUNK_ENTRIES = 1 << 23
 
 
 def init_mask(
@@ -185,16 +188,42 @@ def _top_k_flat(keys: torch.Tensor, k: int) -> torch.Tensor:
     return out.view(keys.shape)
 
 
-def _rows_per_chunk(n_cols: int) -> int:
-    return max(1, _CHUNK_ENTRIES // max(n_cols, 1))
+def _rows_per_chunk(n_cols: int, entries: int | None = None) -> int:
+    return max(1, (_CHUNK_ENTRIES if entries is None else entries) // max(n_cols, 1))
 
 
-def _select_by_rank(keys: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Per row ``i`` of ``keys`` (rows x n), mark its ``counts[i]`` largest entries (a per-row top-k)."""
-    order = torch.sort(keys, dim=1, descending=True).indices
+def _select_by_rank(
+    keys: torch.Tensor, counts: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per row ``i`` of ``keys`` (rows x n), mark its ``counts[i]`` largest entries (a per-row top-k).
+
+    No full sort: one ``topk`` with ``k = max(counts)`` picks a superset of every row's winners, then a small
+    second ``topk`` over those picks drops, per row, the ``max(counts) - counts[i]`` weakest of them. Each
+    row gets exactly ``counts[i]`` distinct entries and none of its unmarked keys beats a marked one (ties at
+    the boundary are broken arbitrarily, as a sort would). When most entries win, the complement (the
+    ``n - counts[i]`` smallest keys) is selected instead, which is the smaller ``topk``.
+    """
     n = keys.shape[1]
-    take = torch.arange(n, device=keys.device)[None, :] < counts[:, None]
-    return torch.zeros(keys.shape, dtype=torch.bool, device=keys.device).scatter_(1, order, take)
+    if out is None:
+        out = torch.empty(keys.shape, dtype=torch.bool, device=keys.device)
+    k_max, k_min = int(counts.max()), int(counts.min())
+    largest, chosen = True, True
+    if n - k_min < k_max:  # fewer losers than winners: pick the losers
+        counts = n - counts
+        k_max, k_min = n - k_min, n - k_max
+        largest, chosen = False, False
+    out.fill_(not chosen)
+    if k_max == 0:
+        return out
+    vals, idx = torch.topk(keys, k_max, dim=1, largest=largest, sorted=False)
+    out.scatter_(1, idx, chosen)
+    extra = k_max - k_min
+    if extra:
+        # Per row, the `k_max - counts` weakest picks (first in this order) go back to unpicked.
+        weakest = torch.topk(vals, extra, dim=1, largest=not largest, sorted=True).indices
+        keep = torch.arange(extra, device=keys.device)[None, :] >= (k_max - counts)[:, None]
+        out.scatter_(1, idx.gather(1, weakest), keep if chosen else ~keep)
+    return out
 
 
 def _er(n_out: int, n_in: int, n_links: int, g: torch.Generator) -> torch.Tensor:
@@ -209,30 +238,54 @@ def _brf(n_out: int, n_in: int, n_links: int, r: float, degree_dist: str, g: tor
     n_s, n_l = (n_out, n_in) if sources_are_rows else (n_in, n_out)
     dev = g.device
     degrees = _source_degrees(n_s, n_l, n_links, degree_dist, g)
+    # The weight of target j for source i depends only on the ring offset (j - c_i) mod n_l: one profile
+    # over the offsets, doubled so that every source's row is a contiguous window of it (no per-entry
+    # distance arithmetic, only a row gather).
+    offset = torch.arange(n_l, device=dev, dtype=torch.float64)
+    dist = torch.minimum(offset, n_l - offset)
     alpha = (1.0 - r) / r if r > 0 else math.inf
-    targets = torch.arange(n_l, device=dev)
+    if r == 0:
+        # Pure receptive field: keys -distance plus a jitter in [0, 0.5) that breaks ties at random but
+        # never reorders two different distances.
+        profile, mode = -dist, "jitter"
+    elif alpha == 0:
+        profile, mode = None, "uniform"
+    elif alpha * math.log1p(n_l // 2) <= 60.0:
+        # Exponential race in linear form: target j fires at E_j / w_j = E_j * (1 + delta)^alpha, E ~ Exp(1);
+        # the K_i earliest are an exact weighted sample without replacement (ALGORITHM.md section 2c).
+        # As keys: log(U) * (1 + delta)^alpha = -E / w, largest first (the weight ratio fits float32).
+        profile, mode = dist.log1p().mul_(alpha).exp_(), "race"
+    else:
+        # Same race, in log form (Gumbel-top-k) for weight ratios beyond float32: log w - log E.
+        profile, mode = dist.log1p().mul_(-alpha), "gumbel"
+    windows = w = None
+    if profile is not None:
+        windows = profile.to(torch.float32).repeat(2).unfold(0, n_l, 1)  # windows[m] = profile[m : m + n_l]
+    # Rows in order of degree, so that a chunk's degrees are close and its top-k barely exceeds each K_i.
+    order = torch.sort(degrees, stable=True).indices
     out = torch.empty(n_s, n_l, dtype=torch.bool, device=dev)
-    step = _rows_per_chunk(n_l)
+    step = _rows_per_chunk(n_l, _BRF_CHUNK_ENTRIES)
+    keys = torch.empty(min(step, n_s), n_l, device=dev)
+    picked = torch.empty(min(step, n_s), n_l, dtype=torch.bool, device=dev)
     for start in range(0, n_s, step):
-        stop = min(start + step, n_s)
-        rows = torch.arange(start, stop, device=dev)
-        centres = (rows * n_l) // n_s
-        diff = (targets[None, :] - centres[:, None]).remainder_(n_l)
-        dist = torch.minimum(diff, n_l - diff).to(torch.float32)
-        del diff
-        if r == 0:
-            # Pure receptive field: nearest first; a jitter in [0, 0.5) breaks ties at random but never
-            # reorders two different distances.
-            keys = torch.rand(dist.shape, generator=g, device=dev).mul_(0.5).sub_(dist)
+        rows = order[start : start + step]
+        m = rows.numel()
+        k = keys[:m]
+        torch.rand(k.shape, generator=g, device=dev, out=k)
+        if windows is not None:
+            shifts = (n_l - (rows * n_l) // n_s) % n_l  # row i is profile[(j - c_i) mod n_l]
+            w = windows.index_select(0, shifts)
+        if mode == "jitter":
+            torch.add(w, k, alpha=0.5, out=k)
         else:
-            # Gumbel-top-k (exponential race): log-weight minus log of an Exp(1) draw; the K_i largest
-            # keys are an exact weighted sample without replacement (ALGORITHM.md section 2c).
-            keys = torch.empty(dist.shape, device=dev).exponential_(generator=g).log_().neg_()
-            if alpha > 0:
-                keys.sub_(dist.log1p_().mul_(alpha))
-        del dist
-        out[start:stop] = _select_by_rank(keys, degrees[start:stop])
-        del keys
+            # E = -log(U) ~ Exp(1) (U = 0, probability 2^-24, stands for the tail E > -log(2^-24)).
+            k.log_()  # -E
+            if mode == "race":
+                k.mul_(w)  # -E / w
+            elif mode == "gumbel":
+                k.neg_().log_().neg_().add_(w)  # log w - log E
+        w = None  # free the chunk's weights before the next chunk gathers its own
+        out.index_copy_(0, rows, _select_by_rank(k, degrees[rows], picked[:m]))
     return out if sources_are_rows else out.t().contiguous()
 
 
