@@ -29,7 +29,14 @@ _LAZY = {
     "sparsity_summary": "modeling",
 }
 
-__all__ = ["METHODS", "PRESETS", "SparseLlamaConfig", "SparseLlamaForCausalLM", "SparseTrainingConfig", *_LAZY]
+__all__ = [
+    "METHODS",
+    "PRESETS",
+    "SparseLlamaConfig",
+    "SparseLlamaForCausalLM",
+    "SparseTrainingConfig",
+    *_LAZY,
+]
 
 
 def __getattr__(name: str) -> Any:

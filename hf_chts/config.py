@@ -133,7 +133,9 @@ class SparseTrainingConfig:
     # --- initial topology (ALGORITHM.md section 1)
     init: str | None = _help(f"Initial topology: one of {INIT_METHODS}.")
     brf_r: float = _help("BRF randomness r in [0, 1]: 0 = pure receptive field, 1 = uniform random.", 0.3)
-    brf_degree_dist: str = _help("BRF degree distribution of the smaller side: 'fixed' or 'uniform'.", "uniform")
+    brf_degree_dist: str = _help(
+        "BRF degree distribution of the smaller side: 'fixed' or 'uniform'.", "uniform"
+    )
     bsw_beta: float = _help("BSW rewiring probability beta in [0, 1].", 0.1)
     # --- evolution timing (section 2)
     update_interval: int = _help("Optimizer steps between topology updates (> 0).", 100)
@@ -141,26 +143,34 @@ class SparseTrainingConfig:
         "Last optimizer step with link removal and regrowth; default t_end_fraction x max_steps. A density "
         "decay that ends later keeps pruning (only) at update steps until decay_end."
     )
-    t_end_fraction: float = _help("t_end as a fraction of the total optimizer steps, when t_end is None.", 0.75)
+    t_end_fraction: float = _help(
+        "t_end as a fraction of the total optimizer steps, when t_end is None.", 0.75
+    )
     # --- removal (section 2a)
     zeta: float = _help("Fraction of existing links removed at each update (drop fraction), in [0, 1).", 0.1)
     zeta_schedule: str | None = _help("'constant' or 'cosine' (adaptive zeta, annealed to 0 at t_end).")
     removal: str | None = _help(f"Removal score: one of {REMOVAL_METHODS}.")
     removal_mode: str | None = _help("'hard' top-k or 'soft' sampling proportional to score ** T.")
     temperature_start: float = _help("Soft-removal temperature at step 0 (T_start).", 1.0)
-    temperature_end: float = _help("Soft-removal temperature at t_end (T_end); higher is closer to top-k.", 9.0)
+    temperature_end: float = _help(
+        "Soft-removal temperature at t_end (T_end); higher is closer to top-k.", 9.0
+    )
     mest_lambda: float = _help("MEST removal score |W| + lambda * |grad W|.", 0.01)
     # --- regrowth (section 2b, 3)
     regrowth: str | None = _help(f"Regrowth score: one of {REGROWTH_METHODS}.")
     regrowth_mode: str | None = _help("'hard' top-k or 'soft' sampling proportional to the score.")
     ch_variant: str | None = _help(f"Cannistraci-Hebb link predictor: one of {CH_VARIANTS}.")
     # --- chain removal (section 5)
-    chain_removal: bool | None = _help("Remove links of neurons left without inputs or outputs (percolation).")
+    chain_removal: bool | None = _help(
+        "Remove links of neurons left without inputs or outputs (percolation)."
+    )
     # --- density schedule (section 4)
     density_schedule: str | None = _help(f"Target-density schedule: one of {DENSITY_SCHEDULES}.")
     initial_density: float | None = _help("Starting density of a decaying schedule (CHTss: 0.5).")
     decay_start: int = _help("Optimizer step where density decay starts.", 0)
-    decay_end: int | None = _help("Optimizer step where density decay ends; default decay_end_fraction x max.")
+    decay_end: int | None = _help(
+        "Optimizer step where density decay ends; default decay_end_fraction x max."
+    )
     decay_end_fraction: float = _help("decay_end as a fraction of total steps, when decay_end is None.", 0.8)
     decay_steepness: float = _help("Steepness of the CHTss sigmoid decay (research default 6).", 6.0)
     decay_pruning: str | None = _help("Score used by density-decay pruning: 'ri' or 'magnitude'.")
@@ -170,7 +180,9 @@ class SparseTrainingConfig:
     )
     exclude_modules: list[str] | None = _help("Regular expressions of module names to keep dense.")
     # --- misc
-    seed: int = _help("Seed of every random choice (init, soft sampling); the same seed gives the same masks.", 0)
+    seed: int = _help(
+        "Seed of every random choice (init, soft sampling); the same seed gives the same masks.", 0
+    )
     early_stop_threshold: float | None = _help(
         "Freeze a layer's topology once this fraction of the regrown links were the ones just removed."
     )
@@ -302,7 +314,8 @@ class SparseTrainingConfig:
             if decay_end > max_steps:
                 raise ValueError(
                     f"Density decay ends at step {decay_end}, after the last step ({max_steps}); the final "
-                    f"density {self.density} would never be reached. Lower `decay_end` / `decay_end_fraction`."
+                    f"density {self.density} would never be reached. Lower `decay_end` / "
+                    "`decay_end_fraction`."
                 )
             if (decay_end - self.decay_start) < self.update_interval:
                 raise ValueError(

@@ -78,7 +78,9 @@ class StepStats:
         numel = sum(s.nnz / s.density if s.density > 0 else 0 for s in layers)
         logs = {
             f"{prefix}density": nnz / numel if numel else 0.0,
-            f"{prefix}links_removed": float(sum(s.removed + s.decay_pruned + s.chain_removed for s in layers)),
+            f"{prefix}links_removed": float(
+                sum(s.removed + s.decay_pruned + s.chain_removed for s in layers)
+            ),
             f"{prefix}links_regrown": float(sum(s.regrown for s in layers)),
             f"{prefix}chain_removed": float(sum(s.chain_removed for s in layers)),
             f"{prefix}turnover": _mean(s.turnover for s in layers),
@@ -117,7 +119,8 @@ class TopologyEngine:
             :meth:`init_masks` is meaningful without the real value.
 
     Example:
-        >>> engine = TopologyEngine(SparseTrainingConfig(method="chts", density=0.2), {"fc": (8, 16)}, max_steps=100)
+        >>> config = SparseTrainingConfig(method="chts", density=0.2)
+        >>> engine = TopologyEngine(config, {"fc": (8, 16)}, max_steps=100)
         >>> masks = engine.init_masks()
         >>> int(masks["fc"].sum())
         26
@@ -146,12 +149,18 @@ class TopologyEngine:
         for index, chain in enumerate(self.chains):
             for name in _chain_layers(chain):
                 if name not in self.shapes:
-                    raise ValueError(f"Chain {index} names layer {name!r}, which is not among the sparse layers.")
+                    raise ValueError(
+                        f"Chain {index} names layer {name!r}, which is not among the sparse layers."
+                    )
                 if name in self._chain_of:
-                    raise ValueError(f"Layer {name!r} belongs to two chains ({self._chain_of[name]} and {index}).")
+                    raise ValueError(
+                        f"Layer {name!r} belongs to two chains ({self._chain_of[name]} and {index})."
+                    )
                 self._chain_of[name] = index
-        final = allocate_densities([self.shapes[n] for n in self.names], config.density, config.density_distribution)
-        self.final_density = dict(zip(self.names, final))
+        final = allocate_densities(
+            [self.shapes[n] for n in self.names], config.density, config.density_distribution
+        )
+        self.final_density = dict(zip(self.names, final, strict=True))
         self.drop_fraction = DropFraction(config.zeta, max(self.t_end, 1), kind=config.zeta_schedule)
         self.temperature = Temperature(max(self.t_end, 1), config.temperature_start, config.temperature_end)
         self.frozen: set[str] = set()
@@ -194,7 +203,7 @@ class TopologyEngine:
         return self.should_update(step) and step <= self.t_end
 
     def layer_density(self, name: str, step: int) -> float:
-        """Target density of layer ``name`` after the update at ``step`` (ERK layers scale with the global one)."""
+        """Target density of layer ``name`` after the update at ``step`` (ERK layers scale alike)."""
         cfg = self.config
         density = cfg.initial_density if step <= cfg.decay_start else self.density_schedule(step)
         scale = density / cfg.density
@@ -212,7 +221,7 @@ class TopologyEngine:
 
     # ------------------------------------------------------------------ masks
     def init_masks(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        """Initial masks of every layer at the step-0 density, seeded by ``config.seed`` and the layer name."""
+        """Initial masks of every layer at the step-0 density, seeded by ``config.seed`` and the layer."""
         cfg = self.config
         params: dict[str, Any] = {}
         if cfg.init == "brf":
@@ -286,7 +295,9 @@ class TopologyEngine:
                     times[name] += (time.perf_counter() - t0) / len(group)
             for name in group:
                 t0 = time.perf_counter()
-                new_mask, grown = self._regrow(step, name, masks[name], pruned[name], grads, stats.layers[name])
+                new_mask, grown = self._regrow(
+                    step, name, masks[name], pruned[name], grads, stats.layers[name]
+                )
                 new_masks[name], grown_masks[name] = new_mask, grown
                 stats.layers[name].seconds = times[name] + time.perf_counter() - t0
         stats.seconds = time.perf_counter() - start
@@ -315,7 +326,12 @@ class TopologyEngine:
                 scores = removal_scores(weight, cfg.removal, grad=grad, mest_lambda=cfg.mest_lambda)
                 generator = derive_generator(cfg.seed, step, name, "remove", device=mask.device)
                 mask = remove_links(
-                    mask, scores, n_remove, mode=cfg.removal_mode, temperature=temperature, generator=generator
+                    mask,
+                    scores,
+                    n_remove,
+                    mode=cfg.removal_mode,
+                    temperature=temperature,
+                    generator=generator,
                 )
                 layer.removed = n_remove
         return mask, layer
@@ -329,7 +345,9 @@ class TopologyEngine:
         if n_grow > 0 and cfg.regrowth != "none":
             grad = None if grads is None else grads.get(name)
             if cfg.regrowth == "gradient" and grad is None:
-                raise ValueError(f"Gradient regrowth needs the dense gradient of layer {name!r}; pass `grads`.")
+                raise ValueError(
+                    f"Gradient regrowth needs the dense gradient of layer {name!r}; pass `grads`."
+                )
             generator = derive_generator(cfg.seed, step, name, "regrow", device=mask.device)
             mask, grown = regrow_links(
                 mask,
@@ -361,7 +379,9 @@ class TopologyEngine:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         unknown = set(state.get("frozen", [])) - set(self.names)
         if unknown:
-            raise ValueError(f"Engine state freezes unknown layers {sorted(unknown)}; was it saved for this model?")
+            raise ValueError(
+                f"Engine state freezes unknown layers {sorted(unknown)}; was it saved for this model?"
+            )
         self.frozen = set(state.get("frozen", []))
 
 

@@ -63,7 +63,9 @@ def test_check_against_steps():
     cfg.check_against_steps(10_000)
     with pytest.raises(ValueError, match="update_interval=100 is larger than t_end=7"):
         cfg.check_against_steps(10)
-    SparseTrainingConfig(method="chtss", update_interval=10).check_against_steps(1000)  # decay ends after t_end
+    SparseTrainingConfig(method="chtss", update_interval=10).check_against_steps(
+        1000
+    )  # decay ends after t_end
     cfg = SparseTrainingConfig(method="chtss", decay_end=2000, update_interval=10)
     with pytest.raises(ValueError, match="Density decay ends at step 2000, after the last step"):
         cfg.check_against_steps(1000)

@@ -93,7 +93,9 @@ def test_chtss_density_follows_sigmoid_schedule_exactly():
     assert engine.t_end == 150 and engine.last_update == 160
     assert engine.should_update(160) and not engine.evolves(160) and engine.evolves(150)
     assert all(int(m.sum()) == link_count(SHAPES[n], 0.1) for n, m in masks.items())
-    assert stats.drop_fraction == 0.0 and all(s.regrown == 0 and s.removed == 0 for s in stats.layers.values())
+    assert stats.drop_fraction == 0.0 and all(
+        s.regrown == 0 and s.removed == 0 for s in stats.layers.values()
+    )
     engine.config.check_against_steps(200)
 
 
