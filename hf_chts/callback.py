@@ -1,0 +1,703 @@
+"""`CHTssCallback`: dynamic sparse training inside a plain ``transformers.Trainer``.
+
+The callback is thin glue between Trainer events and :class:`hf_chts.engine.TopologyEngine`:
+
+- ``on_train_begin``: sparsify the model (unless it already carries ``weight_mask`` buffers), build the engine
+  for ``state.max_steps`` optimizer steps (so gradient accumulation and the number of processes never need
+  hand arithmetic), restore the sparse state when the Trainer resumes from a checkpoint.
+- ``on_step_begin``: on the optimizer step that precedes an update, and only then, start capturing the dense
+  gradient of the effective weights when the method reads it (RigL / GraNet regrowth, MEST removal).
+- ``on_pre_optimizer_step``: optional learning-rate re-warmup after an update (``rewarmup_steps``).
+- ``on_optimizer_step`` (transformers runs it right after ``optimizer.step()``, before the scheduler step,
+  ``zero_grad`` and ``state.global_step += 1``): set masked weights to exactly 0.0, and on update steps
+  evolve the topology, zero new and removed weights and their optimizer state.
+- ``on_log``: add the sparsity figures to the Trainer's logs; ``on_save``: write ``hf_chts_state/``.
+
+Step semantics: optimizer steps are counted from 1. "The update at step t" runs after the t-th call of
+``optimizer.step()`` (``t = state.global_step + 1`` inside ``on_optimizer_step``), for every t with
+``engine.should_update(t)`` (``t % update_interval == 0`` and ``t <= t_end``); the model saved at checkpoint
+``checkpoint-t`` already has the topology of the update at step t.
+
+Gradient clipping runs before ``on_pre_optimizer_step``, so a callback cannot keep masked gradients out of
+the clipping norm; the masked forward does (the gradient at a masked position is exactly 0 from backward).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler, ExportableState
+
+from .config import SparseTrainingConfig
+from .masking import (
+    MASK_NAME,
+    apply_masks_,
+    find_sparse_modules,
+    from_layer_view,
+    is_masked,
+    layer_view,
+    layer_view_shape,
+    make_masked_,
+    set_grad_capture_,
+    sparsify_,
+    unwrap_model,
+    zero_optimizer_state_,
+)
+
+logger = logging.getLogger(__name__)
+
+STATE_DIR = "hf_chts_state"
+MASKS_FILE = "masks.safetensors"
+STATE_FILE = "state.json"
+LOG_PREFIX = "sparsity/"
+_FORMAT_VERSION = 1
+
+__all__ = ["CHTssCallback", "STATE_DIR", "load_sparse_state", "save_sparse_state"]
+
+
+# ------------------------------------------------------------------------------ distributed
+def _dist():
+    """``(rank, world_size)`` of the default process group; ``(0, 1)`` when not distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "full_tensor") and hasattr(tensor, "device_mesh")
+
+
+# ------------------------------------------------------------------------------ checkpoint files
+def save_sparse_state(directory: str, masks: Mapping[str, torch.Tensor], state: Mapping[str, Any]) -> str:
+    """Write ``directory/hf_chts_state/{masks.safetensors, state.json}`` (no pickle); return that folder."""
+    from safetensors.torch import save_file
+
+    folder = os.path.join(directory, STATE_DIR)
+    os.makedirs(folder, exist_ok=True)
+    save_file(
+        {name: mask.detach().to("cpu").contiguous() for name, mask in masks.items()},
+        os.path.join(folder, MASKS_FILE),
+    )
+    with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as f:
+        json.dump(dict(state), f, indent=2, sort_keys=True)
+    return folder
+
+
+def load_sparse_state(directory: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read what :func:`save_sparse_state` wrote; ``directory`` is the checkpoint or its ``hf_chts_state``."""
+    from safetensors.torch import load_file
+
+    folder = (
+        directory
+        if os.path.basename(os.path.normpath(directory)) == STATE_DIR
+        else os.path.join(directory, STATE_DIR)
+    )
+    masks_path, state_path = os.path.join(folder, MASKS_FILE), os.path.join(folder, STATE_FILE)
+    if not (os.path.isfile(masks_path) and os.path.isfile(state_path)):
+        raise ValueError(
+            f"No sparse-training state in {folder!r} (expected {MASKS_FILE} and {STATE_FILE}); was the "
+            "checkpoint written by a run with CHTssCallback?"
+        )
+    with open(state_path, encoding="utf-8") as f:
+        state = json.load(f)
+    return load_file(masks_path), state
+
+
+# ------------------------------------------------------------------------------ callback
+class CHTssCallback(TrainerCallback, ExportableState):
+    """Dynamic sparse training (CHTs, CHTss, SET, RigL, MEST, GraNet, CHT, static) in a ``Trainer``.
+
+    Args:
+        config (`SparseTrainingConfig` or `dict`, *optional*): the method and its settings; a dict goes to
+            ``SparseTrainingConfig.from_dict``. Default: ``SparseTrainingConfig(**config_kwargs)``.
+        log_per_layer (`bool`, *optional*, defaults to `True`): also log each layer's density, turnover and
+            active-neuron fractions at update steps (global figures are always logged).
+        chains (`Sequence` or `Callable`, *optional*): chain specs for chain removal
+            (``LayerChain`` / ``LlamaBlockChain``), or a function ``(model, layer_names) -> chains``. Default:
+            LLaMA blocks are chained automatically; other architectures get no chains (a warning says so).
+        resume_from (`str`, *optional*): checkpoint folder to restore the sparse state from. By default the
+            callback finds the folder the Trainer resumes from.
+        **config_kwargs: fields of ``SparseTrainingConfig`` (``method="chtss", density=0.3, ...``); with
+            ``config`` they override its fields.
+
+    Logged keys (prefix ``sparsity/``): ``density`` (global, every log), and after an update
+    ``links_removed``, ``links_regrown``, ``chain_removed``, ``turnover``, ``active_neurons``,
+    ``drop_fraction``, ``temperature``, ``update_seconds`` (wall time of the last update, sync included),
+    ``engine_seconds``, ``update_seconds_total``, ``update_step``, and per layer ``<name>/density``,
+    ``<name>/active_out``, ``<name>/active_in``, ``<name>/turnover``.
+
+    Checkpoints: ``on_save`` writes ``<checkpoint>/hf_chts_state/`` (``masks.safetensors`` + ``state.json``,
+    main process only); ``on_train_begin`` restores it when training resumes.
+
+    Distributed: every rank keeps identical masks. The engine's layer groups are sharded over ranks
+    (group ``i`` on rank ``i % world_size``); each rank updates its groups and broadcasts the new masks.
+    Under FSDP2 the full weights are gathered for the update and the masks re-applied shard by shard.
+
+    Example:
+
+    ```python
+    >>> from transformers import Trainer, TrainingArguments
+    >>> from hf_chts import CHTssCallback, SparseTrainingConfig
+    >>> callback = CHTssCallback(SparseTrainingConfig(method="chtss", density=0.3, update_interval=100))
+    >>> trainer = Trainer(model=model, args=TrainingArguments("out"), train_dataset=ds, callbacks=[callback])
+    >>> trainer.train()  # doctest: +SKIP
+    ```
+    """
+
+    def __init__(
+        self,
+        config: SparseTrainingConfig | Mapping[str, Any] | None = None,
+        *,
+        log_per_layer: bool = True,
+        chains: Sequence[Any] | Callable[[nn.Module, list[str]], Sequence[Any]] | None = None,
+        resume_from: str | None = None,
+        **config_kwargs: Any,
+    ) -> None:
+        if config is None:
+            config = SparseTrainingConfig(**config_kwargs)
+        elif isinstance(config, Mapping):
+            config = SparseTrainingConfig.from_dict({**dict(config), **config_kwargs})
+        elif isinstance(config, SparseTrainingConfig):
+            if config_kwargs:
+                config = SparseTrainingConfig.from_dict({**config.to_dict(), **config_kwargs})
+        else:
+            raise ValueError(
+                "`config` must be a SparseTrainingConfig or a dict of its fields, got "
+                f"{type(config).__name__}."
+            )
+        self.config = config
+        self.log_per_layer = bool(log_per_layer)
+        if (
+            isinstance(chains, Sequence)
+            and not isinstance(chains, str)
+            and chains
+            and isinstance(chains[0], Mapping)
+        ):
+            chains = _chains_from_json(chains)  # rebuilt from `state()` by transformers on resume
+        self.chains = chains
+        self.resume_from = resume_from
+        self.engine = None
+        self.modules: dict[str, nn.Module] = {}
+        self.update_seconds_total = 0.0
+        self.last_update_step = 0
+        self.last_stats = None
+        self.owned_layers: list[str] = []  # layers this rank computed at the last update
+        self._pending_logs: dict[str, float] = {}
+        self._density = 1.0
+        self._grads: dict[str, torch.Tensor] | None = None
+        self._saved_lrs: list[float] | None = None
+        self._exported: dict[str, Any] | None = None  # set by transformers when it restores callback states
+
+    # ------------------------------------------------------------------ ExportableState (JSON, never pickle)
+    def state(self) -> dict[str, Any]:
+        """JSON state stored by the Trainer in ``trainer_state.json`` (masks go to ``hf_chts_state/``)."""
+        chains = self.engine.chains if self.engine is not None else self.chains
+        return {
+            "args": {
+                "config": self.config.to_dict(),
+                "log_per_layer": self.log_per_layer,
+                # the resolved chain specs, so a callback rebuilt from this state keeps chain removal
+                "chains": _chains_to_json(chains),
+            },
+            "attributes": {"_exported": self._scalar_state(None)},
+        }
+
+    def _scalar_state(self, step: int | None) -> dict[str, Any]:
+        return {
+            "format_version": _FORMAT_VERSION,
+            "step": step,
+            "config": self.config.to_dict(),
+            "engine": self.engine.state_dict() if self.engine is not None else {},
+            "layers": {name: list(layer_view_shape(m)) for name, m in self.modules.items()},
+            "last_update_step": self.last_update_step,
+            "update_seconds_total": self.update_seconds_total,
+        }
+
+    # ------------------------------------------------------------------ events
+    def on_init_end(self, args, state, control, **kwargs):
+        self._move_before_loggers()
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._move_before_loggers()
+        if model is None:
+            raise ValueError("CHTssCallback needs the model; it is passed by transformers.Trainer.")
+        model = unwrap_model(model)
+        max_steps = int(state.max_steps)
+        if max_steps <= 0:
+            raise ValueError(
+                f"state.max_steps={max_steps}: the Trainer does not know the number of optimizer steps; set "
+                "`max_steps` in TrainingArguments (e.g. for an IterableDataset)."
+            )
+        self.config.check_against_steps(max_steps)
+        resuming = state.global_step > 0
+        carried = any(MASK_NAME in m._buffers for m in model.modules())
+        if carried:
+            self.modules = {n: m for n, m in model.named_modules() if MASK_NAME in m._buffers}
+            for name, module in self.modules.items():
+                if not is_masked(module):  # a buffer but a plain forward (e.g. loaded into nn.Linear)
+                    make_masked_(module, name=name)
+        else:
+            self.modules = find_sparse_modules(model, self.config.target_modules, self.config.exclude_modules)
+        names = list(self.modules)
+        shapes = {name: layer_view_shape(m) for name, m in self.modules.items()}
+        from .engine import TopologyEngine
+
+        self.engine = TopologyEngine(
+            self.config, shapes, chains=self._resolve_chains(model, names), max_steps=max_steps
+        )
+        device = _mask_device(next(iter(self.modules.values())))
+        restored = self._load_resume_state(args, state, carried) if resuming else None
+        if restored is not None:
+            # Checkpoint masks go straight in: drawing initial masks first would zero weights the checkpoint
+            # holds at positions that are links again by now.
+            masks, scalar = restored
+            if carried:
+                for name, module in self.modules.items():
+                    module._buffers[MASK_NAME].copy_(masks[name].to(module._buffers[MASK_NAME].device))
+            else:
+                sparsify_(model, self.config, masks=masks)
+            self._load_scalar_state(scalar, state.global_step)
+        elif not carried:
+            init = self.engine.init_masks(device)
+            sparsify_(
+                model, self.config, masks={n: from_layer_view(m, init[n]) for n, m in self.modules.items()}
+            )
+        elif not resuming:
+            self._check_carried_masks(device)
+        if not resuming:
+            self.last_update_step = 0
+        elif restored is None:
+            self.last_update_step = self._last_update_before(state.global_step)
+        self._sync_masks_from_rank0()
+        apply_masks_(self.modules)
+        if optimizer is not None:
+            zero_optimizer_state_(optimizer, self.modules)
+        self._density = self._global_density()
+        self._pending_logs = {}
+        logger.info(
+            "hf_chts: %d sparse layers, method=%s, global density %.4f (target %.4f), update every %d steps "
+            "until step %d of %d.",
+            len(names),
+            self.config.method,
+            self._density,
+            self.config.density,
+            self.config.update_interval,
+            self.engine.t_end,
+            max_steps,
+        )
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.engine is None:
+            return
+        if self.config.needs_dense_gradient and self.engine.should_update(state.global_step + 1):
+            self._grads = {}
+            set_grad_capture_(self.modules, self._grads)
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        k = self.config.rewarmup_steps
+        if self.engine is None or k <= 0 or optimizer is None or self.last_update_step <= 0:
+            return
+        since = state.global_step + 1 - self.last_update_step
+        if 1 <= since <= k:
+            # Iterative warmup (ALGORITHM.md section 8): freshly grown zero weights and reset optimizer state
+            # meet a learning rate growing linearly from ~0; restored right after optimizer.step().
+            factor = since / (k + 1)
+            self._saved_lrs = [group["lr"] for group in optimizer.param_groups]
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] * factor
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self.engine is None:
+            return
+        if self._saved_lrs is not None and optimizer is not None:
+            for group, lr in zip(optimizer.param_groups, self._saved_lrs, strict=True):
+                group["lr"] = lr
+            self._saved_lrs = None
+        step = state.global_step + 1
+        apply_masks_(self.modules)
+        if self.engine.should_update(step):
+            self._update(step, optimizer)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.engine is None or logs is None:
+            return
+        extra = {f"{LOG_PREFIX}density": self._density, **self._pending_logs}
+        self._pending_logs = {}
+        logs.update(extra)
+        # Trainer.log appended a copy of `logs` to the history just before this event.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.engine is None or not state.is_world_process_zero:
+            return
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        masks = {name: m._buffers[MASK_NAME] for name, m in self.modules.items()}
+        save_sparse_state(checkpoint, masks, self._scalar_state(state.global_step))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.modules:
+            set_grad_capture_(self.modules, None)
+        self._grads = None
+
+    # ------------------------------------------------------------------ the update
+    @torch.no_grad()
+    def _update(self, step: int, optimizer) -> None:
+        start = time.perf_counter()
+        rank, world = _dist()
+        groups = self.engine.groups()
+        owner = {name: i % world for i, group in enumerate(groups) for name in group}
+        mine = [group for i, group in enumerate(groups) if i % world == rank]
+        grads = self._take_grads(owner, rank, world)
+        masks2d, weights2d = {}, {}
+        for name, module in self.modules.items():
+            weight = module.weight
+            if _is_dtensor(weight):
+                weight = weight.full_tensor()  # collective: every rank gathers every layer, in the same order
+            if owner[name] != rank:
+                continue
+            # from_layer_view is a transpose for Conv1D, so it also maps the weight layout to (n_out, n_in)
+            weights2d[name] = from_layer_view(module, weight.detach())
+            masks2d[name] = layer_view(module)[1].clone()  # the engine must not see later buffer writes
+        new_masks, grown, stats = self.engine.step(step, masks2d, weights2d, grads, groups=mine)
+        self.owned_layers = [name for group in mine for name in group]
+        new_w, grown_w = {}, {}
+        for name, module in self.modules.items():
+            mask_buf = module._buffers[MASK_NAME]
+            if owner[name] == rank:
+                packed = from_layer_view(
+                    module, new_masks[name].to(torch.uint8) + 2 * grown[name].to(torch.uint8)
+                )
+                packed = packed.to(mask_buf.device).contiguous()
+            else:
+                packed = torch.empty(mask_buf.shape, dtype=torch.uint8, device=mask_buf.device)
+            if world > 1:
+                torch.distributed.broadcast(packed, src=owner[name])
+            new_w[name] = (packed & 1).bool()
+            grown_w[name] = (packed >> 1).bool()
+        for name, module in self.modules.items():
+            module._buffers[MASK_NAME].copy_(new_w[name])
+        apply_masks_(self.modules, extra_positions=grown_w)  # removed links and new links start at 0.0
+        if optimizer is not None:
+            zero_optimizer_state_(optimizer, self.modules, extra_positions=grown_w)
+        stats = self._merge_across_ranks(stats, world)
+        self.last_update_step = step
+        self.last_stats = stats
+        self._density = self._global_density()
+        seconds = time.perf_counter() - start
+        self.update_seconds_total += seconds
+        logs = stats.to_log_dict(prefix=LOG_PREFIX, per_layer=self.log_per_layer)
+        logs[f"{LOG_PREFIX}engine_seconds"] = stats.seconds
+        logs[f"{LOG_PREFIX}update_seconds"] = seconds
+        logs[f"{LOG_PREFIX}update_seconds_total"] = self.update_seconds_total
+        logs[f"{LOG_PREFIX}update_step"] = float(step)
+        logs[f"{LOG_PREFIX}density"] = self._density
+        self._pending_logs = logs
+
+    def _take_grads(self, owner: dict[str, int], rank: int, world: int) -> dict[str, torch.Tensor] | None:
+        """The dense gradients captured since ``on_step_begin``, summed over ranks onto each layer's owner."""
+        if not self.config.needs_dense_gradient:
+            return None
+        captured = self._grads
+        set_grad_capture_(self.modules, None)
+        self._grads = None
+        if not captured:
+            logger.warning(
+                "hf_chts: no dense gradient was captured before this update (was on_step_begin skipped?); "
+                "using the masked gradient of the weights instead."
+            )
+            captured = {}
+        out = {}
+        for name, module in self.modules.items():
+            grad = captured.get(name)
+            if grad is None:
+                pgrad = module.weight.grad
+                if pgrad is not None and _is_dtensor(pgrad):
+                    pgrad = pgrad.full_tensor()
+                grad = (
+                    pgrad.detach().float()
+                    if pgrad is not None
+                    else torch.zeros(module.weight.shape, device=_mask_device(module))
+                )
+            if world > 1:
+                grad = grad.contiguous()
+                torch.distributed.reduce(grad, dst=owner[name], op=torch.distributed.ReduceOp.SUM)
+                grad = grad / world
+            if owner[name] == rank:
+                out[name] = from_layer_view(module, grad)
+        return out
+
+    def _merge_across_ranks(self, stats, world: int):
+        """Gather every rank's per-layer statistics (and the early-stop state) so all ranks agree."""
+        if world == 1:
+            return stats
+        from .engine import LayerStats, StepStats
+
+        gathered: list[Any] = [None] * world
+        payload = {"stats": stats.to_dict(), "frozen": sorted(self.engine.frozen)}
+        torch.distributed.all_gather_object(gathered, payload)
+        layers = {}
+        for item in gathered:
+            for name, layer in item["stats"]["layers"].items():
+                layers[name] = LayerStats(**layer)
+        frozen = set().union(*(set(item["frozen"]) for item in gathered))
+        self.engine.load_state_dict({**self.engine.state_dict(), "frozen": sorted(frozen)})
+        merged = StepStats(
+            step=stats.step,
+            drop_fraction=stats.drop_fraction,
+            temperature=stats.temperature,
+            seconds=max(item["stats"]["seconds"] for item in gathered),
+        )
+        merged.layers = {name: layers[name] for name in self.modules if name in layers}
+        return merged
+
+    # ------------------------------------------------------------------ setup helpers
+    def _resolve_chains(self, model: nn.Module, names: list[str]) -> Sequence[Any]:
+        if not self.config.chain_removal:
+            return ()
+        if self.chains is not None:
+            return self.chains(model, names) if callable(self.chains) else list(self.chains)
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type in ("llama", "sparse_llama"):
+            return _llama_chains(model, names)
+        logger.warning(
+            "hf_chts: chain_removal is on but no chains are known for model_type=%r; pass "
+            "`chains=[LayerChain([...]), ...]` to CHTssCallback to enable it. Training continues without it.",
+            model_type,
+        )
+        return ()
+
+    def _check_carried_masks(self, device) -> None:
+        """A fresh run on a model that already has masks: they must match the schedule at step 0."""
+        for name, module in self.modules.items():
+            mask = module._buffers[MASK_NAME]
+            nnz, target = int(mask.sum()), self.engine.target_nnz(name, 0)
+            if nnz == target:
+                continue
+            if nnz == mask.numel():
+                # All-True masks (e.g. a freshly constructed sparse model): draw the initial topology.
+                init = self.engine.init_masks(device)
+                for n, m in self.modules.items():
+                    m._buffers[MASK_NAME].copy_(from_layer_view(m, init[n]))
+                logger.info("hf_chts: the model's masks were all-True (dense); drew the initial topology.")
+                return
+            raise ValueError(
+                f"The model already carries masks, but layer {name!r} has {nnz} links where the schedule of "
+                f"{self.config.method!r} expects {target} at step 0 (initial density "
+                f"{self.engine.layer_density(name, 0):.4f}). Use the density the masks were drawn with, or "
+                "start from a model without `weight_mask` buffers so the callback draws them."
+            )
+
+    def _load_resume_state(self, args, state, carried: bool):
+        """Resuming at ``state.global_step``: the checkpoint's masks (validated) and scalar state, or None."""
+        tried = []
+        found = None
+        for path in self._checkpoint_candidates(args, state):
+            tried.append(path)
+            if os.path.isfile(os.path.join(path, STATE_DIR, MASKS_FILE)):
+                found = path
+                break
+        if found is None:
+            if carried:
+                logger.warning(
+                    "hf_chts: resuming at step %d without %s/ in %s; keeping the masks the model carries.",
+                    state.global_step,
+                    STATE_DIR,
+                    tried,
+                )
+                return None
+            raise ValueError(
+                f"Resuming at step {state.global_step}, but no {STATE_DIR}/ was found in {tried}; the masks "
+                "cannot be restored and the run would not continue the same topology. Pass "
+                "`resume_from=<checkpoint folder>` to CHTssCallback."
+            )
+        masks, scalar = load_sparse_state(found)
+        expected = set(self.modules)
+        if set(masks) != expected:
+            missing, extra = sorted(expected - set(masks)), sorted(set(masks) - expected)
+            raise ValueError(
+                f"Masks in {os.path.join(found, STATE_DIR, MASKS_FILE)} do not match the sparse layers: "
+                f"missing {missing[:4]}, unexpected {extra[:4]}. Resume with the same model and "
+                "target_modules/exclude_modules as the checkpoint."
+            )
+        for name, module in self.modules.items():
+            mask = masks[name]
+            if tuple(mask.shape) != tuple(module.weight.shape) or mask.dtype != torch.bool:
+                raise ValueError(
+                    f"Checkpoint mask of layer {name!r} in {found!r} has shape {tuple(mask.shape)} and dtype "
+                    f"{mask.dtype}; expected {tuple(module.weight.shape)} and torch.bool. The checkpoint was "
+                    "written for another model; resume with the model it was trained with."
+                )
+        logger.info(
+            "hf_chts: restoring masks and topology state of step %d from %s.", state.global_step, found
+        )
+        return masks, scalar
+
+    def _load_scalar_state(self, scalar: Mapping[str, Any], step: int) -> None:
+        if scalar.get("config") and scalar["config"] != self.config.to_dict():
+            changed = sorted(k for k, v in scalar["config"].items() if self.config.to_dict().get(k) != v)
+            logger.warning("hf_chts: resuming with a changed sparse-training config (fields %s).", changed)
+        self.engine.load_state_dict(scalar.get("engine", {}))
+        self.update_seconds_total = float(scalar.get("update_seconds_total", 0.0))
+        self.last_update_step = int(scalar.get("last_update_step", self._last_update_before(step)))
+
+    def _last_update_before(self, step: int) -> int:
+        interval = self.config.update_interval
+        last = min(step, self.engine.t_end) // interval * interval
+        return last if self.config.is_dynamic else 0
+
+    def _checkpoint_candidates(self, args, state) -> list[str]:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        candidates = []
+        if self.resume_from:
+            candidates.append(self.resume_from)
+        path = _trainer_resume_path()
+        if path:
+            candidates.append(path)
+        if isinstance(getattr(args, "resume_from_checkpoint", None), str):
+            candidates.append(args.resume_from_checkpoint)
+        candidates.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+        return list(dict.fromkeys(candidates))
+
+    def _sync_masks_from_rank0(self) -> None:
+        """Masks are drawn from the same seed everywhere; broadcasting once makes identity certain."""
+        rank, world = _dist()
+        if world == 1:
+            return
+        for module in self.modules.values():
+            buf = module._buffers[MASK_NAME]
+            packed = buf.to(torch.uint8)
+            torch.distributed.broadcast(packed, src=0)
+            buf.copy_(packed.bool())
+
+    def _global_density(self) -> float:
+        nnz = sum(int(m._buffers[MASK_NAME].sum()) for m in self.modules.values())
+        numel = sum(m._buffers[MASK_NAME].numel() for m in self.modules.values())
+        return nnz / numel if numel else 1.0
+
+    def _move_before_loggers(self) -> None:
+        """Run before the reporting integrations so they see the keys added in ``on_log``.
+
+        ``Trainer`` puts ``report_to`` integrations before user callbacks and hands the same ``logs`` dict
+        to each in turn. This moves the callback to the front of the ``CallbackHandler`` that is calling it
+        (found on the call stack); the list keeps its length, so the event being dispatched still reaches
+        every callback exactly once. If no handler is found, nothing changes (see :meth:`attach`).
+        """
+        frame = sys._getframe(1)
+        for _ in range(4):
+            if frame is None:
+                return
+            handler = frame.f_locals.get("self")
+            if isinstance(handler, CallbackHandler):
+                callbacks = handler.callbacks
+                if self in callbacks and callbacks[0] is not self:
+                    callbacks.remove(self)
+                    callbacks.insert(0, self)
+                return
+            frame = frame.f_back
+
+    def attach(self, trainer) -> CHTssCallback:
+        """Add this callback to ``trainer`` ahead of every other callback (so loggers see its keys)."""
+        handler = trainer.callback_handler
+        if self in handler.callbacks:
+            handler.callbacks.remove(self)
+        handler.callbacks.insert(0, self)
+        return self
+
+
+def _chains_to_json(chains) -> list[dict[str, Any]] | None:
+    """JSON form of concrete chain specs; None for a callable or unknown specs (not exported then)."""
+    from dataclasses import asdict
+
+    from .topology.percolation import LayerChain, LlamaBlockChain
+
+    if chains is None or callable(chains):
+        return None
+    out = []
+    for chain in chains:
+        if not isinstance(chain, (LayerChain, LlamaBlockChain)):
+            return None
+        out.append({"kind": type(chain).__name__, **asdict(chain)})
+    return out
+
+
+def _chains_from_json(items: Sequence[Mapping[str, Any]]) -> list[Any]:
+    from .topology.percolation import LayerChain, LlamaBlockChain
+
+    kinds = {"LayerChain": LayerChain, "LlamaBlockChain": LlamaBlockChain}
+    chains = []
+    for item in items:
+        data = dict(item)
+        kind = data.pop("kind", None)
+        if kind not in kinds:
+            raise ValueError(
+                f"Unknown chain kind {kind!r} in the callback state; expected one of {sorted(kinds)}."
+            )
+        if kind == "LayerChain":
+            data["layers"] = tuple(data["layers"])
+        chains.append(kinds[kind](**data))
+    return chains
+
+
+def _mask_device(module: nn.Module) -> torch.device:
+    buf = module._buffers.get(MASK_NAME)
+    if buf is not None:
+        return buf.device
+    weight = module.weight
+    return weight.to_local().device if _is_dtensor(weight) else weight.device
+
+
+def _trainer_resume_path() -> str | None:
+    """The checkpoint folder the running ``Trainer.train`` resumes from, read from its training-loop frame.
+
+    ``on_train_begin`` is not told the folder; ``Trainer._inner_training_loop`` holds it in its
+    ``resume_from_checkpoint`` argument (already resolved from ``True`` to a path by ``Trainer.train``).
+    """
+    from transformers import Trainer
+
+    frame = sys._getframe(1)
+    for _ in range(12):
+        if frame is None:
+            break
+        if isinstance(frame.f_locals.get("self"), Trainer) and "resume_from_checkpoint" in frame.f_locals:
+            value = frame.f_locals["resume_from_checkpoint"]
+            if isinstance(value, str) and os.path.isdir(value):
+                return value
+        frame = frame.f_back
+    return None
+
+
+def _llama_chains(model: nn.Module, names: list[str]) -> list[Any]:
+    """``LlamaBlockChain`` for every LLaMA block whose seven projections are all sparse."""
+    try:
+        from .modeling import llama_chains
+    except ImportError:
+        llama_chains = None
+    if llama_chains is not None:
+        return list(llama_chains(model, names))
+    from .topology.percolation import LlamaBlockChain
+
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    present = set(names)
+    chains = []
+    prefixes = dict.fromkeys(n.rsplit(".self_attn.", 1)[0] for n in names if ".self_attn.q_proj" in n)
+    for prefix in prefixes:
+        chain = LlamaBlockChain.from_prefix(prefix, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim)
+        if all(n in present for n in chain.names):
+            chains.append(chain)
+    return chains

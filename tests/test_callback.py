@@ -1,0 +1,399 @@
+"""Tests of hf_chts.callback: CHTssCallback inside a real transformers.Trainer on a tiny local LLaMA (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from hf_chts.callback import STATE_DIR, CHTssCallback
+from hf_chts.config import SparseTrainingConfig
+from hf_chts.masking import MASK_NAME, get_masks, sparsify_
+
+VOCAB, SEQ = 100, 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a busy shared machine OpenMP spin-waiting makes
+    # them 10-50x slower; one thread keeps the timings stable.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    def __init__(self, n: int = 64, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def make_args(tmp_path, **overrides) -> TrainingArguments:
+    kwargs = dict(
+        output_dir=str(tmp_path),
+        max_steps=10,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=3,
+        max_grad_norm=1.0,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def config_for(method: str, **overrides) -> SparseTrainingConfig:
+    kwargs = dict(method=method, density=0.3, update_interval=2, zeta=0.3)
+    if method in ("chtss", "granet"):
+        kwargs.update(initial_density=0.6, decay_end_fraction=0.6)
+    kwargs.update(overrides)
+    return SparseTrainingConfig(**kwargs)
+
+
+class Probe(TrainerCallback):
+    """Checks the invariants after every optimizer step; runs after CHTssCallback."""
+
+    def __init__(self, sparse: CHTssCallback):
+        self.sparse = sparse
+        self.masks: dict[int, dict[str, torch.Tensor]] = {}
+        self.captured: dict[int, bool] = {}
+        self.violations: list[str] = []
+        self.logs: list[dict] = []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        grads = self.sparse._grads
+        self.captured[state.global_step + 1] = bool(grads)
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        step = state.global_step + 1
+        engine = self.sparse.engine
+        topology_step = self.sparse.last_update_step
+        snapshot = {}
+        opt_state = getattr(optimizer, "optimizer", optimizer).state
+        for name, module in self.sparse.modules.items():
+            mask = module.weight_mask
+            snapshot[name] = mask.clone()
+            if torch.any(module.weight[~mask] != 0.0):
+                self.violations.append(f"step {step}: masked weights of {name} not 0")
+            if int(mask.sum()) != engine.target_nnz(name, topology_step):
+                self.violations.append(
+                    f"step {step}: {name} nnz {int(mask.sum())} != {engine.target_nnz(name, topology_step)}"
+                )
+            for key, value in opt_state.get(module.weight, {}).items():
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.shape == mask.shape
+                    and torch.any(value[~mask] != 0)
+                ):
+                    self.violations.append(
+                        f"step {step}: optimizer {key} of {name} not 0 at masked positions"
+                    )
+        self.masks[step] = snapshot
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def train(tmp_path, config, *, model=None, probe=True, callbacks=(), **arg_overrides):
+    model = model if model is not None else tiny_llama()
+    sparse = CHTssCallback(config)
+    probe_cb = Probe(sparse) if probe else None
+    cbs = [*callbacks, sparse] + ([probe_cb] if probe_cb else [])
+    trainer = Trainer(
+        model=model, args=make_args(tmp_path, **arg_overrides), train_dataset=RandomTokens(), callbacks=cbs
+    )
+    trainer.train()
+    return trainer, sparse, probe_cb
+
+
+def check_run(sparse, probe, max_steps: int = 10):
+    assert probe.violations == []
+    engine = sparse.engine
+    assert sorted(probe.masks) == list(range(1, max_steps + 1))
+    previous = {name: None for name in sparse.modules}
+    for step in range(1, max_steps + 1):
+        changed = any(
+            previous[name] is not None and not torch.equal(previous[name], mask)
+            for name, mask in probe.masks[step].items()
+        )
+        if step > 1:
+            assert changed == engine.should_update(step), f"step {step}: changed={changed}"
+        previous = probe.masks[step]
+        assert probe.captured[step] == (sparse.config.needs_dense_gradient and engine.should_update(step))
+
+
+# ------------------------------------------------------------------------------------------ presets
+def test_chtss_adamw_invariants_every_step(tmp_path):
+    trainer, sparse, probe = train(tmp_path, config_for("chtss"))
+    check_run(sparse, probe)
+    engine = sparse.engine
+    assert [t for t in range(1, 11) if engine.should_update(t)] == [2, 4, 6]
+    final = {n: int(m.sum()) for n, m in get_masks(trainer.model).items()}
+    assert final == {n: engine.target_nnz(n, 10) for n in final}
+    assert abs(sparse._density - 0.3) < 0.01
+    # the masks travel with the model: save_model writes them next to the (zeroed) weights
+    trainer.save_model(str(tmp_path / "final"))
+    tensors = load_file(str(tmp_path / "final" / "model.safetensors"))
+    for name, module in sparse.modules.items():
+        assert torch.equal(tensors[f"{name}.{MASK_NAME}"], module.weight_mask)
+        assert torch.all(tensors[f"{name}.weight"][~module.weight_mask] == 0.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["static", "set", "rigl", "mest", "granet", "cht", "chts"])
+def test_presets_adamw(tmp_path, method):
+    _, sparse, probe = train(tmp_path, config_for(method))
+    check_run(sparse, probe)
+    if method == "static":
+        assert all(torch.equal(probe.masks[1][n], probe.masks[10][n]) for n in sparse.modules)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "optim", "optim_args"),
+    [
+        ("set", "sgd", "momentum=0.9"),
+        ("chts", "sgd", "momentum=0.9"),
+        ("rigl", "adafactor", None),
+        ("chtss", "adafactor", None),
+    ],
+)
+def test_presets_other_optimizers(tmp_path, method, optim, optim_args):
+    _, sparse, probe = train(
+        tmp_path, config_for(method), optim=optim, optim_args=optim_args, learning_rate=1e-2
+    )
+    check_run(sparse, probe)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["rigl", "chts"])
+def test_bf16_autocast(tmp_path, method):
+    trainer, sparse, probe = train(tmp_path, config_for(method), bf16=True)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    check_run(sparse, probe)
+
+
+# ------------------------------------------------------------------------------------------ logs
+class Reporter(TrainerCallback):
+    """Stands in for a report_to integration, which transformers places before user callbacks."""
+
+    def __init__(self):
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def test_logs_reach_reporters_and_history(tmp_path):
+    reporter = Reporter()
+    trainer, sparse, _ = train(tmp_path, config_for("chts"), probe=False, callbacks=[reporter], max_steps=6)
+    handler = trainer.callback_handler.callbacks
+    assert handler.index(sparse) < handler.index(reporter)
+    update_logs = [log for log in reporter.logs if "sparsity/links_regrown" in log]
+    assert len(update_logs) == 2  # updates at steps 2 and 4 (t_end = 4)
+    keys = {
+        "sparsity/density",
+        "sparsity/links_removed",
+        "sparsity/links_regrown",
+        "sparsity/turnover",
+        "sparsity/active_neurons",
+        "sparsity/temperature",
+        "sparsity/drop_fraction",
+        "sparsity/update_seconds",
+        "sparsity/update_seconds_total",
+        "sparsity/model.layers.0.mlp.down_proj/density",
+    }
+    assert keys <= set(update_logs[0])
+    assert all("sparsity/density" in log for log in reporter.logs)
+    assert update_logs[0]["sparsity/links_regrown"] > 0
+    history = [h for h in trainer.state.log_history if "sparsity/links_regrown" in h]
+    assert [h["step"] for h in history] == [2, 4]
+
+
+# ------------------------------------------------------------------------------------------ resume
+def _final_state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["chts", pytest.param("rigl", marks=pytest.mark.slow)])
+def test_resume_is_bit_identical(tmp_path, method):
+    cfg = dict(update_interval=2, zeta=0.3, t_end=7)
+    common = dict(max_steps=8, save_strategy="steps", save_steps=4, logging_steps=4)
+    straight, _, _ = train(tmp_path / "a", config_for(method, **cfg), probe=False, **common)
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                control.should_training_stop = True
+
+    train(tmp_path / "b", config_for(method, **cfg), probe=False, callbacks=[StopAt()], **common)
+    checkpoint = tmp_path / "b" / "checkpoint-4"
+    saved = json.loads((checkpoint / STATE_DIR / "state.json").read_text())
+    assert saved["step"] == 4 and saved["last_update_step"] == 4
+    assert set(load_file(str(checkpoint / STATE_DIR / "masks.safetensors"))) == set(get_masks(straight.model))
+
+    model = tiny_llama(seed=123)  # a different init: everything must come from the checkpoint
+    sparse = CHTssCallback(config_for(method, **cfg))
+    resumed = Trainer(
+        model=model,
+        args=make_args(tmp_path / "b", **common),
+        train_dataset=RandomTokens(),
+        callbacks=[sparse],
+    )
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    a, b = _final_state(straight.model), _final_state(resumed.model)
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_with_restored_callback_state(tmp_path):
+    common = dict(max_steps=6, save_strategy="steps", save_steps=3, logging_steps=3)
+    train(tmp_path, config_for("set", t_end=5), probe=False, **common)
+    trainer = Trainer(
+        model=tiny_llama(),
+        args=make_args(tmp_path, restore_callback_states_from_checkpoint=True, **common),
+        train_dataset=RandomTokens(),
+        callbacks=[CHTssCallback(config_for("set", t_end=5))],
+    )
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    sparse = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CHTssCallback))
+    assert sparse._exported["last_update_step"] == 2  # rebuilt by transformers from trainer_state.json
+    assert len(sparse.engine.chains) == 0  # set: no chain removal
+    masks = load_file(str(tmp_path / "checkpoint-6" / STATE_DIR / "masks.safetensors"))
+    assert all(torch.equal(masks[n], m) for n, m in get_masks(trainer.model).items())
+
+
+def test_state_is_json(tmp_path):
+    from hf_chts.topology.percolation import LayerChain, LlamaBlockChain
+
+    chains = [
+        LayerChain(("a", "b", "c")),
+        LlamaBlockChain.from_prefix("model.layers.0", num_heads=4, num_kv_heads=2, head_dim=8),
+    ]
+    sparse = CHTssCallback(method="chts", density=0.2, chains=chains)
+    exported = sparse.state()
+    rebuilt = CHTssCallback.from_state(json.loads(json.dumps(exported)))
+    assert rebuilt.config == sparse.config
+    assert rebuilt.chains == chains
+    assert CHTssCallback(method="chts", chains=lambda m, n: []).state()["args"]["chains"] is None
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_bad_inputs_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="update_interval"):
+        CHTssCallback(method="set", update_interval=0)
+    with pytest.raises(ValueError, match="SparseTrainingConfig"):
+        CHTssCallback(config=3)
+    with pytest.raises(ValueError, match="nothing_here"):
+        train(tmp_path, config_for("set", target_modules=["nothing_here"]), probe=False, max_steps=4)
+    with pytest.raises(ValueError, match=r"update_interval=50 is larger than t_end"):
+        train(tmp_path, config_for("set", update_interval=50), probe=False, max_steps=4)
+
+
+def test_carried_masks_with_wrong_density_are_refused(tmp_path):
+    model = tiny_llama()
+    sparsify_(model, SparseTrainingConfig(method="set", density=0.5))
+    with pytest.raises(ValueError, match="expects"):
+        train(tmp_path, config_for("set"), model=model, probe=False, max_steps=4)
+
+
+def test_carried_masks_are_kept(tmp_path):
+    model = tiny_llama()
+    sparsify_(model, config_for("set"), generator=torch.Generator().manual_seed(5))
+    before = {k: v.clone() for k, v in get_masks(model).items()}
+    _, _, probe = train(tmp_path, config_for("set", t_end=2), model=model, max_steps=3)
+    assert probe.violations == []
+    assert all(torch.equal(before[n], m) for n, m in probe.masks[1].items())  # the model's own masks
+    assert not all(torch.equal(before[n], m) for n, m in probe.masks[2].items())  # updated at step 2
+
+
+def test_checkpoint_mask_of_wrong_shape_is_refused(tmp_path):
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2, logging_steps=2)
+    train(tmp_path, config_for("set", t_end=3), probe=False, **common)
+    path = tmp_path / "checkpoint-2" / STATE_DIR / "masks.safetensors"
+    masks = load_file(str(path))
+    name = "model.layers.0.mlp.up_proj"
+    masks[name] = masks[name][:, :-1].contiguous()
+    save_file(masks, str(path))
+    trainer = Trainer(
+        model=tiny_llama(),
+        args=make_args(tmp_path, **common),
+        train_dataset=RandomTokens(),
+        callbacks=[CHTssCallback(config_for("set", t_end=3))],
+    )
+    with pytest.raises(ValueError, match=r"up_proj.*\(64, 31\).*expected \(64, 32\)"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+def test_missing_state_on_resume_is_refused(tmp_path):
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2, logging_steps=2)
+    train(tmp_path, config_for("set", t_end=3), probe=False, **common)
+    os.remove(tmp_path / "checkpoint-2" / STATE_DIR / "masks.safetensors")
+    trainer = Trainer(
+        model=tiny_llama(),
+        args=make_args(tmp_path, **common),
+        train_dataset=RandomTokens(),
+        callbacks=[CHTssCallback(config_for("set", t_end=3))],
+    )
+    with pytest.raises(ValueError, match="no hf_chts_state"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+def test_rewarmup_scales_learning_rate_after_updates(tmp_path):
+    seen: dict[int, float] = {}
+
+    class LrProbe(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            seen[state.global_step + 1] = optimizer.param_groups[0]["lr"]
+
+    class LrBefore(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            seen[-(state.global_step + 1)] = optimizer.param_groups[0]["lr"]
+
+    sparse = CHTssCallback(config_for("set", rewarmup_steps=2, update_interval=3, t_end=3))
+    trainer = Trainer(
+        model=tiny_llama(),
+        args=make_args(tmp_path, max_steps=6, learning_rate=0.01),
+        train_dataset=RandomTokens(),
+        callbacks=[sparse, LrBefore(), LrProbe()],
+    )
+    trainer.train()
+    # steps 4 and 5 follow the update at step 3: lr x 1/3 and x 2/3 during optimizer.step(), restored after
+    assert [seen[-t] / 0.01 for t in range(1, 7)] == pytest.approx([1, 1, 1, 1 / 3, 2 / 3, 1])
+    assert all(seen[t] == pytest.approx(0.01) for t in range(1, 7))
