@@ -554,7 +554,7 @@ class CHTssCallback(TrainerCallback, ExportableState):
 
     def _last_update_before(self, step: int) -> int:
         interval = self.config.update_interval
-        last = min(step, self.engine.t_end) // interval * interval
+        last = min(step, self.engine.last_update) // interval * interval
         return last if self.config.is_dynamic else 0
 
     def _checkpoint_candidates(self, args, state) -> list[str]:

@@ -174,6 +174,19 @@ def test_chtss_adamw_invariants_every_step(tmp_path):
         assert torch.all(tensors[f"{name}.weight"][~module.weight_mask] == 0.0)
 
 
+def test_chtss_research_defaults_decay_past_t_end(tmp_path):
+    # research defaults: t_end = 0.75, decay_end = 0.8 of the run; the last decay step only prunes
+    config = SparseTrainingConfig(method="chtss", density=0.3, update_interval=2, zeta=0.3)
+    trainer, sparse, probe = train(tmp_path, config, max_steps=20)
+    check_run(sparse, probe, max_steps=20)
+    engine = sparse.engine
+    assert (engine.t_end, engine.last_update) == (15, 16)
+    assert engine.should_update(16) and not engine.evolves(16)
+    final = {n: int(m.sum()) for n, m in get_masks(trainer.model).items()}
+    assert final == {n: engine.target_nnz(n, 20) for n in final}
+    assert abs(sparse._density - 0.3) < 0.01
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["static", "set", "rigl", "mest", "granet", "cht", "chts"])
 def test_presets_adamw(tmp_path, method):
