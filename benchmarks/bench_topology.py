@@ -6,7 +6,7 @@ more than 2**24 categories). Both run in the same process, interleaved, so the r
 
 Usage::
 
-    python benchmarks/bench_topology.py                       # all shapes and densities, CPU (+ CUDA if present)
+    python benchmarks/bench_topology.py       # all shapes and densities, CPU (+ CUDA if present)
     python benchmarks/bench_topology.py --shapes 11008x4096 --densities 0.3 --ops ch2 --repeats 3
     python benchmarks/bench_topology.py --out benchmarks/results/topology_cpu.md
 
@@ -35,8 +35,18 @@ from hf_chts.topology.link_prediction import ch_scores
 from hf_chts.topology.regrowth import regrow_links
 from hf_chts.topology.removal import remove_links
 
-SHAPES = {"768x2048": (768, 2048), "5461x2048": (5461, 2048), "4096x4096": (4096, 4096), "11008x4096": (11008, 4096)}
-MODEL_OF = {"768x2048": "LLaMA-130M", "5461x2048": "LLaMA-1B", "4096x4096": "LLaMA-7B", "11008x4096": "LLaMA-7B"}
+SHAPES = {
+    "768x2048": (768, 2048),
+    "5461x2048": (5461, 2048),
+    "4096x4096": (4096, 4096),
+    "11008x4096": (11008, 4096),
+}
+MODEL_OF = {
+    "768x2048": "LLaMA-130M",
+    "5461x2048": "LLaMA-1B",
+    "4096x4096": "LLaMA-7B",
+    "11008x4096": "LLaMA-7B",
+}
 
 
 # ---------------------------------------------------------------------------------------------- baselines
@@ -171,20 +181,31 @@ def make_ops(shape, density, device, seed):
         return baseline_soft_regrowth(m, scores, n_move, g())
 
     return [
-        ("init_brf_r0.3", lambda: init_mask(shape, density, "brf", r=0.3, degree_dist="fixed", generator=g(),
-                                            device=device),
-         lambda: baseline_brf(shape, density, 0.3, g(), device)),
+        (
+            "init_brf_r0.3",
+            lambda: init_mask(
+                shape, density, "brf", r=0.3, degree_dist="fixed", generator=g(), device=device
+            ),
+            lambda: baseline_brf(shape, density, 0.3, g(), device),
+        ),
         ("init_er", lambda: init_mask(shape, density, "er", generator=g(), device=device), None),
         ("ch2_l3n", lambda: ch_scores(mask, "CH2_L3n"), lambda: baseline_ch2(mask)),
-        ("soft_removal", lambda: remove_links(mask, weight.abs(), n_move, mode="soft", temperature=9.0,
-                                              generator=g()),
-         lambda: baseline_soft_removal(mask, weight.abs(), n_move, 9.0, g())),
-        ("soft_regrowth_sampling", lambda: regrow_links(removed, n_move, method="ch", mode="soft", scores=scores,
-                                                        generator=g()),
-         lambda: baseline_soft_regrowth(removed, scores, n_move, g())),
+        (
+            "soft_removal",
+            lambda: remove_links(mask, weight.abs(), n_move, mode="soft", temperature=9.0, generator=g()),
+            lambda: baseline_soft_removal(mask, weight.abs(), n_move, 9.0, g()),
+        ),
+        (
+            "soft_regrowth_sampling",
+            lambda: regrow_links(removed, n_move, method="ch", mode="soft", scores=scores, generator=g()),
+            lambda: baseline_soft_regrowth(removed, scores, n_move, g()),
+        ),
         ("soft_removal+regrowth", ours_sampling, base_sampling),
-        ("soft_regrowth_with_ch", lambda: regrow_links(removed, n_move, method="ch", mode="soft", generator=g()),
-         None),
+        (
+            "soft_regrowth_with_ch",
+            lambda: regrow_links(removed, n_move, method="ch", mode="soft", generator=g()),
+            None,
+        ),
     ]
 
 
@@ -201,7 +222,9 @@ def hardware(device: torch.device) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--densities", nargs="+", type=float, default=[0.3, 0.05, 0.01])
     parser.add_argument("--ops", nargs="+", default=None, help="substrings of op names to run (default all)")
@@ -210,6 +233,11 @@ def main(argv=None):
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write a markdown table here (and a .json beside it)")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace only the measured rows of an existing --out JSON (re-runs)",
+    )
     args = parser.parse_args(argv)
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     rows = []
@@ -224,14 +252,29 @@ def main(argv=None):
                         base = None  # the per-row loop is slow; once per shape is enough for the ratio
                     r_ours = measure(ours, device, args.repeats)
                     r_base = measure(base, device, args.baseline_repeats) if base is not None else None
-                    row = dict(device=device_name, hardware=hardware(device), shape=shape_name,
-                               model=MODEL_OF[shape_name], density=density, op=op, ours=r_ours, baseline=r_base)
+                    row = dict(
+                        measured=time.strftime("%H:%M UTC", time.gmtime()),
+                        device=device_name,
+                        hardware=hardware(device),
+                        shape=shape_name,
+                        model=MODEL_OF[shape_name],
+                        density=density,
+                        op=op,
+                        ours=r_ours,
+                        baseline=r_base,
+                    )
                     if r_base and "seconds" in r_base and "seconds" in r_ours:
                         row["speedup"] = r_base["seconds"] / r_ours["seconds"]
                         row["memory_ratio"] = r_ours["peak_mb"] / max(r_base["peak_mb"], 1e-9)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     if args.out:
+        if args.merge and os.path.exists(os.path.splitext(args.out)[0] + ".json"):
+            with open(os.path.splitext(args.out)[0] + ".json") as f:
+                old = json.load(f)
+            key = lambda r: (r["device"], r["shape"], r["density"], r["op"])  # noqa: E731
+            fresh = {key(r): r for r in rows}
+            rows = [fresh.pop(key(r), r) for r in old] + list(fresh.values())
         write_markdown(rows, args, args.out)
 
 
@@ -245,20 +288,28 @@ def _fmt(result):
 
 def write_markdown(rows, args, path):
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         commit = "unknown"
     lines = [
         "# Topology engine: speed and peak memory vs the research-code-style baseline",
         "",
-        f"Command: `python benchmarks/bench_topology.py {' '.join(os.sys.argv[1:])}`",
+        f"Command: `python benchmarks/bench_topology.py {' '.join(os.sys.argv[1:])}`"
+        + (
+            " (re-measured rows merged into the earlier full run; each row keeps its own `measured` time)"
+            if args.merge
+            else ""
+        ),
         f"Commit: {commit}; torch {torch.__version__}; Python {platform.python_version()}; "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
-        "Times are medians (ours over several runs, the slow baselines once); memory is the peak growth during",
-        "the call. speedup = baseline time / ours; mem = our peak / baseline peak.",
+        "Times are medians (ours over several runs, the slow baselines once); memory is the peak growth",
+        "during the call. speedup = baseline time / ours; mem = our peak / baseline peak.",
         "",
-        "| device | hardware | shape | density | op | ours s | ours MB | baseline s | baseline MB | speedup | mem |",
+        "| device | hardware | shape | density | op | ours s | ours MB | baseline s | baseline MB "
+        "| speedup | mem |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
