@@ -1,0 +1,123 @@
+"""benchmarks/reproduce.py: every experiment's smallest configuration runs a few steps and reports.
+
+The smoke scale trains tiny models for a few optimizer steps on the shared data when it is present (the
+first lines / samples of it) and on synthetic data otherwise, so the benchmark scripts keep working.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smoke_results(reproduce, tmp_path_factory):
+    """One sparse variant of every experiment (and the MLP's dense baseline), a few optimizer steps each."""
+    results_dir = tmp_path_factory.mktemp("results")
+    work_dir = tmp_path_factory.mktemp("work")
+    paths = []
+    for experiments, variants in (
+        (["mlp_mnist"], ["dense", "chtss"]),
+        (["llama_lm", "mt_multi30k"], ["chtss"]),
+        (["brf_ablation"], ["er"]),
+    ):
+        paths += reproduce.run_grid(
+            experiments, variants, [0], "smoke", reproduce.DEFAULT_DATA_DIR, work_dir, results_dir
+        )
+    return results_dir, paths
+
+
+def test_registry_covers_the_issue(reproduce):
+    exps = reproduce.EXPERIMENTS
+    assert set(exps) == {"mlp_mnist", "mlp_mnist_long", "llama_lm", "brf_ablation", "mt_multi30k"}
+    assert [v.method for v in exps["mlp_mnist"].variants] == ["dense", "set", "rigl", "cht", "chts", "chtss"]
+    assert [v.method for v in exps["llama_lm"].variants][:8] == [
+        "dense", "set", "rigl", "mest", "granet", "cht", "chts", "chtss"
+    ]  # fmt: skip
+    assert [v.flags.get("brf_r") for v in exps["brf_ablation"].variants] == [0.0, 0.3, 0.6, 1.0, None, None]
+    assert [v.flags.get("init") for v in exps["brf_ablation"].variants][-2:] == ["er", "bsw"]
+    assert {v.method for v in exps["mt_multi30k"].variants} == {"dense", "chtss", "set"}
+    for exp in exps.values():  # one budget per experiment: no variant overrides the number of steps
+        for variant in exp.variants:
+            assert not {"max_steps", "num_train_epochs", "max_train_samples"} & set(variant.flags)
+
+
+def test_unknown_names_fail_early(reproduce, tmp_path):
+    with pytest.raises(ValueError, match="Unknown variants"):
+        reproduce.run_grid(["mlp_mnist"], ["nope"], [0], "smoke", tmp_path, tmp_path, tmp_path)
+    with pytest.raises(SystemExit, match="Unknown experiment"):
+        reproduce.main(["run", "--experiment", "nope", "--scale", "smoke"])
+
+
+def test_smoke_runs_write_complete_records(reproduce, smoke_results):
+    results_dir, paths = smoke_results
+    assert [p.name for p in paths] == [
+        "mlp_mnist__dense__s0__smoke.json",
+        "mlp_mnist__chtss__s0__smoke.json",
+        "llama_lm__chtss__s0__smoke.json",
+        "mt_multi30k__chtss__s0__smoke.json",
+        "brf_ablation__er__s0__smoke.json",
+    ]
+    for path in paths:
+        record = json.loads(path.read_text())
+        exp = reproduce.EXPERIMENTS[record["experiment"]]
+        assert record["scale"] == "smoke" and record["seed"] == 0
+        assert isinstance(record["metrics"][exp.metric], float)
+        assert record["wall_time_seconds"] > 0
+        assert record["hardware"]["cpu"] and record["hardware"]["torch_threads"] == 1
+        assert "commit" in record["git"]
+        assert record["config"]["recipe_argv"]
+        assert record["trace"] and "density" in record["trace"][0]
+        assert any("loss" in entry for entry in record["log_history"])
+        if record["method"] == "dense":
+            assert record["config"]["sparse_config"] is None
+            assert record["metrics"]["density"] == 1.0
+        else:
+            sparse = record["config"]["sparse_config"]
+            assert sparse["method"] == record["method"] and sparse["seed"] == 0
+            assert record["metrics"]["density"] == pytest.approx(sparse["density"], abs=0.02)
+            if record["variant"] == "er":
+                assert sparse["init"] == "er"
+            if record["method"] == "chtss":  # the density decays from 0.5 towards the target
+                assert record["trace"][0]["density"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_report_renders_tables_and_plots(reproduce, smoke_results):
+    results_dir, _ = smoke_results
+    tables = reproduce.report(results_dir, "smoke")
+    assert set(tables) == set(reproduce.EXPERIMENTS) - {"mlp_mnist_long"}  # same smoke run as mlp_mnist
+    for name in tables:
+        text = (results_dir / f"{name}.md").read_text()
+        assert "| method |" in text and "## Commands" in text
+        png = results_dir / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Dense" in (results_dir / "mlp_mnist.md").read_text()
+
+
+def test_identical_variant_reuses_the_run(reproduce, smoke_results):
+    results_dir, _ = smoke_results
+    llama = json.loads((results_dir / "runs" / "llama_lm__chtss__s0__smoke.json").read_text())
+    # pretend llama_lm's CHTs run exists: the ablation's BRF r=0.3 variant (the same config) reuses it
+    llama.update(variant="chts", method="chts")
+    (results_dir / "runs" / "llama_lm__chts__s0__smoke.json").write_text(json.dumps(llama))
+    [path] = reproduce.run_grid(
+        ["brf_ablation"], ["brf_r0.3"], [0], "smoke", reproduce.DEFAULT_DATA_DIR, results_dir, results_dir
+    )
+    record = json.loads(path.read_text())
+    assert record["reused_from"] == "llama_lm__chts__s0__smoke.json"
+    assert record["experiment"] == "brf_ablation" and record["variant"] == "brf_r0.3"
