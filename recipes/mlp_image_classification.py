@@ -50,6 +50,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from hf_chts.config import SparseTrainingConfig
 from hf_chts.datasets_paper import ImageClassificationDataset, load_mnist, synthetic_image_classification
 from hf_chts.masking import get_masks
+from hf_chts.recipe_utils import scale_sparse_init_, sparse_arguments_class
 from hf_chts.topology.percolation import LayerChain
 
 logger = logging.getLogger(__name__)
@@ -84,23 +85,6 @@ class MLPArguments:
         default=True,
         metadata={"help": "Divide the initial weights of each sparse layer by sqrt(its density)."},
     )
-
-
-def sparse_arguments_class(**defaults: typing.Any) -> type:
-    """A dataclass mirroring `SparseTrainingConfig` for the command line, ``method`` also accepting "dense".
-
-    ``seed`` is left out (``TrainingArguments.seed`` seeds everything); ``defaults`` replace field defaults.
-    """
-    hints = typing.get_type_hints(SparseTrainingConfig)
-    fields = []
-    for f in dataclasses.fields(SparseTrainingConfig):
-        if f.name == "seed":
-            continue
-        meta = dict(f.metadata)
-        if f.name == "method":
-            meta["help"] = meta["help"] + " Or 'dense': no sparsity, no callback."
-        fields.append((f.name, hints[f.name], field(default=defaults.get(f.name, f.default), metadata=meta)))
-    return dataclasses.make_dataclass("SparseArguments", fields)
 
 
 # Paper's MLP setting (research code): 3 sparse hidden layers at 1% density, zeta 0.3, soft removal with the
@@ -146,20 +130,6 @@ class MLPClassifier(nn.Module):
         logits = self.classifier(x)
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
-
-
-@torch.no_grad()
-def scale_sparse_init_(modules: dict[str, nn.Module]) -> None:
-    """Divide each sparse layer's initial weights by sqrt(its density).
-
-    A neuron then starts with the output variance it would have in the dense network (the sparse weight
-    initialisation of the authors' MLP code); without it the signal of a 1%-dense MLP shrinks about 10x per
-    layer and training stalls at chance level.
-    """
-    for module in modules.values():
-        density = module.weight_mask.float().mean().item()
-        if 0 < density < 1:
-            module.weight.mul_(density**-0.5)
 
 
 def mlp_chains(layer_names: list[str], sparse_names: typing.Iterable[str]) -> list[LayerChain]:

@@ -51,7 +51,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch import nn
 from transformers import (
     DataCollatorForSeq2Seq,
     HfArgumentParser,
@@ -66,6 +65,7 @@ from hf_chts.config import SparseTrainingConfig
 from hf_chts.data import get_tokenizer
 from hf_chts.datasets_paper import read_parallel_corpus
 from hf_chts.masking import get_masks
+from hf_chts.recipe_utils import scale_sparse_init_, sparse_arguments_class
 from hf_chts.topology.percolation import LayerChain
 
 logger = logging.getLogger(__name__)
@@ -119,23 +119,6 @@ class TranslationArguments:
     num_beams: int = field(default=1, metadata={"help": "Beam size of the BLEU decoding (1 = greedy)."})
     generation_batch_size: int = field(default=64, metadata={"help": "Sentences per generate() call."})
     max_new_tokens: int = field(default=128, metadata={"help": "Longest translation generated."})
-
-
-def sparse_arguments_class(**defaults: typing.Any) -> type:
-    """A dataclass mirroring `SparseTrainingConfig` for the command line, ``method`` also accepting "dense".
-
-    ``seed`` is left out (``TrainingArguments.seed`` seeds everything); ``defaults`` replace field defaults.
-    """
-    hints = typing.get_type_hints(SparseTrainingConfig)
-    fields = []
-    for f in dataclasses.fields(SparseTrainingConfig):
-        if f.name == "seed":
-            continue
-        meta = dict(f.metadata)
-        if f.name == "method":
-            meta["help"] = meta["help"] + " Or 'dense': no sparsity, no callback."
-        fields.append((f.name, hints[f.name], field(default=defaults.get(f.name, f.default), metadata=meta)))
-    return dataclasses.make_dataclass("SparseArguments", fields)
 
 
 # Paper's MT setting: 5% density, CHTss (sigmoid decay from 0.5), topology update every 100 steps with cosine
@@ -222,20 +205,6 @@ def build_model(args: TranslationArguments, tokenizer) -> MarianMTModel:
         bos_token_id=None,
     )
     return MarianMTModel(config)
-
-
-@torch.no_grad()
-def scale_sparse_init_(modules: dict[str, nn.Module]) -> None:
-    """Divide each sparse layer's initial weights by sqrt(its density).
-
-    A neuron then starts with the output variance it would have in the dense network (the sparse weight
-    initialisation of the authors' MLP code); without it the signal of a 1%-dense MLP shrinks about 10x per
-    layer and training stalls at chance level.
-    """
-    for module in modules.values():
-        density = module.weight_mask.float().mean().item()
-        if 0 < density < 1:
-            module.weight.mul_(density**-0.5)
 
 
 def marian_chains(names: typing.Iterable[str], chain_attention: bool = True) -> list[LayerChain]:
