@@ -3,16 +3,63 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .config import SparseTrainingConfig
 
-__all__ = ["scale_sparse_init_", "sparse_arguments_class"]
+__all__ = ["apply_yaml_defaults", "parse_recipe_args", "scale_sparse_init_", "sparse_arguments_class"]
+
+
+def apply_yaml_defaults(parser, path: str | os.PathLike) -> None:
+    """Set the defaults of an ``HfArgumentParser`` from a YAML file whose keys must all be its flags.
+
+    Flags given on the command line still win over the file.
+    """
+    import yaml
+
+    values = yaml.safe_load(Path(path).read_text()) or {}
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"Unknown keys {unknown} in {path}: every key must be a flag of this recipe (unknown keys are "
+            "refused; run with --help to list the valid ones)."
+        )
+    parser.set_defaults(**values)
+
+
+def parse_recipe_args(
+    dataclass_types: Sequence[type], argv: Sequence[str] | None = None, *, defaults: Mapping | None = None
+) -> tuple:
+    """Parse a recipe's dataclasses from an optional YAML file and flags (flags win over the file).
+
+    The YAML file is either the first argument (``recipe.py config.yaml --flag ...``) or ``--config FILE``;
+    ``defaults`` are the recipe's own defaults, below the file's.
+    """
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(tuple(dataclass_types))
+    if defaults:
+        parser.set_defaults(**defaults)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_file = None
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        config_file = argv.pop(0)
+    elif "--config" in argv:
+        i = argv.index("--config")
+        config_file = argv[i + 1]
+        del argv[i : i + 2]
+    if config_file:
+        apply_yaml_defaults(parser, config_file)
+    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
 
 
 def sparse_arguments_class(**defaults: typing.Any) -> type:

@@ -55,7 +55,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from huggingface_hub import get_token
 from transformers import (
     AutoModelForCausalLM,
@@ -74,6 +73,7 @@ from hf_chts.data import check_vocab_fits, load_lm_data
 from hf_chts.evaluation import evaluate, resolve_tasks
 from hf_chts.hub import push_to_hub, write_model_card
 from hf_chts.modeling import SparseLlamaConfig, SparseLlamaForCausalLM, sparsity_summary
+from hf_chts.recipe_utils import apply_yaml_defaults
 
 logger = logging.getLogger("llama_pretrain")
 
@@ -220,15 +220,10 @@ def parse_args(argv: list[str] | None = None):
     config_path = Path(pre.parse_known_args(argv)[0].config or DEFAULT_CONFIG)
     if not config_path.is_file():
         raise FileNotFoundError(f"Config file not found: {config_path}.")
-    defaults = yaml.safe_load(config_path.read_text()) or {}
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(set(defaults) - known)
-    if unknown:
-        raise ValueError(f"Unknown keys {unknown} in {config_path}; run with --help to list the valid ones.")
     if not torch.cuda.is_available():
         # Without this a multi-process CPU launch runs each process alone (accelerate needs cpu=True).
         parser.set_defaults(use_cpu=True)
-    parser.set_defaults(**defaults)
+    apply_yaml_defaults(parser, config_path)
     *parsed, _ = parser.parse_args_into_dataclasses(args=argv)
     return parsed
 

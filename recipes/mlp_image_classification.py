@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sys
 import time
 import typing
 from dataclasses import dataclass, field
@@ -42,15 +41,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainingArguments, set_seed
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_chts.config import SparseTrainingConfig
 from hf_chts.datasets_paper import ImageClassificationDataset, load_mnist, synthetic_image_classification
 from hf_chts.masking import get_masks
-from hf_chts.recipe_utils import scale_sparse_init_, sparse_arguments_class
+from hf_chts.recipe_utils import parse_recipe_args, scale_sparse_init_, sparse_arguments_class
 from hf_chts.topology.percolation import LayerChain
 
 logger = logging.getLogger(__name__)
@@ -188,26 +186,9 @@ def compute_accuracy(eval_pred) -> dict[str, float]:
 
 def parse_args(argv: list[str] | None = None):
     """``(MLPArguments, SparseArguments, TrainingArguments)`` from a YAML file (optional) and flags."""
-    parser = HfArgumentParser((MLPArguments, SparseArguments, TrainingArguments))
-    parser.set_defaults(**TRAINING_DEFAULTS)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    config_file = None
-    if argv and argv[0].endswith((".yaml", ".yml")):
-        config_file = argv.pop(0)
-    elif "--config" in argv:
-        i = argv.index("--config")
-        config_file = argv[i + 1]
-        del argv[i : i + 2]
-    if config_file:
-        values = yaml.safe_load(Path(config_file).read_text()) or {}
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"{config_file}: unknown keys {unknown}; every key must be a flag of this recipe."
-            )
-        parser.set_defaults(**values)
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return parse_recipe_args(
+        (MLPArguments, SparseArguments, TrainingArguments), argv, defaults=TRAINING_DEFAULTS
+    )
 
 
 def main(args: MLPArguments, sparse_args, training_args: TrainingArguments) -> dict:

@@ -43,17 +43,14 @@ import dataclasses
 import hashlib
 import json
 import logging
-import sys
 import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from transformers import (
     DataCollatorForSeq2Seq,
-    HfArgumentParser,
     MarianConfig,
     MarianMTModel,
     Seq2SeqTrainer,
@@ -65,7 +62,7 @@ from hf_chts.config import SparseTrainingConfig
 from hf_chts.data import get_tokenizer
 from hf_chts.datasets_paper import read_parallel_corpus
 from hf_chts.masking import get_masks
-from hf_chts.recipe_utils import scale_sparse_init_, sparse_arguments_class
+from hf_chts.recipe_utils import parse_recipe_args, scale_sparse_init_, sparse_arguments_class
 from hf_chts.topology.percolation import LayerChain
 
 logger = logging.getLogger(__name__)
@@ -264,26 +261,9 @@ def translate(model, tokenizer, sources: list[str], args: TranslationArguments) 
 
 def parse_args(argv: list[str] | None = None):
     """``(TranslationArguments, SparseArguments, Seq2SeqTrainingArguments)`` from a YAML file and flags."""
-    parser = HfArgumentParser((TranslationArguments, SparseArguments, Seq2SeqTrainingArguments))
-    parser.set_defaults(**TRAINING_DEFAULTS)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    config_file = None
-    if argv and argv[0].endswith((".yaml", ".yml")):
-        config_file = argv.pop(0)
-    elif "--config" in argv:
-        i = argv.index("--config")
-        config_file = argv[i + 1]
-        del argv[i : i + 2]
-    if config_file:
-        values = yaml.safe_load(Path(config_file).read_text()) or {}
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"{config_file}: unknown keys {unknown}; every key must be a flag of this recipe."
-            )
-        parser.set_defaults(**values)
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return parse_recipe_args(
+        (TranslationArguments, SparseArguments, Seq2SeqTrainingArguments), argv, defaults=TRAINING_DEFAULTS
+    )
 
 
 def main(args: TranslationArguments, sparse_args, training_args: Seq2SeqTrainingArguments) -> dict:
