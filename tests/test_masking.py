@@ -29,14 +29,7 @@ from hf_chts.masking import (
 # ------------------------------------------------------------------------------------------ tiny models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy shared machine OpenMP spin-waiting makes
-    # them 10-50x slower; one thread keeps the timings stable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama():

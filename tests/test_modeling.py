@@ -50,13 +50,7 @@ SHAPES = {  # (n_out, n_in) of every projection of the tiny config
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Matmuls this small only lose from intra-op threads, badly so on a shared CPU; restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(sparsity=None, **kwargs) -> SparseLlamaConfig:
