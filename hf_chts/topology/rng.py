@@ -1,0 +1,232 @@
+"""A counter-based random stream whose bits are the same on every device (docs/DESIGN.md, Randomness).
+
+``torch.Generator`` streams differ between CPU and CUDA, and a generator's draws depend on how many came
+before. Here draw ``i`` of the stream with key ``k`` is a pure function ``hash(k, i)`` computed with 64-bit
+integer arithmetic on int64 tensors (wrap-around multiplication, xor and logical shifts), so:
+
+- the bits are identical on CPU and CUDA (no floating-point operation is involved: a uniform is a 24-bit
+  integer times 2**-24, exact in float32);
+- a stream's values do not depend on which other streams are drawn with it, nor on their order
+  (``uniform(torch.tensor([a, b]), n)[1]`` equals ``uniform(b, n)``), nor on the tile size;
+- any stretch of a stream can be drawn alone (``offset``), so a large draw can be split into pieces.
+
+Each stream is SplitMix64 (Steele, Lea and Flood, 2014) with its own start and increment derived from the
+key: draw ``i`` is ``mix64(start_k + (i + 1) * gamma_k)``. Keys come from :func:`stream_key`, a stable hash
+of what the stream is for (seed, step, layer, phase), so the streams of a run do not depend on the rank,
+the batching of layers, or what was drawn before.
+
+Example:
+    >>> key = stream_key(0, "init", "model.layers.0.mlp.up_proj")
+    >>> u = uniform(key, (4, 8))  # float32 in [0, 1), the same on every device
+    >>> both = uniform(torch.tensor([key, key + 1]), (4, 8))  # a batch of two streams: shape (2, 4, 8)
+    >>> torch.equal(both[0], u)
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["random_bits", "stream_key", "uniform"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(value: int) -> int:
+    """A 64-bit pattern as the int64 with the same bits (torch takes scalars as signed int64)."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+# SplitMix64's output mix ("variant 13" of Stafford's MurmurHash3 finaliser) and its gamma derivation.
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MIX = (_signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB))
+_GAMMA_MIX = (_signed(0xFF51AFD7ED558CCD), _signed(0xC4CEB9FE1A85EC53))
+_ALTERNATING = _signed(0xAAAAAAAAAAAAAAAA)
+# Elements per tile: small on CPU (a tile's temporaries stay in cache: ~3x faster than one pass over
+# everything), large elsewhere (one kernel per operation; the cap bounds the temporaries at 2 x 512 MB).
+_TILE_CPU = 1 << 14
+_TILE_DEVICE = 1 << 26
+
+
+def stream_key(seed: int, *keys: Any) -> int:
+    """A stable 63-bit key for the stream identified by ``(seed, *keys)``.
+
+    The key is the first 8 bytes of the SHA-256 of ``repr((seed, *keys))``: the same in every process, on
+    every machine, and unrelated for different tuples. Use values with a stable ``repr`` (ints, strings).
+
+    Args:
+        seed (`int`): the run's seed.
+        *keys: what the stream is for, e.g. ``(step, layer_name, "regrow")``.
+
+    Returns:
+        `int` in ``[0, 2**63)``.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"`seed` must be an int, got {seed!r}.")
+    digest = hashlib.sha256(repr((int(seed),) + tuple(keys)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def random_bits(
+    keys: int | torch.Tensor,
+    shape: int | Sequence[int],
+    *,
+    offset: int = 0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Uniform random 63-bit integers from the streams ``keys``, identical on every device.
+
+    Args:
+        keys (`int` or `torch.Tensor`): one stream key (an int, taken modulo 2**64), or an int64 tensor of
+            shape `(B,)` of keys (any bit pattern), one stream per entry.
+        shape (`int` or `tuple[int, ...]`): the shape drawn from each stream; draws fill it in row-major
+            order (draw ``offset + i`` lands at flat position ``i``).
+        offset (`int`, *optional*, defaults to 0): index of the first draw in the stream.
+        device (`torch.device` or `str`, *optional*): where to compute; defaults to the keys' device (CPU
+            for an int key).
+
+    Returns:
+        `torch.Tensor`: int64 in ``[0, 2**63)`` of shape ``shape`` for an int key, ``(B, *shape)`` for a
+        tensor of keys. Comparisons of these integers are exact everywhere, so they make tie-free
+        selection keys (a collision has probability ~``n**2 / 2**64``).
+    """
+    return _draw(keys, shape, offset, device, uniform_float=False)
+
+
+def uniform(
+    keys: int | torch.Tensor,
+    shape: int | Sequence[int],
+    *,
+    offset: int = 0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Uniform float32 draws in ``[0, 1)`` from the streams ``keys``, identical on every device.
+
+    Each value is ``j * 2**-24`` for a uniform integer ``j`` in ``[0, 2**24)``: the 24 highest bits of the
+    matching :func:`random_bits` draw (``uniform(k, n) == (random_bits(k, n) >> 39) * 2**-24``). 0.0 occurs
+    (probability 2**-24), 1.0 never.
+
+    Args:
+        keys (`int` or `torch.Tensor`): as in :func:`random_bits`.
+        shape (`int` or `tuple[int, ...]`): as in :func:`random_bits`.
+        offset (`int`, *optional*, defaults to 0): as in :func:`random_bits`.
+        device (`torch.device` or `str`, *optional*): as in :func:`random_bits`.
+
+    Returns:
+        `torch.Tensor`: float32 of shape ``shape`` (int key) or ``(B, *shape)`` (tensor of keys).
+    """
+    return _draw(keys, shape, offset, device, uniform_float=True)
+
+
+# ------------------------------------------------------------------------------------------ internals
+def _draw(keys, shape, offset, device, *, uniform_float: bool) -> torch.Tensor:
+    shape = _check_shape(shape)
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 1 << 62:
+        raise ValueError(f"`offset` must be an integer in [0, 2**62), got {offset!r}.")
+    key_tensor, batched = _check_keys(keys, device)
+    dev = key_tensor.device
+    n = 1
+    for size in shape:
+        n *= size
+    if offset + n > 1 << 62:
+        raise ValueError(f"A stream holds 2**62 draws; `offset` + draws = {offset + n} is beyond that.")
+    out_dtype = torch.float32 if uniform_float else torch.int64
+    out = torch.empty((key_tensor.numel(), n), dtype=out_dtype, device=dev)
+    if out.numel():
+        start = _mix64(key_tensor.clone())[:, None]
+        gamma = _gamma(key_tensor)[:, None]
+        _fill(out, start, gamma, offset, uniform_float)
+    out = out.view(key_tensor.numel(), *shape)
+    return out if batched else out[0]
+
+
+def _check_shape(shape) -> tuple[int, ...]:
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        shape = (shape,)
+    if not isinstance(shape, (tuple, list, torch.Size)) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+    ):
+        raise ValueError(f"`shape` must be a non-negative int or a tuple of them, got {shape!r}.")
+    return tuple(shape)
+
+
+def _check_keys(keys, device) -> tuple[torch.Tensor, bool]:
+    if isinstance(keys, torch.Tensor):
+        if keys.dtype != torch.int64 or keys.dim() != 1:
+            raise ValueError(
+                f"`keys` must be an int or an int64 tensor of shape (B,), got a {keys.dtype} tensor of "
+                f"shape {tuple(keys.shape)}; build it with torch.tensor([...], dtype=torch.int64)."
+            )
+        return (keys if device is None else keys.to(device)), True
+    if isinstance(keys, bool) or not isinstance(keys, int):
+        raise ValueError(
+            f"`keys` must be an int (see stream_key) or an int64 tensor of shape (B,), got {keys!r}."
+        )
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return torch.tensor([_signed(keys)], dtype=torch.int64, device=dev), False
+
+
+def _shift_right(z: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Logical ``z >> bits`` of int64 bit patterns (torch's ``>>`` on int64 is arithmetic)."""
+    out = torch.bitwise_right_shift(z, bits, out=out) if out is not None else z >> bits
+    return out.bitwise_and_((1 << (64 - bits)) - 1)
+
+
+def _xorshift_(z: torch.Tensor, bits: int, tmp: torch.Tensor | None = None) -> torch.Tensor:
+    """``z ^= z >>> bits`` in place."""
+    return z.bitwise_xor_(_shift_right(z, bits, out=tmp))
+
+
+def _mix64(z: torch.Tensor, tmp: torch.Tensor | None = None, *, full: bool = True) -> torch.Tensor:
+    """SplitMix64's output function, in place. ``full=False`` skips the last xorshift, which leaves the
+    33 highest bits unchanged (enough for a 24-bit uniform)."""
+    _xorshift_(z, 30, tmp).mul_(_MIX[0])
+    _xorshift_(z, 27, tmp).mul_(_MIX[1])
+    return _xorshift_(z, 31, tmp) if full else z
+
+
+def _popcount(x: torch.Tensor) -> torch.Tensor:
+    x = x - _shift_right(x, 1).bitwise_and_(0x5555555555555555)
+    x = x.bitwise_and(0x3333333333333333) + _shift_right(x, 2).bitwise_and_(0x3333333333333333)
+    x = (x + _shift_right(x, 4)).bitwise_and_(0x0F0F0F0F0F0F0F0F)
+    return _shift_right(x * 0x0101010101010101, 56)
+
+
+def _gamma(keys: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's ``mixGamma``: an odd increment per stream with enough bit transitions."""
+    z = keys.add(_GOLDEN)
+    _xorshift_(z, 33).mul_(_GAMMA_MIX[0])
+    _xorshift_(z, 33).mul_(_GAMMA_MIX[1])
+    z = _xorshift_(z, 33).bitwise_or_(1)
+    weak = _popcount(z ^ _shift_right(z, 1)) < 24
+    return torch.where(weak, z ^ _ALTERNATING, z)
+
+
+def _fill(out: torch.Tensor, start: torch.Tensor, gamma: torch.Tensor, offset: int, uniform_float: bool):
+    """out[b, i] = mix64(start[b] + (offset + i + 1) * gamma[b]), tile by tile."""
+    batch, n = out.shape
+    tile = _TILE_CPU if out.device.type == "cpu" else _TILE_DEVICE
+    cols = max(1, min(n, tile // batch))
+    rows = max(1, min(batch, tile // cols))
+    counter = torch.arange(offset + 1, offset + 1 + cols, dtype=torch.int64, device=out.device)
+    z = torch.empty((rows, cols), dtype=torch.int64, device=out.device)
+    tmp = torch.empty_like(z)
+    for r0 in range(0, batch, rows):
+        r1 = min(r0 + rows, batch)
+        for c0 in range(0, n, cols):
+            c1 = min(c0 + cols, n)
+            zz, tt = z[: r1 - r0, : c1 - c0], tmp[: r1 - r0, : c1 - c0]
+            torch.mul(counter[: c1 - c0], gamma[r0:r1], out=zz)
+            if c0:
+                zz.add_(gamma[r0:r1] * c0)
+            zz.add_(start[r0:r1])
+            _mix64(zz, tt, full=not uniform_float)
+            if uniform_float:
+                out[r0:r1, c0:c1] = _shift_right(zz, 40, out=tt).to(torch.float32).mul_(2.0**-24)
+            else:
+                out[r0:r1, c0:c1] = _shift_right(zz, 1, out=tt)
