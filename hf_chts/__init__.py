@@ -27,6 +27,8 @@ _LAZY = {
     "apply_masks_": "masking",
     "llama_chains": "modeling",
     "sparsity_summary": "modeling",
+    "merge_and_unload": "peft_utils",
+    "shira_mask_fn": "peft_utils",
 }
 
 __all__ = [

@@ -52,6 +52,7 @@ from .masking import (
     unwrap_model,
     zero_optimizer_state_,
 )
+from .peft_utils import callback_modules, is_peft_model
 
 logger = logging.getLogger(__name__)
 
@@ -247,6 +248,10 @@ class CHTssCallback(TrainerCallback, ExportableState):
                     make_masked_(module, name=name)
         else:
             self.modules = find_sparse_modules(model, self.config.target_modules, self.config.exclude_modules)
+        if is_peft_model(model):  # frozen base layers are never evolved (docs/peft.md)
+            self.modules = callback_modules(model, self.modules, carried)
+            if not self.modules:
+                return
         names = list(self.modules)
         shapes = {name: layer_view_shape(m) for name, m in self.modules.items()}
         from .engine import TopologyEngine
