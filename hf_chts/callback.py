@@ -24,7 +24,6 @@ the clipping norm; the masked forward does (the gradient at a masked position is
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -37,6 +36,13 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler, ExportableState
 
+from .checkpointing import (
+    FORMAT_VERSION,
+    STATE_DIR,
+    find_resume_state,
+    load_sparse_state,
+    save_sparse_state,
+)
 from .config import SparseTrainingConfig
 from .masking import (
     MASK_NAME,
@@ -56,11 +62,7 @@ from .peft_utils import callback_modules, is_peft_model
 
 logger = logging.getLogger(__name__)
 
-STATE_DIR = "hf_chts_state"
-MASKS_FILE = "masks.safetensors"
-STATE_FILE = "state.json"
 LOG_PREFIX = "sparsity/"
-_FORMAT_VERSION = 1
 
 __all__ = ["CHTssCallback", "STATE_DIR", "load_sparse_state", "save_sparse_state"]
 
@@ -75,42 +77,6 @@ def _dist():
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
     return hasattr(tensor, "full_tensor") and hasattr(tensor, "device_mesh")
-
-
-# ------------------------------------------------------------------------------ checkpoint files
-def save_sparse_state(directory: str, masks: Mapping[str, torch.Tensor], state: Mapping[str, Any]) -> str:
-    """Write ``directory/hf_chts_state/{masks.safetensors, state.json}`` (no pickle); return that folder."""
-    from safetensors.torch import save_file
-
-    folder = os.path.join(directory, STATE_DIR)
-    os.makedirs(folder, exist_ok=True)
-    save_file(
-        {name: mask.detach().to("cpu").contiguous() for name, mask in masks.items()},
-        os.path.join(folder, MASKS_FILE),
-    )
-    with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as f:
-        json.dump(dict(state), f, indent=2, sort_keys=True)
-    return folder
-
-
-def load_sparse_state(directory: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read what :func:`save_sparse_state` wrote; ``directory`` is the checkpoint or its ``hf_chts_state``."""
-    from safetensors.torch import load_file
-
-    folder = (
-        directory
-        if os.path.basename(os.path.normpath(directory)) == STATE_DIR
-        else os.path.join(directory, STATE_DIR)
-    )
-    masks_path, state_path = os.path.join(folder, MASKS_FILE), os.path.join(folder, STATE_FILE)
-    if not (os.path.isfile(masks_path) and os.path.isfile(state_path)):
-        raise ValueError(
-            f"No sparse-training state in {folder!r} (expected {MASKS_FILE} and {STATE_FILE}); was the "
-            "checkpoint written by a run with CHTssCallback?"
-        )
-    with open(state_path, encoding="utf-8") as f:
-        state = json.load(f)
-    return load_file(masks_path), state
 
 
 # ------------------------------------------------------------------------------ callback
@@ -197,11 +163,21 @@ class CHTssCallback(TrainerCallback, ExportableState):
         self._grads: dict[str, torch.Tensor] | None = None
         self._saved_lrs: list[float] | None = None
         self._exported: dict[str, Any] | None = None  # set by transformers when it restores callback states
+        self._trainer_refs: tuple[Any, Any] | None = None  # (args, state) of the running Trainer
+        self._saved_step: int | None = None
 
     # ------------------------------------------------------------------ ExportableState (JSON, never pickle)
     def state(self) -> dict[str, Any]:
         """JSON state stored by the Trainer in ``trainer_state.json`` (masks go to ``hf_chts_state/``)."""
         chains = self.engine.chains if self.engine is not None else self.chains
+        step = None
+        if self._trainer_refs is not None and self.engine is not None:
+            # The Trainer calls `state()` while it saves a checkpoint: after the model weights and the
+            # optimizer, before trainer_state.json and before deleting older checkpoints. Writing the sparse
+            # state here means no checkpoint ever has a trainer_state.json without it.
+            args, trainer_state = self._trainer_refs
+            step = trainer_state.global_step
+            self._write_sparse_state(args, trainer_state)
         return {
             "args": {
                 "config": self.config.to_dict(),
@@ -209,12 +185,12 @@ class CHTssCallback(TrainerCallback, ExportableState):
                 # the resolved chain specs, so a callback rebuilt from this state keeps chain removal
                 "chains": _chains_to_json(chains),
             },
-            "attributes": {"_exported": self._scalar_state(None)},
+            "attributes": {"_exported": self._scalar_state(step)},
         }
 
     def _scalar_state(self, step: int | None) -> dict[str, Any]:
         return {
-            "format_version": _FORMAT_VERSION,
+            "format_version": FORMAT_VERSION,
             "step": step,
             "config": self.config.to_dict(),
             "engine": self.engine.state_dict() if self.engine is not None else {},
@@ -231,6 +207,7 @@ class CHTssCallback(TrainerCallback, ExportableState):
         self._move_before_loggers()
         if model is None:
             raise ValueError("CHTssCallback needs the model; it is passed by transformers.Trainer.")
+        self._trainer_refs = (args, state)
         model = unwrap_model(model)
         max_steps = int(state.max_steps)
         if max_steps <= 0:
@@ -343,13 +320,23 @@ class CHTssCallback(TrainerCallback, ExportableState):
             state.log_history[-1].update(extra)
 
     def on_save(self, args, state, control, **kwargs):
+        # Normally written already from `state()` during the save; this covers Trainers that do not call it.
         if self.engine is None or not state.is_world_process_zero:
             return
+        if self._saved_step != state.global_step:
+            self._write_sparse_state(args, state)
+
+    def _write_sparse_state(self, args, state) -> None:
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+        if not getattr(args, "should_save", state.is_world_process_zero):
+            return
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if not os.path.isdir(checkpoint):
+            return  # not saving a checkpoint right now
         masks = {name: m._buffers[MASK_NAME] for name, m in self.modules.items()}
         save_sparse_state(checkpoint, masks, self._scalar_state(state.global_step))
+        self._saved_step = state.global_step
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.modules:
@@ -506,47 +493,33 @@ class CHTssCallback(TrainerCallback, ExportableState):
 
     def _load_resume_state(self, args, state, carried: bool):
         """Resuming at ``state.global_step``: the checkpoint's masks (validated) and scalar state, or None."""
-        tried = []
-        found = None
-        for path in self._checkpoint_candidates(args, state):
-            tried.append(path)
-            if os.path.isfile(os.path.join(path, STATE_DIR, MASKS_FILE)):
-                found = path
-                break
+        step = state.global_step
+        tried = self._checkpoint_candidates(args, state)
+        found = find_resume_state(
+            tried,
+            trainer_step=step,
+            shapes={name: tuple(m.weight.shape) for name, m in self.modules.items()},
+            expected_nnz={
+                name: self.engine.target_nnz(name, self._last_update_before(step)) for name in self.modules
+            },
+        )
         if found is None:
             if carried:
                 logger.warning(
                     "hf_chts: resuming at step %d without %s/ in %s; keeping the masks the model carries.",
-                    state.global_step,
+                    step,
                     STATE_DIR,
                     tried,
                 )
                 return None
             raise ValueError(
-                f"Resuming at step {state.global_step}, but no {STATE_DIR}/ was found in {tried}; the masks "
-                "cannot be restored and the run would not continue the same topology. Pass "
-                "`resume_from=<checkpoint folder>` to CHTssCallback."
+                f"Resuming at step {step}, but no {STATE_DIR}/ and no masks in the model weights were found "
+                f"in {tried}; the masks cannot be restored and the run would not continue the same topology. "
+                "Pass `resume_from=<checkpoint folder>` to CHTssCallback, or resume from "
+                "hf_chts.last_complete_checkpoint(output_dir)."
             )
-        masks, scalar = load_sparse_state(found)
-        expected = set(self.modules)
-        if set(masks) != expected:
-            missing, extra = sorted(expected - set(masks)), sorted(set(masks) - expected)
-            raise ValueError(
-                f"Masks in {os.path.join(found, STATE_DIR, MASKS_FILE)} do not match the sparse layers: "
-                f"missing {missing[:4]}, unexpected {extra[:4]}. Resume with the same model and "
-                "target_modules/exclude_modules as the checkpoint."
-            )
-        for name, module in self.modules.items():
-            mask = masks[name]
-            if tuple(mask.shape) != tuple(module.weight.shape) or mask.dtype != torch.bool:
-                raise ValueError(
-                    f"Checkpoint mask of layer {name!r} in {found!r} has shape {tuple(mask.shape)} and dtype "
-                    f"{mask.dtype}; expected {tuple(module.weight.shape)} and torch.bool. The checkpoint was "
-                    "written for another model; resume with the model it was trained with."
-                )
-        logger.info(
-            "hf_chts: restoring masks and topology state of step %d from %s.", state.global_step, found
-        )
+        masks, scalar, source = found
+        logger.info("hf_chts: restoring masks and topology state of step %d from %s.", step, source)
         return masks, scalar
 
     def _load_scalar_state(self, scalar: Mapping[str, Any], step: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_chts.callback import STATE_DIR, CHTssCallback
+from hf_chts.checkpointing import load_sparse_state, save_sparse_state
 from hf_chts.config import SparseTrainingConfig
 from hf_chts.masking import MASK_NAME, get_masks, sparsify_
 
@@ -352,11 +354,10 @@ def test_carried_masks_are_kept(tmp_path):
 def test_checkpoint_mask_of_wrong_shape_is_refused(tmp_path):
     common = dict(max_steps=4, save_strategy="steps", save_steps=2, logging_steps=2)
     train(tmp_path, config_for("set", t_end=3), probe=False, **common)
-    path = tmp_path / "checkpoint-2" / STATE_DIR / "masks.safetensors"
-    masks = load_file(str(path))
+    masks, state = load_sparse_state(tmp_path / "checkpoint-2")
     name = "model.layers.0.mlp.up_proj"
     masks[name] = masks[name][:, :-1].contiguous()
-    save_file(masks, str(path))
+    save_sparse_state(str(tmp_path / "checkpoint-2"), masks, state)
     trainer = Trainer(
         model=tiny_llama(),
         args=make_args(tmp_path, **common),
@@ -370,7 +371,10 @@ def test_checkpoint_mask_of_wrong_shape_is_refused(tmp_path):
 def test_missing_state_on_resume_is_refused(tmp_path):
     common = dict(max_steps=4, save_strategy="steps", save_steps=2, logging_steps=2)
     train(tmp_path, config_for("set", t_end=3), probe=False, **common)
-    os.remove(tmp_path / "checkpoint-2" / STATE_DIR / "masks.safetensors")
+    shutil.rmtree(tmp_path / "checkpoint-2" / STATE_DIR)
+    weights = tmp_path / "checkpoint-2" / "model.safetensors"
+    dense = {k: v for k, v in load_file(str(weights)).items() if not k.endswith(MASK_NAME)}
+    save_file(dense, str(weights), metadata={"format": "pt"})
     trainer = Trainer(
         model=tiny_llama(),
         args=make_args(tmp_path, **common),

@@ -1,0 +1,565 @@
+"""The sparse-training state on disk: atomic writes, checked reads, resume validation, complete checkpoints.
+
+A checkpoint folder ``<output_dir>/checkpoint-<step>`` written by ``Trainer`` with
+:class:`~hf_chts.CHTssCallback` holds, besides the Trainer's own files (``model.safetensors``,
+``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``, ``trainer_state.json``)::
+
+    hf_chts_state/
+        masks.safetensors   {layer name: bool mask shaped like the weight}
+        state.json          {"format_version": 1, "step": <int>, "config": {...}, "engine": {...}, ...}
+        COMPLETE            {"format_version": 1, "step": <int>, "files": {name: size in bytes}}
+
+Every file is written under a temporary name, flushed, ``fsync``-ed and renamed into place, and
+``COMPLETE`` is written last: a folder without ``COMPLETE`` (or whose ``COMPLETE`` names other sizes) is
+incomplete. The callback writes this folder while the Trainer saves the checkpoint, after the model weights
+and the optimizer and *before* ``trainer_state.json`` and before the Trainer deletes older checkpoints
+(``save_total_limit``), so every checkpoint that has a ``trainer_state.json`` also has its sparse state
+(docs/reliability.md).
+
+:func:`last_complete_checkpoint` returns the newest checkpoint whose Trainer files, model weights and sparse
+state are all complete; pass it to ``trainer.train(resume_from_checkpoint=...)``. Errors name the file and
+the fix.
+
+Example:
+
+```python
+>>> from hf_chts import last_complete_checkpoint
+>>> trainer.train(resume_from_checkpoint=last_complete_checkpoint("out"))  # doctest: +SKIP
+```
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+import zipfile
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+STATE_DIR = "hf_chts_state"
+MASKS_FILE = "masks.safetensors"
+STATE_FILE = "state.json"
+COMPLETE_FILE = "COMPLETE"
+FORMAT_VERSION = 1
+TRAINER_STATE_FILE = "trainer_state.json"
+MASK_SUFFIX = ".weight_mask"
+CALLBACK_NAME = "CHTssCallback"
+
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_TMP_SUFFIX = ".tmp"
+# Trainer files that are zip archives (torch.save) when present; a truncated zip has no central directory.
+_TORCH_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt", "training_args.bin")
+
+__all__ = [
+    "COMPLETE_FILE",
+    "FORMAT_VERSION",
+    "MASKS_FILE",
+    "STATE_DIR",
+    "STATE_FILE",
+    "check_resume_state",
+    "check_safetensors_file",
+    "find_resume_state",
+    "checkpoint_problem",
+    "last_complete_checkpoint",
+    "load_sparse_state",
+    "masks_in_model_weights",
+    "save_sparse_state",
+    "sparse_state_complete",
+    "trainer_callback_state",
+]
+
+
+# ------------------------------------------------------------------------------------------ atomic writes
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is either absent/old or complete, never partial.
+
+    Writes ``<path>.tmp``, flushes and ``fsync``-s it, renames it over ``path`` and ``fsync``-s the folder.
+    """
+    tmp = path + _TMP_SUFFIX
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _state_folder(directory: str) -> str:
+    if os.path.basename(os.path.normpath(directory)) == STATE_DIR:
+        return directory
+    return os.path.join(directory, STATE_DIR)
+
+
+def save_sparse_state(directory: str, masks: Mapping[str, torch.Tensor], state: Mapping[str, Any]) -> str:
+    """Write ``directory/hf_chts_state/{masks.safetensors, state.json, COMPLETE}`` atomically (no pickle).
+
+    ``COMPLETE`` is removed first and written last, so a crash at any instant leaves either the previous
+    complete state or a folder that :func:`sparse_state_complete` reports as incomplete.
+
+    Returns:
+        `str`: the ``hf_chts_state`` folder.
+    """
+    from safetensors.torch import save as safetensors_bytes
+
+    folder = _state_folder(directory)
+    os.makedirs(folder, exist_ok=True)
+    marker = os.path.join(folder, COMPLETE_FILE)
+    if os.path.exists(marker):
+        os.remove(marker)
+        _fsync_dir(folder)
+    tensors = {name: mask.detach().to("cpu").contiguous() for name, mask in masks.items()}
+    masks_bytes = safetensors_bytes(tensors)
+    state = {"format_version": FORMAT_VERSION, **dict(state)}
+    state_bytes = (json.dumps(state, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    write_atomic(os.path.join(folder, MASKS_FILE), masks_bytes)
+    write_atomic(os.path.join(folder, STATE_FILE), state_bytes)
+    complete = {
+        "format_version": FORMAT_VERSION,
+        "step": state.get("step"),
+        "files": {MASKS_FILE: len(masks_bytes), STATE_FILE: len(state_bytes)},
+    }
+    write_atomic(marker, (json.dumps(complete, sort_keys=True) + "\n").encode("utf-8"))
+    return folder
+
+
+# ------------------------------------------------------------------------------------------ checked reads
+def check_safetensors_file(path: str, *, fix: str = "") -> dict[str, Any]:
+    """Check that ``path`` is a whole safetensors file (not empty, not truncated); return its header.
+
+    Reads the 8-byte header length and the JSON header only, and compares the file size with the end of the
+    last tensor the header declares.
+
+    Raises:
+        ValueError: naming the file, what is wrong and ``fix``.
+    """
+    hint = f" {fix}" if fix else ""
+    try:
+        size = os.path.getsize(path)
+    except OSError as err:
+        raise ValueError(f"Cannot read {path}: {err}.{hint}") from err
+    if size < 8:
+        raise ValueError(
+            f"{path} is empty or truncated ({size} bytes): not a complete safetensors file, probably a write "
+            f"that was interrupted.{hint}"
+        )
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        if length > size - 8:
+            raise ValueError(
+                f"{path} is truncated: its header needs {length} bytes but the file has {size - 8} after the "
+                f"length field (an interrupted write, or not a safetensors file).{hint}"
+            )
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a valid safetensors file (bad header: {err}).{hint}") from err
+    if size < 8 + length + end:
+        raise ValueError(
+            f"{path} is truncated: {size} bytes where its header declares {8 + length + end} (an interrupted "
+            f"write).{hint}"
+        )
+    return header
+
+
+def _read_json(path: str, what: str, fix: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as err:
+        raise ValueError(f"Cannot read {what} {path}: {err}. {fix}") from err
+    if not text.strip():
+        raise ValueError(f"{what} {path} is empty (an interrupted write). {fix}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {path} is not valid JSON ({err}; truncated or edited). {fix}") from err
+
+
+def sparse_state_complete(directory: str) -> str | None:
+    """``None`` when ``directory``'s ``hf_chts_state`` is complete, else the reason it is not."""
+    folder = _state_folder(directory)
+    marker = os.path.join(folder, COMPLETE_FILE)
+    if not os.path.isfile(marker):
+        return f"{marker} is missing (the sparse state was not written, or its write was interrupted)"
+    try:
+        with open(marker, encoding="utf-8") as handle:
+            info = json.load(handle)
+        files = dict(info["files"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{marker} is unreadable ({err})"
+    for name, size in files.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path) or os.path.getsize(path) != size:
+            return f"{path} is missing or has another size than {marker} records"
+    return None
+
+
+_STATE_TYPES = {
+    "format_version": int,
+    "step": int,
+    "config": dict,
+    "engine": dict,
+    "layers": dict,
+    "last_update_step": int,
+    "update_seconds_total": (int, float),
+}
+
+
+def _check_state_types(state: Any, path: str) -> dict[str, Any]:
+    fix = "Resume from another checkpoint (hf_chts.last_complete_checkpoint) or delete this one."
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(state).__name__}. {fix}")
+    version = state.get("format_version")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+        raise ValueError(f"{path}: `format_version` must be an integer, got {version!r}. {fix}")
+    if version is not None and version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format_version {version}; this hf_chts reads format_version <= {FORMAT_VERSION}. "
+            "Upgrade hf_chts (pip install -U hf_chts) to resume from it."
+        )
+    if version is not None and version < 1:
+        raise ValueError(f"{path} has an unknown format_version {version}. {fix}")
+    for key, kind in _STATE_TYPES.items():
+        value = state.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind):
+            expected = kind.__name__ if isinstance(kind, type) else "number"
+            raise ValueError(
+                f"{path}: field `{key}` must be a {expected}, got {type(value).__name__} {value!r}. {fix}"
+            )
+    frozen = state.get("engine", {}).get("frozen", [])
+    if not isinstance(frozen, list) or not all(isinstance(n, str) for n in frozen):
+        raise ValueError(
+            f"{path}: field `engine.frozen` must be a list of layer names, got {frozen!r}. {fix}"
+        )
+    return state
+
+
+def load_sparse_state(directory: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read what :func:`save_sparse_state` wrote; ``directory`` is the checkpoint or its ``hf_chts_state``.
+
+    Returns:
+        `(masks, state)`: ``{layer name: bool mask}`` and the JSON state.
+
+    Raises:
+        ValueError: a missing, incomplete, truncated or mistyped file (naming the file and the fix), or an
+            unknown ``format_version``.
+    """
+    from safetensors.torch import load_file
+
+    folder = _state_folder(directory)
+    masks_path, state_path = os.path.join(folder, MASKS_FILE), os.path.join(folder, STATE_FILE)
+    fix = "Resume from another checkpoint (hf_chts.last_complete_checkpoint(output_dir)) or delete this one."
+    if not (os.path.isfile(masks_path) and os.path.isfile(state_path)):
+        raise ValueError(
+            f"No sparse-training state in {folder!r} (expected {MASKS_FILE} and {STATE_FILE}); was the "
+            "checkpoint written by a run with CHTssCallback?"
+        )
+    if os.path.isfile(os.path.join(folder, COMPLETE_FILE)):
+        problem = sparse_state_complete(folder)
+        if problem is not None:
+            raise ValueError(f"The sparse state in {folder} is incomplete: {problem}. {fix}")
+    state = _check_state_types(_read_json(state_path, "The sparse state", fix), state_path)
+    check_safetensors_file(masks_path, fix=fix)
+    masks = load_file(masks_path)
+    for name, mask in masks.items():
+        if mask.dtype != torch.bool:
+            raise ValueError(
+                f"{masks_path}: mask {name!r} has dtype {mask.dtype}, expected torch.bool. {fix}"
+            )
+    return masks, state
+
+
+# ------------------------------------------------------------------------------------------ model weights
+def _weight_files(checkpoint: str) -> list[str]:
+    """The safetensors files holding the model (or adapter) weights of a checkpoint folder."""
+    index = os.path.join(checkpoint, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        data = _read_json(index, "The weight index", "Re-save the checkpoint.")
+        try:
+            files = sorted(set(data["weight_map"].values()))
+        except (KeyError, AttributeError, TypeError) as err:
+            raise ValueError(f"{index} has no valid `weight_map` ({err}). Re-save the checkpoint.") from err
+        return [os.path.join(checkpoint, f) for f in files]
+    for name in ("model.safetensors", "adapter_model.safetensors"):
+        path = os.path.join(checkpoint, name)
+        if os.path.isfile(path):
+            return [path]
+    return []
+
+
+def masks_in_model_weights(checkpoint: str) -> dict[str, torch.Tensor]:
+    """``{layer name: bool mask}`` of the ``*.weight_mask`` tensors in a checkpoint's model weights, or {}."""
+    from safetensors import safe_open
+
+    masks = {}
+    for path in _weight_files(checkpoint):
+        check_safetensors_file(path, fix="Resume from another checkpoint (hf_chts.last_complete_checkpoint).")
+        with safe_open(path, framework="pt") as handle:
+            for key in handle.keys():
+                if key.endswith(MASK_SUFFIX):
+                    masks[key[: -len(MASK_SUFFIX)]] = handle.get_tensor(key)
+    return masks
+
+
+def trainer_callback_state(checkpoint: str) -> dict[str, Any] | None:
+    """The callback's scalar state stored by the Trainer in ``trainer_state.json`` (``None`` if absent)."""
+    path = os.path.join(checkpoint, TRAINER_STATE_FILE)
+    if not os.path.isfile(path):
+        return None
+    data = _read_json(path, "The Trainer state", "Resume from another checkpoint.")
+    entry = (data.get("stateful_callbacks") or {}).get(CALLBACK_NAME)
+    if isinstance(entry, list):
+        entry = entry[0] if entry else None
+    if not isinstance(entry, dict):
+        return None
+    exported = (entry.get("attributes") or {}).get("_exported")
+    return _check_state_types(exported, path) if isinstance(exported, dict) else None
+
+
+# ------------------------------------------------------------------------------------------ completeness
+def checkpoint_problem(checkpoint: str) -> str | None:
+    """``None`` when ``checkpoint`` can be resumed from, else why not (the first problem found).
+
+    Complete means: ``trainer_state.json`` parses and its ``global_step`` matches the folder name; the model
+    weights exist and no safetensors file is truncated; the Trainer's ``torch.save`` files that are present
+    are whole zip archives; and, for a run trained with ``CHTssCallback`` (its state is in
+    ``trainer_state.json``, or the folder has ``hf_chts_state/``), the sparse state is complete, or the model
+    weights carry the masks.
+    """
+    trainer_state = os.path.join(checkpoint, TRAINER_STATE_FILE)
+    if not os.path.isfile(trainer_state):
+        return f"{trainer_state} is missing"
+    try:
+        data = _read_json(trainer_state, "The Trainer state", "")
+        step = int(data["global_step"])
+    except (ValueError, KeyError, TypeError) as err:
+        return str(err)
+    match = _CHECKPOINT_RE.match(os.path.basename(os.path.normpath(checkpoint)))
+    if match and int(match.group(1)) != step:
+        return f"{trainer_state} says global_step {step}, the folder name {match.group(1)}"
+    try:
+        files = _weight_files(checkpoint)
+        if not files and not os.path.isfile(os.path.join(checkpoint, "pytorch_model.bin")):
+            return f"no model weights (model.safetensors) in {checkpoint}"
+        for path in files:
+            check_safetensors_file(path)
+    except ValueError as err:
+        return str(err)
+    for name in _TORCH_FILES + ("pytorch_model.bin",):
+        path = os.path.join(checkpoint, name)
+        if os.path.isfile(path) and not zipfile.is_zipfile(path):
+            return f"{path} is truncated or corrupt (not a complete torch.save archive)"
+    sparse_run = os.path.isdir(os.path.join(checkpoint, STATE_DIR)) or CALLBACK_NAME in (
+        data.get("stateful_callbacks") or {}
+    )
+    if sparse_run:
+        problem = sparse_state_complete(checkpoint)
+        if problem is not None:
+            try:
+                carried = masks_in_model_weights(checkpoint)
+            except ValueError as err:
+                return str(err)
+            if not carried:
+                return problem
+    return None
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest ``checkpoint-<step>`` folder of ``output_dir`` that a run can resume from, or ``None``.
+
+    Unlike transformers' ``get_last_checkpoint`` (the highest step, complete or not), this skips a checkpoint
+    whose write was interrupted: see :func:`checkpoint_problem` for what "complete" means. Works for any
+    ``Trainer`` run; with ``CHTssCallback`` it also requires the sparse state.
+
+    Args:
+        output_dir (`str`): the Trainer's ``output_dir``.
+
+    Returns:
+        `str` or `None`: the folder to pass as ``trainer.train(resume_from_checkpoint=...)``; ``None`` when
+        ``output_dir`` has no complete checkpoint (start from scratch).
+
+    Example:
+
+    ```python
+    >>> trainer.train(resume_from_checkpoint=last_complete_checkpoint(args.output_dir))  # doctest: +SKIP
+    ```
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    found = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT_RE.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    for _, path in sorted(found, reverse=True):
+        if checkpoint_problem(path) is None:
+            return path
+    return None
+
+
+# ------------------------------------------------------------------------------------------ resume checks
+def check_resume_state(
+    masks: Mapping[str, torch.Tensor],
+    state: Mapping[str, Any],
+    *,
+    source: str,
+    trainer_step: int,
+    expected_nnz: Mapping[str, int],
+    model_masks: Mapping[str, torch.Tensor] | None = None,
+    model_source: str = "",
+) -> None:
+    """Refuse a sparse state that would not continue the run it claims to continue.
+
+    Args:
+        masks: the masks to resume with (``{layer name: bool mask}``).
+        state: the scalar state saved with them (``step`` is checked when present).
+        source (`str`): the file they come from, for the messages.
+        trainer_step (`int`): ``state.global_step`` of the resuming Trainer.
+        expected_nnz: the number of links each layer holds at ``trainer_step`` under the run's schedule.
+        model_masks: the masks stored in the same checkpoint's model weights, when it has any.
+        model_source (`str`): the file of ``model_masks``.
+
+    Raises:
+        ValueError: naming the file, the numbers and the fix.
+    """
+    step = state.get("step")
+    if step is not None and int(step) != int(trainer_step):
+        raise ValueError(
+            f"The sparse state {source} was saved at step {step}, but the Trainer resumes at step "
+            f"{trainer_step}: the masks would not continue this run. Resume the Trainer from the checkpoint "
+            f"that holds this state (checkpoint-{step}), or give CHTssCallback the state of "
+            f"checkpoint-{trainer_step} (or none: it reads the folder the Trainer resumes from)."
+        )
+    for name, target in expected_nnz.items():
+        nnz = int(masks[name].sum())
+        if nnz != target:
+            raise ValueError(
+                f"The sparse state {source} gives layer {name!r} {nnz} links where the schedule expects "
+                f"{target} at step {trainer_step} (mask size {masks[name].numel()}): it was written by "
+                "another run or config, or edited. Resume with the sparse-training config the checkpoint "
+                "was trained with, from an unmodified checkpoint."
+            )
+    if model_masks:
+        for name, mask in masks.items():
+            other = model_masks.get(name)
+            if other is None:
+                continue
+            if tuple(other.shape) != tuple(mask.shape) or not torch.equal(
+                other.to(torch.bool).cpu(), mask.to(torch.bool).cpu()
+            ):
+                raise ValueError(
+                    f"The masks of layer {name!r} in {source} differ from those in {model_source} (the model "
+                    "weights of the same checkpoint): one of the two files was replaced. Restore the "
+                    "checkpoint, or delete hf_chts_state/ to resume from the masks in the model weights."
+                )
+
+
+def find_resume_state(
+    candidates: list[str],
+    *,
+    trainer_step: int,
+    shapes: Mapping[str, tuple[int, ...]],
+    expected_nnz: Mapping[str, int],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], str] | None:
+    """The validated masks and scalar state to resume from, read from the first usable candidate folder.
+
+    A candidate with ``hf_chts_state/`` is read from there (and its masks compared with those in the same
+    checkpoint's model weights, when the weights carry masks). A candidate without it, whose model weights
+    carry the masks, is resumed from those masks and the scalar state the Trainer stored in
+    ``trainer_state.json``. Candidates with neither are skipped.
+
+    Args:
+        candidates: checkpoint folders, in order of preference.
+        trainer_step (`int`): the step the Trainer resumes at.
+        shapes: ``{layer name: weight shape}`` of the model's sparse layers.
+        expected_nnz: ``{layer name: links}`` the schedule gives each layer at ``trainer_step``.
+
+    Returns:
+        ``(masks, state, source file)``, or ``None`` when no candidate holds masks.
+
+    Raises:
+        ValueError: see :func:`load_sparse_state` and :func:`check_resume_state`.
+    """
+    for path in candidates:
+        if not os.path.isdir(path):
+            continue
+        folder = os.path.join(path, STATE_DIR)
+        has_state = os.path.isfile(os.path.join(folder, MASKS_FILE)) or os.path.isfile(
+            os.path.join(folder, STATE_FILE)
+        )
+        problem = sparse_state_complete(path)
+        weight_files = _weight_files(path)
+        model_masks = masks_in_model_weights(path)
+        model_source = weight_files[0] if weight_files else ""
+        if problem is None or (has_state and not model_masks):
+            masks, state = load_sparse_state(path)  # raises with the file and the fix when broken
+            source = os.path.join(folder, MASKS_FILE)
+        elif model_masks:
+            if has_state:
+                logger.warning(
+                    "hf_chts: the sparse state in %s is incomplete (%s); resuming from the masks in %s.",
+                    folder,
+                    problem,
+                    model_source,
+                )
+            masks, source = model_masks, model_source
+            state = dict(trainer_callback_state(path) or {})
+            model_masks = {}
+        else:
+            continue
+        expected = set(shapes)
+        if set(masks) != expected:
+            missing, extra = sorted(expected - set(masks)), sorted(set(masks) - expected)
+            raise ValueError(
+                f"Masks in {source} do not match the sparse layers: missing {missing[:4]}, unexpected "
+                f"{extra[:4]}. Resume with the same model and target_modules/exclude_modules as the "
+                "checkpoint."
+            )
+        for name, shape in shapes.items():
+            mask = masks[name]
+            if tuple(mask.shape) != tuple(shape) or mask.dtype != torch.bool:
+                raise ValueError(
+                    f"Checkpoint mask of layer {name!r} in {path!r} has shape {tuple(mask.shape)} and dtype "
+                    f"{mask.dtype}; expected {tuple(shape)} and torch.bool. The checkpoint was "
+                    "written for another model; resume with the model it was trained with."
+                )
+        check_resume_state(
+            masks,
+            state,
+            source=source,
+            trainer_step=trainer_step,
+            expected_nnz=expected_nnz,
+            model_masks=model_masks,
+            model_source=model_source,
+        )
+        return masks, state, source
+    return None
