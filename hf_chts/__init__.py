@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 # name -> submodule that defines it; imported lazily so `import hf_chts` stays light.
 _LAZY = {
     "CHTssCallback": "callback",
+    "last_complete_checkpoint": "checkpointing",
     "TopologyEngine": "engine",
     "StepStats": "engine",
     "sparsify_": "masking",

@@ -44,6 +44,8 @@ from .checkpointing import (
     save_sparse_state,
 )
 from .config import SparseTrainingConfig
+from .distributed import Collectives
+from .distributed import is_dtensor as _is_dtensor
 from .masking import (
     MASK_NAME,
     apply_masks_,
@@ -65,18 +67,6 @@ logger = logging.getLogger(__name__)
 LOG_PREFIX = "sparsity/"
 
 __all__ = ["CHTssCallback", "STATE_DIR", "load_sparse_state", "save_sparse_state"]
-
-
-# ------------------------------------------------------------------------------ distributed
-def _dist():
-    """``(rank, world_size)`` of the default process group; ``(0, 1)`` when not distributed."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    return hasattr(tensor, "full_tensor") and hasattr(tensor, "device_mesh")
 
 
 # ------------------------------------------------------------------------------ callback
@@ -165,6 +155,7 @@ class CHTssCallback(TrainerCallback, ExportableState):
         self._exported: dict[str, Any] | None = None  # set by transformers when it restores callback states
         self._trainer_refs: tuple[Any, Any] | None = None  # (args, state) of the running Trainer
         self._saved_step: int | None = None
+        self._collectives: Collectives | None = None  # created in on_train_begin, on every rank
 
     # ------------------------------------------------------------------ ExportableState (JSON, never pickle)
     def state(self) -> dict[str, Any]:
@@ -208,6 +199,8 @@ class CHTssCallback(TrainerCallback, ExportableState):
         if model is None:
             raise ValueError("CHTssCallback needs the model; it is passed by transformers.Trainer.")
         self._trainer_refs = (args, state)
+        # every rank gets here; the collectives' own process group honours ddp_timeout
+        self._collectives = Collectives(getattr(args, "ddp_timeout", None))
         model = unwrap_model(model)
         max_steps = int(state.max_steps)
         if max_steps <= 0:
@@ -347,7 +340,7 @@ class CHTssCallback(TrainerCallback, ExportableState):
     @torch.no_grad()
     def _update(self, step: int, optimizer) -> None:
         start = time.perf_counter()
-        rank, world = _dist()
+        rank, world = self._collectives.rank, self._collectives.world
         groups = self.engine.groups()
         owner = {name: i % world for i, group in enumerate(groups) for name in group}
         mine = [group for i, group in enumerate(groups) if i % world == rank]
@@ -374,8 +367,7 @@ class CHTssCallback(TrainerCallback, ExportableState):
                 packed = packed.to(mask_buf.device).contiguous()
             else:
                 packed = torch.empty(mask_buf.shape, dtype=torch.uint8, device=mask_buf.device)
-            if world > 1:
-                torch.distributed.broadcast(packed, src=owner[name])
+            self._collectives.broadcast(packed, src=owner[name], what=f"mask broadcast of {name}")
             new_w[name] = (packed & 1).bool()
             grown_w[name] = (packed >> 1).bool()
         for name, module in self.modules.items():
@@ -424,7 +416,7 @@ class CHTssCallback(TrainerCallback, ExportableState):
                 )
             if world > 1:
                 grad = grad.contiguous()
-                torch.distributed.reduce(grad, dst=owner[name], op=torch.distributed.ReduceOp.SUM)
+                self._collectives.reduce_sum(grad, dst=owner[name], what=f"gradient reduction of {name}")
                 grad = grad / world
             if owner[name] == rank:
                 out[name] = from_layer_view(module, grad)
@@ -436,9 +428,8 @@ class CHTssCallback(TrainerCallback, ExportableState):
             return stats
         from .engine import LayerStats, StepStats
 
-        gathered: list[Any] = [None] * world
         payload = {"stats": stats.to_dict(), "frozen": sorted(self.engine.frozen)}
-        torch.distributed.all_gather_object(gathered, payload)
+        gathered = self._collectives.all_gather_object(payload, what="gather of the update statistics")
         layers = {}
         for item in gathered:
             for name, layer in item["stats"]["layers"].items():
@@ -551,13 +542,12 @@ class CHTssCallback(TrainerCallback, ExportableState):
 
     def _sync_masks_from_rank0(self) -> None:
         """Masks are drawn from the same seed everywhere; broadcasting once makes identity certain."""
-        rank, world = _dist()
-        if world == 1:
+        if self._collectives.world == 1:
             return
         for module in self.modules.values():
             buf = module._buffers[MASK_NAME]
             packed = buf.to(torch.uint8)
-            torch.distributed.broadcast(packed, src=0)
+            self._collectives.broadcast(packed, src=0, what="initial mask broadcast")
             buf.copy_(packed.bool())
 
     def _global_density(self) -> float:

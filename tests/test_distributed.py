@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,40 @@ def test_fsdp2_keeps_masked_weights_zero(tmp_path):
 @pytest.mark.parametrize(("mode", "method"), [("ddp", "rigl"), ("ddp", "chtss"), ("fsdp2", "chtss")])
 def test_more_methods(tmp_path, mode, method):
     check_ranks_agree(tmp_path, launch(tmp_path, mode, method))
+
+
+@pytest.mark.slow
+def test_frozen_rank_makes_the_other_fail_within_the_timeout(tmp_path):
+    # rank 1 SIGSTOPs itself before the update at step 2; rank 0 must give up after ddp_timeout=10 s with a
+    # message naming rank 1, instead of waiting in the mask broadcast for gloo's 30 minutes.
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(SCRIPT),
+    ]
+    cmd += [
+        "--mode",
+        "ddp",
+        "--method",
+        "chts",
+        "--out",
+        str(tmp_path),
+        "--ddp_timeout",
+        "10",
+        "--freeze_at",
+        "2",
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "rank 1 freezes" in output
+    match = re.search(r"rank 0 of 2 waited (\d+) s for rank 1 in the mask broadcast of model\.layers", output)
+    assert match, output[-4000:]
+    assert 9 <= int(match.group(1)) <= 20  # the configured 10 s, not gloo's 30 minutes

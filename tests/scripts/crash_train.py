@@ -316,7 +316,9 @@ def main() -> None:
                 summary["errors"].append(f"{out}: a run failed")
                 break
             if status == "ok":
-                summary["random"].append({"campaign": out, "finished": True, "equal": same_as(reference, out)})
+                summary["random"].append(
+                    {"campaign": out, "finished": True, "equal": same_as(reference, out)}
+                )
                 break
             kills += 1
             complete = last_complete_checkpoint(out)

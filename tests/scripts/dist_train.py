@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import time
 
 import torch
 
@@ -99,6 +101,19 @@ class Dump(TrainerCallback):
             json.dump(summary, f)
 
 
+class Freeze(TrainerCallback):
+    """Rank 1 stops itself (SIGSTOP) before the optimizer step ``at`` (gradients already all-reduced): rank 0
+    then reaches the topology update of that step alone."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.at and int(os.environ.get("RANK", 0)) == 1:
+            print(f"rank 1 freezes before the update of step {self.at} at {time.time():.3f}", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
     return LlamaForCausalLM(
@@ -130,11 +145,13 @@ def run_ddp(args, config: SparseTrainingConfig) -> None:
         seed=0,
         disable_tqdm=True,
         ddp_find_unused_parameters=False,
+        ddp_timeout=args.ddp_timeout,
     )
     sparse = CHTssCallback(config)
     dump = Dump(sparse, args.out)
+    callbacks = ([Freeze(args.freeze_at)] if args.freeze_at else []) + [sparse, dump]
     trainer = Trainer(
-        model=tiny_llama(), args=training_args, train_dataset=RandomTokens(), callbacks=[sparse, dump]
+        model=tiny_llama(), args=training_args, train_dataset=RandomTokens(), callbacks=callbacks
     )
     if trainer.args.world_size != 2:
         raise SystemExit(f"expected 2 processes, Trainer sees world_size={trainer.args.world_size}")
@@ -191,6 +208,8 @@ def main() -> None:
     parser.add_argument("--method", default="chts")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--ddp_timeout", type=int, default=1800)
+    parser.add_argument("--freeze_at", type=int, default=0, help="rank 1 stops itself before this update")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     extra = {}
