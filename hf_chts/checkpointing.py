@@ -251,9 +251,9 @@ def _check_state_types(state: Any, path: str) -> dict[str, Any]:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, kind):
-            expected = kind.__name__ if isinstance(kind, type) else "number"
+            expected = {int: "an integer", dict: "a JSON object"}.get(kind, "a number")
             raise ValueError(
-                f"{path}: field `{key}` must be a {expected}, got {type(value).__name__} {value!r}. {fix}"
+                f"{path}: field `{key}` must be {expected}, got {type(value).__name__} {value!r}. {fix}"
             )
     frozen = state.get("engine", {}).get("frozen", [])
     if not isinstance(frozen, list) or not all(isinstance(n, str) for n in frozen):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -321,9 +322,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"hf-chts {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError, ImportError) as err:
+        print(f"hf-chts {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 1
+    except Exception as err:  # noqa: BLE001 - one line, never a traceback; HF_CHTS_DEBUG=1 shows it
+        if os.environ.get("HF_CHTS_DEBUG"):
+            raise
+        print(
+            f"hf-chts {args.command}: error: {type(err).__name__}: {_one_line(err)} (set HF_CHTS_DEBUG=1 "
+            "for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

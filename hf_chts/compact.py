@@ -57,6 +57,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpointing import check_safetensors_file, write_atomic
+
 COMPACT_FILE = "model.compact.safetensors"
 FORMAT_NAME = "hf_chts.compact"
 FORMAT_VERSION = "1"
@@ -75,6 +77,8 @@ __all__ = [
     "load_compact",
     "is_compact",
     "load_sparse_model",
+    "check_masked_weights_zero",
+    "zero_masked_weights",
     "read_masks",
     "read_config",
     "mask_statistics",
@@ -210,6 +214,7 @@ def is_compact(folder: str | os.PathLike) -> bool:
 def _read_compact_metadata(path: Path) -> dict[str, str]:
     from safetensors import safe_open
 
+    check_safetensors_file(str(path), fix="Export the checkpoint again (save_compact / hf-chts export).")
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     if metadata.get("format") != FORMAT_NAME:
@@ -276,7 +281,7 @@ def load_compact(
             f"No {COMPACT_FILE} in {folder}; write one with save_compact / hf-chts export."
         )
     metadata = _read_compact_metadata(path)
-    tied: dict[str, str] = json.loads(metadata.get("tied", "{}"))
+    tied = _parse_tied(metadata.get("tied", "{}"), path)
     _register_sparse_models()
     config = AutoConfig.from_pretrained(folder)
     if model_class is None:
@@ -297,7 +302,7 @@ def load_compact(
                 missing = [weight + s for s in (_BITMASK, _SHAPE) if weight + s not in keys]
                 if missing:
                     raise ValueError(f"Compact checkpoint {path} lacks {missing}.")
-                shape = handle.get_tensor(weight + _SHAPE)
+                shape = _checked_shape(handle.get_tensor(weight + _SHAPE), weight, path)
                 mask = unpack_mask(handle.get_tensor(weight + _BITMASK), shape)
                 values = handle.get_tensor(key)
                 if values.numel() != int(mask.sum()):
@@ -312,12 +317,65 @@ def load_compact(
             elif not key.endswith((_BITMASK, _SHAPE)):
                 state[key] = handle.get_tensor(key)
     for alias, source in tied.items():
+        if source not in state:
+            raise ValueError(
+                f"{path}: the `tied` metadata maps {alias!r} to {source!r}, which the file does not "
+                "hold; the file is corrupt. Export it again with save_compact / hf-chts export."
+            )
         state[alias] = state[source]
     dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)
     # the model class's own loader: meta-device construction, tied weights, its own mask checks
-    model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    model, info = model_class.from_pretrained(
+        None, config=config, state_dict=state, dtype=dtype, output_loading_info=True
+    )
+    _refuse_incomplete_load(info, path)
     _attach_masks_(model, masks)  # for classes without weight_mask buffers (plain LlamaForCausalLM)
     return model.to(device).eval()
+
+
+def _parse_tied(text: str, path: Path) -> dict[str, str]:
+    try:
+        tied = json.loads(text)
+    except json.JSONDecodeError as err:
+        tied = err
+    if not isinstance(tied, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in tied.items()
+    ):
+        raise ValueError(
+            f"{path}: the `tied` metadata must be a JSON object {{alias: stored name}}, got {text!r}; the "
+            "file is corrupt. Export it again with save_compact / hf-chts export."
+        )
+    return tied
+
+
+def _checked_shape(shape: torch.Tensor, weight: str, path: Path) -> list[int]:
+    values = shape.tolist() if shape.dtype == torch.int64 and shape.dim() == 1 else None
+    if values is None or len(values) != 2 or min(values) <= 0:
+        raise ValueError(
+            f"{path}: {weight + _SHAPE} must be int64 [rows, cols] with positive sizes, got {shape.dtype} "
+            f"{shape.tolist()}; the file is corrupt. Export it again with save_compact / hf-chts export."
+        )
+    return values
+
+
+def _refuse_incomplete_load(info: Mapping[str, Any], path: Path | str) -> None:
+    """Refuse a load that left model tensors at their random init or ignored tensors of the file."""
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.endswith(MASK_SUFFIX))
+    extra = sorted(k for k in info.get("unexpected_keys", ()) if not k.endswith(MASK_SUFFIX))
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
+    if missing or extra or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors the model needs ({', '.join(missing[:4])})")
+        if extra:
+            parts.append(f"{len(extra)} tensors the model does not have ({', '.join(extra[:4])})")
+        if mismatched:
+            parts.append(f"{len(mismatched)} tensors of the wrong shape ({', '.join(mismatched[:4])})")
+        raise ValueError(
+            f"{path} does not match its config.json: {'; '.join(parts)}. Loading it would leave layers at "
+            "their random initialisation. Export the checkpoint again from the trained model, or fix "
+            "config.json to the architecture the file was written for."
+        )
 
 
 def load_sparse_model(
@@ -340,17 +398,102 @@ def load_sparse_model(
     from transformers import AutoModelForCausalLM
 
     _register_sparse_models()
+    files = _safetensors_files(folder)
+    for file in files:
+        check_safetensors_file(str(file), fix="Save the model again, or use another checkpoint.")
+    masks = read_masks(folder)
+    check_masked_weights_zero(folder, masks)
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    _attach_masks_(model, read_masks(folder))
+    model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)
+    _refuse_incomplete_load(info, files[0] if len(files) == 1 else folder)
+    _attach_masks_(model, masks)
     return model.to(device).eval()
+
+
+def check_masked_weights_zero(
+    folder: str | os.PathLike, masks: Mapping[str, torch.Tensor] | None = None
+) -> None:
+    """Refuse a ``save_pretrained`` folder whose weights are non-zero where their ``weight_mask`` is False.
+
+    A sparse model keeps masked weights at exactly 0.0, so every loader computes the same logits: the
+    sparse class (which multiplies by the mask) and a plain ``LlamaForCausalLM`` (which ignores the mask
+    keys). A file breaking that was edited or written outside the masking contract; loading it would make
+    the two disagree.
+
+    Raises:
+        ValueError: naming the file, the layer, the count and the fix.
+    """
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    masks = read_masks(folder) if masks is None else masks
+    if not masks:
+        return
+    location: dict[str, Path] = {}
+    for file in _safetensors_files(folder):
+        with safe_open(str(file), framework="pt") as handle:
+            location.update(dict.fromkeys(handle.keys(), file))
+    bad = []
+    for name, mask in masks.items():
+        file = location.get(name + ".weight")
+        if file is None:
+            continue
+        with safe_open(str(file), framework="pt") as handle:
+            weight = handle.get_tensor(name + ".weight")
+        if weight.shape == mask.shape:
+            leaked = int(((weight != 0) & ~mask).sum())
+            if leaked:
+                bad.append((name, leaked, file))
+    if bad:
+        name, leaked, file = bad[0]
+        raise ValueError(
+            f"{file}: {leaked} weights of {name} are non-zero where its weight_mask removes the link "
+            f"({len(bad)} layers in all). A plain LlamaForCausalLM would load them as they are and compute "
+            "other logits than the sparse model. The file was edited or written outside the masking "
+            f"contract; if the masks are right, zero those weights with "
+            f"hf_chts.compact.zero_masked_weights({str(folder)!r}) and load again."
+        )
+
+
+def zero_masked_weights(folder: str | os.PathLike) -> int:
+    """Rewrite a ``save_pretrained`` folder's weights with 0.0 wherever their mask is False; return the count.
+
+    The repair for a folder that :func:`check_masked_weights_zero` refuses, when its masks are the ones to
+    keep. Each file is rewritten atomically (temporary name, fsync, rename) with its metadata.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from safetensors.torch import save as safetensors_bytes
+
+    folder = Path(folder)
+    masks = read_masks(folder)
+    zeroed = 0
+    for file in _safetensors_files(folder):
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = handle.metadata()
+        tensors = load_file(str(file))
+        changed = False
+        for name, mask in masks.items():
+            weight = tensors.get(name + ".weight")
+            if weight is not None and weight.shape == mask.shape:
+                leaked = int(((weight != 0) & ~mask).sum())
+                if leaked:
+                    tensors[name + ".weight"] = weight.masked_fill(~mask, 0.0)
+                    zeroed += leaked
+                    changed = True
+        if changed:
+            write_atomic(str(file), safetensors_bytes(tensors, metadata=metadata))
+    return zeroed
 
 
 # ---------------------------------------------------------------------------------------------- reading files
 def _safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{index} is not a valid weight index ({err}); save the model again.") from err
         return [folder / f for f in files]
     single = folder / "model.safetensors"
     if single.is_file():
@@ -373,6 +516,7 @@ def read_masks(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     folder = Path(folder)
     masks: dict[str, torch.Tensor] = {}
+    fix = "Save or export the checkpoint again, or use another one."
     if is_compact(folder):
         path = folder / COMPACT_FILE
         _read_compact_metadata(path)
@@ -380,10 +524,13 @@ def read_masks(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
             for key in handle.keys():
                 if key.endswith(_BITMASK):
                     weight = key[: -len(_BITMASK)]
-                    shape = handle.get_tensor(weight + _SHAPE)
+                    if weight + _SHAPE not in handle.keys():
+                        raise ValueError(f"{path} lacks {weight + _SHAPE}; the file is corrupt. {fix}")
+                    shape = _checked_shape(handle.get_tensor(weight + _SHAPE), weight, path)
                     masks[weight[: -len(".weight")]] = unpack_mask(handle.get_tensor(key), shape)
         return dict(sorted(masks.items(), key=lambda kv: layer_sort_key(kv[0])))
     for file in _safetensors_files(folder):
+        check_safetensors_file(str(file), fix=fix)
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
                 if key.endswith(MASK_SUFFIX):
@@ -394,7 +541,15 @@ def read_masks(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     """The folder's ``config.json`` as a dict ({} when absent)."""
     path = Path(folder) / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); restore or rewrite the config.") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}; rewrite the config.")
+    return config
 
 
 def folder_size(folder: str | os.PathLike, pattern: str = "*.safetensors") -> int:

@@ -178,3 +178,56 @@ def test_console_entry_point_help():
         [sys.executable, "-m", "hf_chts.cli", "--help"], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert "{eval,inspect,plot,export,card}" in proc.stdout
+
+
+def _broken(checkpoint, tmp_path, how: str) -> Path:
+    folder = tmp_path / how
+    if how == "compact_without_embedding":
+        assert main(["export", str(checkpoint), str(folder), "--format", "compact"]) == 0
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        path = folder / COMPACT_FILE
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+        tensors = load_file(str(path))
+        tensors.pop("model.embed_tokens.weight")
+        save_file(tensors, str(path), metadata=metadata)
+        return folder
+    import shutil
+
+    shutil.copytree(checkpoint, folder)
+    path = folder / "model.safetensors"
+    if how == "empty_weights":
+        path.write_bytes(b"")
+    elif how == "truncated_weights":
+        path.write_bytes(path.read_bytes()[:5000])
+    elif how == "bad_config":
+        (folder / "config.json").write_text('{"model_type": "sparse_llama", ')
+    return folder
+
+
+@pytest.mark.parametrize(
+    "how", ["compact_without_embedding", "empty_weights", "truncated_weights", "bad_config"]
+)
+@pytest.mark.parametrize("command", ["inspect", "export", "card"])
+def test_broken_checkpoints_give_one_line_and_exit_1(checkpoint, tmp_path, capsys, how, command):
+    folder = _broken(checkpoint, tmp_path, how)
+    capsys.readouterr()
+    argv = {
+        "inspect": ["inspect", str(folder)],
+        "export": ["export", str(folder), str(tmp_path / "out"), "--format", "dense"],
+        "card": ["card", str(folder)],
+    }[command]
+    if command in ("inspect", "card") and how == "compact_without_embedding":
+        assert main(argv) == 0  # they read the masks and config only; those are intact
+        return
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 1, err
+    lines = [line for line in err.splitlines() if line.startswith("hf-chts")]  # (progress bars aside)
+    assert len(lines) == 1 and lines[0].startswith(f"hf-chts {command}: error: "), err
+    assert "Traceback" not in err
+    assert str(folder) in lines[0]  # the message names the file or folder
+    if command == "export":
+        assert not (tmp_path / "out" / "model.safetensors").exists()  # nothing written with a random layer

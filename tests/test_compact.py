@@ -223,3 +223,71 @@ def test_layer_order_is_numeric_then_by_type():
     ]
     stats = mask_statistics({n: torch.ones(2, 2, dtype=torch.bool) for n in names})
     assert list(summarize_by_layer_type(stats)) == ["q_proj", "down_proj", "all"]
+
+
+# ------------------------------------------------------------------------------------------ refusing loaders
+def _rewrite_compact(folder, edit):
+    from safetensors.torch import load_file, save_file
+
+    path = folder / COMPACT_FILE
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    result = edit(tensors, metadata)
+    metadata = result if isinstance(result, dict) else metadata
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda t, m: t.pop("model.embed_tokens.weight"), r"missing 1 tensors.*model\.embed_tokens\.weight"),
+        (lambda t, m: t.update(extra=torch.zeros(2)), r"1 tensors the model does not have \(extra\)"),
+        (lambda t, m: {**m, "tied": "{bad"}, r"`tied` metadata must be a JSON object"),
+        (lambda t, m: {**m, "tied": '{"lm_head.weight": "nowhere"}'}, r"maps 'lm_head.weight' to 'nowhere'"),
+        (
+            lambda t, m: t.update({"model.layers.0.mlp.up_proj.weight.shape": torch.tensor([64, 32, 1])}),
+            r"up_proj\.weight\.shape must be int64 \[rows, cols\]",
+        ),
+    ],
+)
+def test_compact_with_missing_extra_or_bad_entries_is_refused(tmp_path, edit, match):
+    save_compact(make_sparse_llama(plain=True), tmp_path / "c")
+    _rewrite_compact(tmp_path / "c", edit)
+    with pytest.raises(ValueError, match=match) as info:
+        load_compact(tmp_path / "c")
+    assert COMPACT_FILE in str(info.value)
+
+
+@pytest.mark.parametrize("plain", [True, False])
+def test_nonzero_masked_weights_are_refused_by_both_loaders(tmp_path, plain):
+    from safetensors.torch import load_file, save_file
+
+    from hf_chts.compact import zero_masked_weights
+    from hf_chts.modeling import SparseLlamaForCausalLM
+
+    model = make_sparse_llama(plain=plain)
+    model.save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(str(path))
+    name = "model.layers.1.mlp.down_proj"
+    weight, mask = tensors[name + ".weight"], tensors[name + ".weight_mask"]
+    weight[~mask] = 0.5  # what an edit or a writer outside the masking contract leaves
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{name}.*non-zero where its weight_mask removes"):
+        load_sparse_model(tmp_path / "m")
+    if not plain:
+        with pytest.raises(ValueError, match=rf"{name} that are non-zero where its weight_mask removes"):
+            SparseLlamaForCausalLM.from_pretrained(tmp_path / "m")
+    assert zero_masked_weights(tmp_path / "m") == int((~mask).sum())
+    assert_same_state(model, load_sparse_model(tmp_path / "m"))
+
+
+def test_truncated_weights_file_is_refused_with_its_name(tmp_path):
+    make_sparse_llama(plain=True).save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"model\.safetensors is truncated"):
+        load_sparse_model(tmp_path / "m")
+    with pytest.raises(ValueError, match=r"model\.safetensors is truncated"):
+        read_masks(tmp_path / "m")

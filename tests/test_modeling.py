@@ -432,3 +432,15 @@ def test_sparsity_summary():
     assert gate == {"nnz": 2 * 614, "numel": 2 * 2048, "layers": 2, "density": 614 / 2048}
     assert set(summary["per_projection"]) == set(SPARSE_PROJECTIONS)
     json.dumps(summary)  # model-card ready
+
+
+def test_config_dropping_masks_the_checkpoint_holds_is_refused(tmp_path):
+    # config.json edited to sparse_projections=["q_proj"] while the file holds all seven masks per block:
+    # loading would silently make six projections per block dense.
+    make_model().save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    config = json.loads(path.read_text())
+    config["sparse_projections"] = ["q_proj"]
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"holds masks for 12 layers that its config does not make sparse"):
+        SparseLlamaForCausalLM.from_pretrained(tmp_path / "m")

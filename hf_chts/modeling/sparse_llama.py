@@ -379,26 +379,57 @@ class SparseLlamaForCausalLM(LlamaForCausalLM):
         # The one point of `from_pretrained` that sees both the model skeleton (on meta) and the raw
         # checkpoint before anything is read into the model: masks are validated here because the loader
         # would otherwise cast a float mask to bool and report a shape mismatch as a generic RuntimeError.
+        loaded = set()
         if isinstance(model, SparseLlamaForCausalLM):
-            model._check_checkpoint_masks(state_dict, checkpoint_files, load_config)
-        return LlamaForCausalLM._load_pretrained_model(
+            loaded = model._check_checkpoint_masks(state_dict, checkpoint_files, load_config)
+        result = LlamaForCausalLM._load_pretrained_model(
             model, state_dict, checkpoint_files, load_config, expected_keys=expected_keys
         )
+        if loaded:
+            model._refuse_masked_nonzero(loaded, load_config)
+        return result
 
-    def _check_checkpoint_masks(self, state_dict, checkpoint_files, load_config) -> None:
+    @torch.no_grad()
+    def _refuse_masked_nonzero(self, names: set[str], load_config) -> None:
+        """A checkpoint's weights must be 0.0 where its own masks are False (both loaders then agree)."""
+        modules = self.sparse_modules()
+        bad = []
+        for name in sorted(names):
+            module = modules[name]
+            weight, mask = module.weight, module._buffers[MASK_NAME]
+            if weight.device.type == "meta" or mask.device.type == "meta":
+                continue
+            leaked = int(((weight != 0) & ~mask.to(weight.device)).sum())
+            if leaked:
+                bad.append((name, leaked))
+        if bad:
+            name, leaked = bad[0]
+            path = getattr(load_config, "pretrained_model_name_or_path", None)
+            raise ValueError(
+                f"The checkpoint {path!r} has {leaked} weights of {name} that are non-zero where its "
+                f"weight_mask removes the link ({len(bad)} layers in all). A plain LlamaForCausalLM would "
+                "load them as they are and compute other logits than this sparse model. The file was edited "
+                "or written outside the masking contract; if the masks are right, zero those weights with "
+                f"hf_chts.compact.zero_masked_weights({str(path)!r}) and load again."
+            )
+
+    def _check_checkpoint_masks(self, state_dict, checkpoint_files, load_config) -> set[str]:
+        """Validate the checkpoint's masks; return the sparse layers whose masks it holds."""
         modules = self.sparse_modules()
         # Only masks still to be materialised matter (adapter loading reuses this path on a live model).
         pending = {name for name, m in modules.items() if m._buffers[MASK_NAME].device.type == "meta"}
         if not pending:
-            return
+            return set()
         found = _checkpoint_mask_specs(state_dict, checkpoint_files)
         if found is None:  # unreadable format: the loader's own checks apply
-            return
+            return set()
         expected_keys = {f"{name}.{MASK_NAME}": name for name in modules}
         present = set()
+        others = []
         for key, (dtype, shape) in found.items():
             full_key = key if key in expected_keys else f"{self.base_model_prefix}.{key}"
             if full_key not in expected_keys:
+                others.append(full_key[: -len(MASK_NAME) - 1])
                 continue
             name = expected_keys[full_key]
             present.add(name)
@@ -415,15 +446,26 @@ class SparseLlamaForCausalLM(LlamaForCausalLM):
                     "Rewrite the checkpoint with bool masks (`mask.bool()`) before loading; non-bool masks "
                     "are refused rather than silently cast."
                 )
+        path = load_config.pretrained_model_name_or_path
+        if others:
+            covered = sorted({n.rsplit(".", 1)[-1] for n in [*present, *others]})
+            raise ValueError(
+                f"The checkpoint {path!r} holds masks for {len(others)} layers that its config does not make "
+                f"sparse (sparse_projections={self.config.sparse_projections}, target_modules="
+                f"{self.config.sparsity.get('target_modules')}, exclude_modules="
+                f"{self.config.sparsity.get('exclude_modules')}), e.g. {sorted(others)[:3]}; loading would "
+                "drop those masks and make the layers dense. Set `sparse_projections` in config.json to "
+                f"{covered} (and the target/exclude patterns to match), or remove those masks from the file "
+                "to make the layers dense on purpose."
+            )
         missing = [name for name in modules if name in pending and name not in present]
         if not missing or _INIT_MISSING_MASKS.get():
-            return
+            return present
         source_type = _checkpoint_model_type(load_config)
         if source_type != SparseLlamaConfig.model_type and not present:
-            return  # a dense checkpoint: masks are drawn by `_initialize_weights` once weights are loaded
+            return present  # a dense checkpoint: masks are drawn by `_initialize_weights` once weights load
         keys = [f"{name}.{MASK_NAME}" for name in missing]
         shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
-        path = load_config.pretrained_model_name_or_path
         raise ValueError(
             f"The checkpoint {path!r} is a sparse_llama model but lacks {len(keys)} of its masks: {shown}. "
             f"Either load it as a dense model with `LlamaForCausalLM.from_pretrained({path!r})`, or draw "

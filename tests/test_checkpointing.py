@@ -1,0 +1,211 @@
+"""hf_chts.checkpointing: atomic sparse state, checked reads, resume validation, last_complete_checkpoint.
+
+Runs a tiny LLaMA through a real ``Trainer`` (CPU) once per module and copies its output folder into each
+test; docs/reliability.md maps each scenario to its test.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_callback import RandomTokens, config_for, make_args, tiny_llama, train
+from transformers import Trainer
+from transformers.trainer_callback import TrainerState
+
+from hf_chts import last_complete_checkpoint
+from hf_chts.callback import CHTssCallback
+from hf_chts.checkpointing import (
+    COMPLETE_FILE,
+    STATE_DIR,
+    STATE_FILE,
+    check_safetensors_file,
+    checkpoint_problem,
+    load_sparse_state,
+    save_sparse_state,
+    sparse_state_complete,
+)
+from hf_chts.masking import MASK_NAME
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+COMMON = dict(max_steps=4, save_strategy="steps", save_steps=2, logging_steps=2)
+
+
+def cfg():
+    return config_for("set", t_end=3)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, one_thread):
+    """A finished 4-step run with checkpoint-2 and checkpoint-4, and its final state."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    trainer, _, _ = train(out, cfg(), probe=False, **COMMON)
+    final = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return out, final
+
+
+@pytest.fixture
+def out(run_dir, tmp_path):
+    copy = tmp_path / "out"
+    shutil.copytree(run_dir[0], copy)
+    return copy
+
+
+def resume(out, checkpoint, callback=None, model=None):
+    trainer = Trainer(
+        model=model if model is not None else tiny_llama(seed=123),
+        args=make_args(out, **COMMON),
+        train_dataset=RandomTokens(),
+        callbacks=[callback or CHTssCallback(cfg())],
+    )
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    return trainer
+
+
+def assert_same(model, final):
+    state = model.state_dict()
+    assert set(state) == set(final)
+    for key, value in final.items():
+        assert torch.equal(state[key], value), key
+
+
+# ------------------------------------------------------------------------------------------ writing
+def test_sparse_state_is_written_before_trainer_state_json(tmp_path, monkeypatch):
+    # With save_total_limit=1 the Trainer deletes the older checkpoint right after trainer_state.json; the
+    # sparse state must already be complete then, or a kill in between loses every checkpoint's masks.
+    seen = []
+    original = TrainerState.save_to_json
+
+    def spy(self, json_path):
+        folder = json_path.rsplit("/", 1)[0]
+        seen.append(sparse_state_complete(folder))
+        original(self, json_path)
+
+    monkeypatch.setattr(TrainerState, "save_to_json", spy)
+    train(tmp_path, cfg(), probe=False, max_steps=3, save_strategy="steps", save_steps=1, save_total_limit=1)
+    assert len(seen) == 3 and seen == [None, None, None]
+    state = json.loads((tmp_path / "checkpoint-3" / STATE_DIR / COMPLETE_FILE).read_text())
+    assert state["step"] == 3
+    exported = json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())
+    assert exported["stateful_callbacks"]["CHTssCallback"]["attributes"]["_exported"]["step"] == 3
+
+
+def test_save_sparse_state_writes_marker_last_and_atomically(tmp_path):
+    masks = {"a": torch.tensor([[True, False]])}
+    folder = save_sparse_state(str(tmp_path), masks, {"step": 7})
+    assert sparse_state_complete(tmp_path) is None
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / STATE_DIR).iterdir())
+    loaded, state = load_sparse_state(folder)
+    assert torch.equal(loaded["a"], masks["a"]) and state["step"] == 7 and state["format_version"] == 1
+    # a rewrite removes the marker first: a crash mid-rewrite leaves the folder incomplete, not stale
+    (tmp_path / STATE_DIR / STATE_FILE).write_text('{"step": 8')
+    assert "another size" in sparse_state_complete(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ reading files
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("", "is empty"),
+        ('{"step": 4, "config"', "not valid JSON"),
+        ('{"step": "4"}', "field `step` must be an integer"),
+        ('{"step": 4, "engine": {"frozen": "x"}}', "engine.frozen"),
+        ('{"step": 4, "format_version": 99}', "format_version 99"),
+        ("[1, 2]", "must hold a JSON object"),
+    ],
+)
+def test_bad_state_json_names_the_file_and_the_fix(out, content, match):
+    state_dir = out / "checkpoint-4" / STATE_DIR
+    (state_dir / COMPLETE_FILE).unlink()  # as from a writer without a marker: the content itself is checked
+    (state_dir / STATE_FILE).write_text(content)
+    with pytest.raises(ValueError, match=match) as info:
+        load_sparse_state(out / "checkpoint-4")
+    assert str(state_dir / STATE_FILE) in str(info.value)
+
+
+@pytest.mark.parametrize("size", [0, 5, 40, -3])
+def test_truncated_safetensors_names_the_file(tmp_path, size):
+    path = tmp_path / "x.safetensors"
+    save_file({"w": torch.ones(8, 8)}, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[:size] if size >= 0 else data[:size])
+    with pytest.raises(ValueError, match=r"x\.safetensors.*(empty|truncated)"):
+        check_safetensors_file(str(path), fix="Do X.")
+
+
+# ------------------------------------------------------------------------------------------ completeness
+def test_last_complete_checkpoint_skips_interrupted_saves(out):
+    assert last_complete_checkpoint(str(out)).endswith("checkpoint-4")
+    # each interrupted-write leftover makes checkpoint-4 incomplete, so checkpoint-2 is the one to resume
+    breakers = {
+        "trainer_state.json": lambda p: p.write_text(p.read_text()[:100]),
+        "model.safetensors": lambda p: p.write_bytes(p.read_bytes()[:-10]),
+        "optimizer.pt": lambda p: p.write_bytes(p.read_bytes()[:-10]),
+        STATE_DIR: lambda p: (p / COMPLETE_FILE).unlink(),
+    }
+    for name, breaker in breakers.items():
+        broken = out.parent / f"broken_{name}"
+        shutil.copytree(out, broken)
+        breaker(broken / "checkpoint-4" / name)
+        if name == STATE_DIR:  # the masks in model.safetensors still make it resumable
+            assert last_complete_checkpoint(str(broken)).endswith("checkpoint-4")
+            weights = broken / "checkpoint-4" / "model.safetensors"
+            dense = {k: v for k, v in load_file(str(weights)).items() if not k.endswith(MASK_NAME)}
+            save_file(dense, str(weights), metadata={"format": "pt"})
+        assert last_complete_checkpoint(str(broken)).endswith("checkpoint-2"), name
+        assert checkpoint_problem(str(broken / "checkpoint-4")) is not None
+    assert last_complete_checkpoint(str(out / "nothing")) is None
+
+
+# ------------------------------------------------------------------------------------------ resume
+def test_resume_from_model_weights_when_sparse_state_is_missing(out, run_dir):
+    shutil.rmtree(out / "checkpoint-2" / STATE_DIR)
+    trainer = resume(out, out / "checkpoint-2")
+    assert_same(trainer.model, run_dir[1])
+
+
+def test_resume_refuses_state_of_another_step(out):
+    # the masks and state of step 2 placed into checkpoint-4 (also: following old advice to pass
+    # resume_from=checkpoint-2 while the Trainer resumes checkpoint-4)
+    shutil.rmtree(out / "checkpoint-4" / STATE_DIR)
+    shutil.copytree(out / "checkpoint-2" / STATE_DIR, out / "checkpoint-4" / STATE_DIR)
+    with pytest.raises(ValueError, match=r"saved at step 2, but the Trainer resumes at step 4"):
+        resume(out, out / "checkpoint-4")
+    with pytest.raises(ValueError, match=r"saved at step 2, but the Trainer resumes at step 4"):
+        resume(out, out / "checkpoint-4", CHTssCallback(cfg(), resume_from=str(out / "checkpoint-2")))
+
+
+def test_resume_refuses_masks_off_the_schedule(out):
+    masks, state = load_sparse_state(out / "checkpoint-4")
+    dense = {name: torch.ones_like(mask) for name, mask in masks.items()}
+    save_sparse_state(str(out / "checkpoint-4"), dense, state)
+    with pytest.raises(ValueError, match=r"links where the schedule expects \d+ at step 4"):
+        resume(out, out / "checkpoint-4")
+
+
+def test_resume_refuses_state_masks_that_differ_from_the_model_weights(out):
+    masks, state = load_sparse_state(out / "checkpoint-4")
+    other = {name: torch.roll(mask, 1, dims=1) for name, mask in masks.items()}  # same counts, other links
+    save_sparse_state(str(out / "checkpoint-4"), other, state)
+    with pytest.raises(ValueError, match=r"differ from those in .*model\.safetensors"):
+        resume(out, out / "checkpoint-4")
+
+
+def test_resume_refuses_unknown_format_version(out):
+    masks, state = load_sparse_state(out / "checkpoint-4")
+    save_sparse_state(str(out / "checkpoint-4"), masks, {**state, "format_version": 2})
+    with pytest.raises(ValueError, match=r"format_version 2; this hf_chts reads format_version <= 1"):
+        resume(out, out / "checkpoint-4")
+
+
+def test_trainer_resume_true_with_incomplete_newest_checkpoint_fails_but_latest_works(out, run_dir):
+    # transformers' resume_from_checkpoint=True picks the highest number, complete or not;
+    # last_complete_checkpoint skips it and the run finishes exactly as the uninterrupted one.
+    (out / "checkpoint-4" / "trainer_state.json").write_text("{")
+    assert last_complete_checkpoint(str(out)).endswith("checkpoint-2")
+    trainer = resume(out, last_complete_checkpoint(str(out)))
+    assert_same(trainer.model, run_dir[1])
