@@ -15,7 +15,34 @@ from torch import nn
 
 from .config import SparseTrainingConfig
 
-__all__ = ["apply_yaml_defaults", "parse_recipe_args", "scale_sparse_init_", "sparse_arguments_class"]
+__all__ = [
+    "apply_yaml_defaults",
+    "parse_recipe_args",
+    "resolve_resume_checkpoint",
+    "scale_sparse_init_",
+    "sparse_arguments_class",
+]
+
+
+def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str | None:
+    """``--resume_from_checkpoint``: ``latest`` means the newest *complete* checkpoint of ``output_dir``.
+
+    ``latest`` (or ``True``) resolves with :func:`hf_chts.checkpointing.last_complete_checkpoint`, which
+    skips a checkpoint whose save was interrupted (transformers' own ``True`` picks the highest step,
+    complete or not); ``None`` when there is none yet, so the same command starts a run and resumes it after
+    a crash. Any other value is a checkpoint folder, passed on unchanged.
+    """
+    from .checkpointing import last_complete_checkpoint
+
+    if value is True or (isinstance(value, str) and value.lower() in ("latest", "true")):
+        found = last_complete_checkpoint(output_dir)
+        print(
+            f"hf_chts: resuming from {found}" if found else f"hf_chts: no complete checkpoint in {output_dir}"
+        )
+        return found
+    if value is False or value in (None, "", "false", "False"):
+        return None
+    return value
 
 
 def apply_yaml_defaults(parser, path: str | os.PathLike) -> None:

@@ -73,7 +73,7 @@ from hf_chts.data import check_vocab_fits, load_lm_data
 from hf_chts.evaluation import evaluate, resolve_tasks
 from hf_chts.hub import push_to_hub, write_model_card
 from hf_chts.modeling import SparseLlamaConfig, SparseLlamaForCausalLM, sparsity_summary
-from hf_chts.recipe_utils import apply_yaml_defaults
+from hf_chts.recipe_utils import apply_yaml_defaults, resolve_resume_checkpoint
 
 logger = logging.getLogger("llama_pretrain")
 
@@ -377,7 +377,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data_collator=default_data_collator,
         callbacks=callbacks,
     )
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_result = trainer.train(
+        resume_from_checkpoint=resolve_resume_checkpoint(
+            training_args.resume_from_checkpoint, training_args.output_dir
+        )
+    )
     eval_metrics = trainer.evaluate()
 
     # 5. Save model + tokenizer (the Trainer gathers FSDP shards and writes from the main process only).

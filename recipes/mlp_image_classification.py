@@ -48,7 +48,12 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from hf_chts.config import SparseTrainingConfig
 from hf_chts.datasets_paper import ImageClassificationDataset, load_mnist, synthetic_image_classification
 from hf_chts.masking import get_masks
-from hf_chts.recipe_utils import parse_recipe_args, scale_sparse_init_, sparse_arguments_class
+from hf_chts.recipe_utils import (
+    parse_recipe_args,
+    resolve_resume_checkpoint,
+    scale_sparse_init_,
+    sparse_arguments_class,
+)
 from hf_chts.topology.percolation import LayerChain
 
 logger = logging.getLogger(__name__)
@@ -220,7 +225,11 @@ def main(args: MLPArguments, sparse_args, training_args: TrainingArguments) -> d
         compute_metrics=compute_accuracy,
         callbacks=callbacks,
     )
-    train_result = trainer.train()
+    train_result = trainer.train(
+        resume_from_checkpoint=resolve_resume_checkpoint(
+            training_args.resume_from_checkpoint, training_args.output_dir
+        )
+    )
     metrics = trainer.evaluate(test_dataset, metric_key_prefix="test")
 
     masks = {name: m.clone() for name, m in get_masks(model).items()}

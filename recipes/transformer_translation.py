@@ -62,7 +62,12 @@ from hf_chts.config import SparseTrainingConfig
 from hf_chts.data import get_tokenizer
 from hf_chts.datasets_paper import read_parallel_corpus
 from hf_chts.masking import get_masks
-from hf_chts.recipe_utils import parse_recipe_args, scale_sparse_init_, sparse_arguments_class
+from hf_chts.recipe_utils import (
+    parse_recipe_args,
+    resolve_resume_checkpoint,
+    scale_sparse_init_,
+    sparse_arguments_class,
+)
 from hf_chts.topology.percolation import LayerChain
 
 logger = logging.getLogger(__name__)
@@ -311,7 +316,11 @@ def main(args: TranslationArguments, sparse_args, training_args: Seq2SeqTraining
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    train_result = trainer.train()
+    train_result = trainer.train(
+        resume_from_checkpoint=resolve_resume_checkpoint(
+            training_args.resume_from_checkpoint, training_args.output_dir
+        )
+    )
     val_metrics = trainer.evaluate(val_dataset, metric_key_prefix="val")
 
     hypotheses = translate(trainer.model, tokenizer, test_src, args)
