@@ -24,6 +24,7 @@ from .topology.init import allocate_densities, init_mask
 from .topology.percolation import active_neurons, chain_removal
 from .topology.regrowth import regrow_links
 from .topology.removal import remove_links
+from .topology.rng import stream_key
 from .topology.schedules import DropFraction, Temperature, make_density_schedule
 from .topology.scores import removal_scores
 
@@ -221,7 +222,10 @@ class TopologyEngine:
 
     # ------------------------------------------------------------------ masks
     def init_masks(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        """Initial masks of every layer at the step-0 density, seeded by ``config.seed`` and the layer."""
+        """Initial masks of every layer at the step-0 density, seeded by ``config.seed`` and the layer.
+
+        The masks are the same whatever ``device`` they are drawn on (docs/DESIGN.md, Randomness).
+        """
         cfg = self.config
         params: dict[str, Any] = {}
         if cfg.init == "brf":
@@ -230,12 +234,12 @@ class TopologyEngine:
             params = {"beta": cfg.bsw_beta}
         masks = {}
         for name in self.names:
-            generator = derive_generator(cfg.seed, "init", name, device=device)
+            # A counter-based stream key, not a device generator: the same masks on every device.
             masks[name] = init_mask(
                 self.shapes[name],
                 self.layer_density(name, 0),
                 cfg.init,
-                generator=generator,
+                key=stream_key(cfg.seed, "init", name),
                 device=device,
                 **params,
             )

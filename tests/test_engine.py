@@ -42,6 +42,32 @@ def test_init_masks_exact_and_seeded(method):
     assert any(not torch.equal(masks[n], other[n]) for n in masks)
 
 
+def test_init_masks_come_from_the_layer_stream_key():
+    from hf_chts.topology.init import init_mask
+    from hf_chts.topology.rng import stream_key
+
+    engine = make_engine("chtss", seed=5)
+    cfg = engine.config
+    for name, mask in engine.init_masks().items():
+        expected = init_mask(
+            SHAPES[name],
+            engine.layer_density(name, 0),
+            cfg.init,
+            key=stream_key(5, "init", name),
+            r=cfg.brf_r,
+        )
+        assert torch.equal(mask, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", METHODS)
+def test_init_masks_identical_on_cpu_and_cuda(method):
+    cpu, cuda = make_engine(method).init_masks("cpu"), make_engine(method).init_masks("cuda")
+    for name in cpu:
+        assert cuda[name].device.type == "cuda" and torch.equal(cuda[name].cpu(), cpu[name]), name
+
+
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "static"])
 def test_one_step_keeps_exact_counts_and_only_grows_on_empty_positions(method):
     engine = make_engine(method)

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from hf_chts._validation import link_count
-from hf_chts.topology.init import _select_by_rank, _source_degrees, allocate_densities, init_mask
+from hf_chts.topology.init import (
+    _log,
+    _select_by_rank,
+    _source_degrees,
+    _Stream,
+    allocate_densities,
+    init_mask,
+)
 
 METHODS = [
     ("er", {}),
@@ -86,18 +93,35 @@ def test_without_generator_uses_torch_default_rng():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("method,params", METHODS, ids=lambda x: str(x))
-def test_cuda_generator(method, params):
-    def make(seed):
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        return init_mask((128, 300), 0.1, method, generator=g, **params)
+def test_same_key_same_mask_on_cpu_and_cuda(method, params):
+    for shape, density in [((128, 300), 0.1), ((300, 128), 0.3), ((1000, 1000), 0.05), ((64, 64), 0.9)]:
+        cuda = init_mask(shape, density, method, key=11, device="cuda", **params)
+        assert cuda.device.type == "cuda" and int(cuda.sum()) == link_count(shape, density)
+        assert torch.equal(cuda.cpu(), init_mask(shape, density, method, key=11, **params)), shape
+    # A generator only supplies the key: where the mask is drawn does not matter.
+    g = torch.Generator(device="cuda")
+    a = init_mask((128, 300), 0.1, method, generator=g.manual_seed(0), **params)
+    cpu = init_mask((128, 300), 0.1, method, generator=g.manual_seed(0), device="cpu", **params)
+    assert a.device.type == "cuda" and cpu.device.type == "cpu" and torch.equal(cpu, a.cpu())
 
-    a, b = make(0), make(0)
-    assert a.device.type == "cuda" and torch.equal(a, b)
-    assert int(a.sum()) == link_count((128, 300), 0.1)
-    cpu = init_mask(
-        (128, 300), 0.1, method, generator=torch.Generator(device="cuda").manual_seed(0), device="cpu"
-    )
-    assert cpu.device.type == "cpu" and torch.equal(cpu, a.cpu())
+
+@pytest.mark.parametrize("method,params", METHODS, ids=lambda x: str(x))
+def test_key_decides_the_mask(method, params):
+    a = init_mask((40, 70), 0.2, method, key=5, **params)
+    assert torch.equal(a, init_mask((40, 70), 0.2, method, key=5, **params))
+    if not (method == "bsw" and params["beta"] == 0.0):
+        assert not torch.equal(a, init_mask((40, 70), 0.2, method, key=6, **params))
+    with pytest.raises(ValueError, match="not both"):
+        init_mask((4, 4), 0.5, method, key=5, generator=gen(), **params)
+    with pytest.raises(ValueError, match="`key`"):
+        init_mask((4, 4), 0.5, method, key=1.5, **params)
+
+
+def test_log_is_accurate():
+    # The device-independent log used for exponential keys: within a few float32 ulps of torch.log.
+    x = torch.cat([torch.rand(100_000, generator=gen()) + 2.0**-24, torch.logspace(-30, 30, 1000)])
+    err = (_log(x).double() - x.double().log()).abs()
+    assert float((err / x.double().log().abs().clamp(min=1.0)).max()) < 4 * 2.0**-23
 
 
 # ------------------------------------------------------------------------------------ BRF
@@ -192,10 +216,12 @@ def test_select_by_rank_exact_counts_and_order_with_ties(n):
 def test_brf_each_source_gets_exactly_its_degree(shape, density, r, degree_dist):
     # r = 0.02 exercises the log-domain (Gumbel) keys, r = 0.3 the linear race; 0.95 "uniform" has sources
     # capped at K_i = n_l, 0.01 with more sources than links has sources with K_i = 0.
-    mask = init_mask(shape, density, "brf", r=r, degree_dist=degree_dist, generator=gen(7))
+    mask = init_mask(shape, density, "brf", r=r, degree_dist=degree_dist, key=7)
     src = mask if shape[0] <= shape[1] else mask.T
     n_s, n_l = src.shape
-    degrees = _source_degrees(n_s, n_l, link_count(shape, density), degree_dist, gen(7))  # drawn first
+    degrees = _source_degrees(
+        n_s, n_l, link_count(shape, density), degree_dist, _Stream(7, torch.device("cpu"))
+    )
     assert torch.equal(src.sum(1), degrees)
     assert int(mask.sum()) == link_count(shape, density)
 

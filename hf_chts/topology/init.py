@@ -2,9 +2,11 @@
 
 Every model returns a boolean mask of shape ``(n_out, n_in)`` with exactly ``link_count(shape, density)``
 links, ``mask[a, j] = True`` being a link from input neuron ``j`` to output neuron ``a``. All random choices
-come from one explicit ``torch.Generator``, on the generator's device, so the same seed gives the same mask.
-Everything is vectorised: there is no Python loop over neurons, only over fixed-size chunks of rows so that
-peak memory stays bounded on the largest layers (a LLaMA-7B MLP layer has 45M positions).
+come from the counter-based streams of one key (:mod:`hf_chts.topology.rng`), and every selection compares
+exactly computed values with ties broken by a random permutation of the positions, so the same key gives
+the same mask on every device (docs/DESIGN.md, Randomness). Everything is vectorised: there is no Python
+loop over neurons, only over fixed-size chunks of rows so that peak memory stays bounded on the largest
+layers (a LLaMA-7B MLP layer has 45M positions).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 
 from .._validation import check_choice, check_density, check_fraction, check_shape_2d, link_count
+from . import rng
 
 __all__ = ["INIT_METHODS", "allocate_densities", "init_mask"]
 
@@ -35,6 +38,8 @@ _CHUNK_ENTRIES = 1 << 22
 # BRF's chunks are larger (~12 bytes per entry in flight, ~100 MB): on CPU its cost is dominated by the
 # number of passes, and fewer, larger chunks halve the per-operation overhead of the loop.
 _BRF_CHUNK_ENTRIES = 1 << 23
+# Elements per tile of the exactly rounded log on CPU (its temporaries stay in cache).
+_CPU_TILE = 1 << 14
 
 
 def init_mask(
@@ -43,6 +48,7 @@ def init_mask(
     method: str = "brf",
     *,
     generator: torch.Generator | None = None,
+    key: int | None = None,
     device: torch.device | str | None = None,
     **params: Any,
 ) -> torch.Tensor:
@@ -75,10 +81,13 @@ def init_mask(
         shape (`tuple[int, int]`): ``(n_out, n_in)`` of the weight (``nn.Linear`` layout).
         density (`float`): fraction of links to keep, in (0, 1].
         method (`str`, *optional*, defaults to `"brf"`): one of ``"er"``, ``"brf"``, ``"bsw"``, ``"bsf"``.
-        generator (`torch.Generator`, *optional*): source of every random choice; the mask is generated on
-            its device. Without one, a CPU generator (or one on ``device``) seeded from torch's default RNG.
-        device (`torch.device` or `str`, *optional*): where the returned mask lives (default: the
-            generator's device).
+        generator (`torch.Generator`, *optional*): draws the stream key (one 63-bit integer) when ``key``
+            is not given. Without either, the key comes from torch's default RNG.
+        key (`int`, *optional*): the stream key (e.g. :func:`hf_chts.topology.rng.stream_key` of the seed
+            and the layer). Every random choice derives from it, so one key gives the same mask on every
+            device. Give ``generator`` or ``key``, not both.
+        device (`torch.device` or `str`, *optional*): where the mask is drawn and returned (default: the
+            generator's device, else CPU). It does not change the mask.
         **params: the method's parameters listed above.
 
     Returns:
@@ -94,21 +103,28 @@ def init_mask(
     density = check_density(density)
     check_choice("init method", method, INIT_METHODS)
     opts = _resolve_params(method, params)
-    if generator is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())  # from torch's default RNG
-        generator = torch.Generator(device=device if device is not None else "cpu").manual_seed(seed)
-    elif not isinstance(generator, torch.Generator):
+    if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}.")
+    if key is not None:
+        if generator is not None:
+            raise ValueError("Give `generator` or `key`, not both: the key alone decides the mask.")
+        if isinstance(key, bool) or not isinstance(key, int):
+            raise ValueError(f"`key` must be an int (see hf_chts.topology.rng.stream_key), got {key!r}.")
+    else:
+        # One 63-bit key from the generator (or torch's default RNG); everything else from the key.
+        dev = generator.device if generator is not None else "cpu"
+        key = int(torch.randint(0, 2**63 - 1, (1,), generator=generator, device=dev).item())
+    if device is None:
+        device = generator.device if generator is not None else "cpu"
+    stream = _Stream(key, torch.device(device))
     n_links = link_count((n_out, n_in), density)
     if method == "er":
-        mask = _er(n_out, n_in, n_links, generator)
-    elif method == "brf":
-        mask = _brf(n_out, n_in, n_links, opts["r"], opts["degree_dist"], generator)
-    elif method == "bsw":
-        mask = _bsw(n_out, n_in, n_links, opts["beta"], generator)
-    else:
-        mask = _bsf(n_out, n_in, n_links, generator)
-    return mask if device is None else mask.to(device)
+        return _er(n_out, n_in, n_links, stream)
+    if method == "brf":
+        return _brf(n_out, n_in, n_links, opts["r"], opts["degree_dist"], stream)
+    if method == "bsw":
+        return _bsw(n_out, n_in, n_links, opts["beta"], stream)
+    return _bsf(n_out, n_in, n_links, stream)
 
 
 def allocate_densities(
@@ -177,6 +193,97 @@ def _resolve_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
+class _Stream:
+    """The random draws of one mask: the counter-based streams of ``(key, phase)`` (:mod:`.rng`)."""
+
+    def __init__(self, key: int, device: torch.device) -> None:
+        self.key, self.device = key, device
+
+    def phase_key(self, phase: Any) -> int:
+        return rng.stream_key(self.key, phase)
+
+    def uniform(self, phase: Any, shape: int | tuple[int, ...], offset: int = 0) -> torch.Tensor:
+        return rng.uniform(self.phase_key(phase), shape, offset=offset, device=self.device)
+
+    def bits(self, phase: Any, shape: int | tuple[int, ...], offset: int = 0) -> torch.Tensor:
+        return rng.random_bits(self.phase_key(phase), shape, offset=offset, device=self.device)
+
+    def tiebreak(self, phase: Any, n: int) -> torch.Tensor:
+        """Distinct int64 values in ``[0, 2**32)`` for positions ``0..n-1`` (``n <= 2**32``): a random affine
+        permutation ``(i * a + b) mod 2**32``, so that exact ties among keys do not always favour one side."""
+        if n > 1 << 32:
+            raise ValueError(f"A selection over {n} positions is beyond the supported 2**32.")
+        k = self.phase_key(phase)
+        a, b = (k & ((1 << 31) - 1)) | 1, (k >> 31) & ((1 << 32) - 1)
+        return torch.arange(n, device=self.device).mul_(a).add_(b).bitwise_and_((1 << 32) - 1)
+
+
+def _f32(value: float) -> float:
+    """``value`` rounded to float32, so that every device multiplies by exactly the same constant."""
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+_LN2 = _f32(math.log(2.0))
+# log m = 2 atanh(s) = sum_k 2 s^(2k+1) / (2k+1), s = (m - 1) / (m + 1); for m in [0.5, 1), |s| <= 1/3 and
+# seven terms leave a truncation error below 2e-8 (float32's ulp at 0.69 is 6e-8).
+_ATANH_SERIES = [_f32(2.0 / (2 * k + 1)) for k in range(7)]
+
+
+def _log(x: torch.Tensor) -> torch.Tensor:
+    """Natural log of a positive float32 tensor from exactly rounded operations only.
+
+    ``torch.log`` may differ by an ulp between CPU and CUDA; ``frexp``, ``+``, ``*`` and ``/`` are exactly
+    rounded (IEEE 754) everywhere, and each runs as its own kernel here (no fused multiply-add), so this gives
+    the same bits on every device. Accurate to a few float32 ulps (absolute ~1e-7 just above 1). On CPU it
+    runs tile by tile so that its ~20 passes stay in cache.
+    """
+    if x.device.type != "cpu" or x.numel() <= _CPU_TILE:
+        return _log_tile(x)
+    flat = x.reshape(-1)
+    out = torch.empty_like(flat)
+    for start in range(0, flat.numel(), _CPU_TILE):
+        out[start : start + _CPU_TILE] = _log_tile(flat[start : start + _CPU_TILE])
+    return out.view(x.shape)
+
+
+def _log_tile(x: torch.Tensor) -> torch.Tensor:
+    m, e = torch.frexp(x)  # x = m * 2**e, m in [0.5, 1)
+    s = m.sub_(1.0)
+    s = s.div_(s + 2.0)  # (m - 1) / (m + 1)
+    z = s * s
+    poly = z * _ATANH_SERIES[-1]
+    for coeff in reversed(_ATANH_SERIES[1:-1]):
+        poly.add_(coeff).mul_(z)
+    poly.add_(_ATANH_SERIES[0]).mul_(s)
+    return e.to(torch.float32).mul_(_LN2).add_(poly)
+
+
+def _exponential(u: torch.Tensor) -> torch.Tensor:
+    """Exp(1) variates ``-log(1 - u)`` (exact ``1 - u`` for the 24-bit uniforms of :mod:`.rng`), >= 0."""
+    return _log(torch.sub(1.0, u)).neg_().clamp_(min=0.0)  # log(1) may round to -1e-8
+
+
+def _sortable(
+    keys: torch.Tensor, tiebreak: torch.Tensor, *, smallest: bool = False, signed: bool = True
+) -> torch.Tensor:
+    """Distinct int64 keys, largest first, in the order of the float32 ``keys`` (reversed if ``smallest``),
+    exact ties ordered by ``tiebreak`` (distinct, < 2**32, broadcast against ``keys``).
+
+    With every key distinct, a top-k picks the same set on every device (ties would be broken by the
+    device's kernel). ``signed=False`` promises ``keys >= 0``, whose IEEE bits are already in order.
+    """
+    bits = keys.contiguous().view(torch.int32)
+    if signed:
+        bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # IEEE order as integers (negatives reversed)
+    return torch.add(tiebreak, bits.to(torch.int64), alpha=-(1 << 32) if smallest else 1 << 32)
+
+
+def _random_order(n: int, stream: _Stream, phase: Any) -> torch.Tensor:
+    """A uniformly random permutation of ``0..n-1`` (sorting distinct random keys)."""
+    keys = _sortable(stream.uniform(phase, n), stream.tiebreak(phase, n), signed=False)
+    return torch.sort(keys).indices
+
+
 def _top_k_flat(keys: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask (same shape as ``keys``) of the ``k`` largest keys: exactly ``k`` even with ties."""
     flat = keys.reshape(-1)
@@ -226,107 +333,113 @@ def _select_by_rank(
     return out
 
 
-def _er(n_out: int, n_in: int, n_links: int, g: torch.Generator) -> torch.Tensor:
-    keys = torch.rand(n_out, n_in, generator=g, device=g.device)
-    return _top_k_flat(keys, n_links)
+def _er(n_out: int, n_in: int, n_links: int, stream: _Stream) -> torch.Tensor:
+    n = n_out * n_in
+    keys = _sortable(stream.uniform("er", n), stream.tiebreak("er", n), signed=False)
+    return _top_k_flat(keys, n_links).view(n_out, n_in)
 
 
 # --------------------------------------------------------------------------------------------- BRF
-def _brf(n_out: int, n_in: int, n_links: int, r: float, degree_dist: str, g: torch.Generator) -> torch.Tensor:
+def _brf(n_out: int, n_in: int, n_links: int, r: float, degree_dist: str, stream: _Stream) -> torch.Tensor:
     # The smaller side S is the source side; with n_out == n_in the outputs are the sources.
     sources_are_rows = n_out <= n_in
     n_s, n_l = (n_out, n_in) if sources_are_rows else (n_in, n_out)
-    dev = g.device
-    degrees = _source_degrees(n_s, n_l, n_links, degree_dist, g)
+    dev = stream.device
+    degrees = _source_degrees(n_s, n_l, n_links, degree_dist, stream)
     # The weight of target j for source i depends only on the ring offset (j - c_i) mod n_l: one profile
     # over the offsets, doubled so that every source's row is a contiguous window of it (no per-entry
-    # distance arithmetic, only a row gather).
-    offset = torch.arange(n_l, device=dev, dtype=torch.float64)
+    # distance arithmetic, only a row gather). Computed on the CPU (n_l values), so it is the same
+    # everywhere whatever the device's log and exp.
+    offset = torch.arange(n_l, dtype=torch.float64)
     dist = torch.minimum(offset, n_l - offset)
     alpha = (1.0 - r) / r if r > 0 else math.inf
     if r == 0:
-        # Pure receptive field: keys -distance plus a jitter in [0, 0.5) that breaks ties at random but
-        # never reorders two different distances.
-        profile, mode = -dist, "jitter"
+        # Pure receptive field: keys distance plus a jitter in [0, 0.5) that breaks ties at random but
+        # never reorders two different distances, smallest first.
+        profile, mode = dist, "jitter"
     elif alpha == 0:
         profile, mode = None, "uniform"
     elif alpha * math.log1p(n_l // 2) <= 60.0:
         # Exponential race in linear form: target j fires at E_j / w_j = E_j * (1 + delta)^alpha, E ~ Exp(1);
         # the K_i earliest are an exact weighted sample without replacement (ALGORITHM.md section 2c).
-        # As keys: log(U) * (1 + delta)^alpha = -E / w, largest first (the weight ratio fits float32).
+        # As keys: E * (1 + delta)^alpha = E / w, smallest first (the weight ratio fits float32).
         profile, mode = dist.log1p().mul_(alpha).exp_(), "race"
     else:
         # Same race, in log form (Gumbel-top-k) for weight ratios beyond float32: log w - log E.
         profile, mode = dist.log1p().mul_(-alpha), "gumbel"
     windows = w = None
     if profile is not None:
-        windows = profile.to(torch.float32).repeat(2).unfold(0, n_l, 1)  # windows[m] = profile[m : m + n_l]
+        doubled = profile.to(torch.float32).repeat(2).to(dev)
+        windows = doubled.unfold(0, n_l, 1)  # windows[m] = profile[m : m + n_l]
+    # Every source row has its own stream, so a row's draws do not depend on the chunking.
+    row_keys = stream.bits("rows", n_s)
+    tiebreak = stream.tiebreak("ties", n_l)
     # Rows in order of degree, so that a chunk's degrees are close and its top-k barely exceeds each K_i.
     order = torch.sort(degrees, stable=True).indices
     out = torch.empty(n_s, n_l, dtype=torch.bool, device=dev)
     step = _rows_per_chunk(n_l, _BRF_CHUNK_ENTRIES)
-    keys = torch.empty(min(step, n_s), n_l, device=dev)
     picked = torch.empty(min(step, n_s), n_l, dtype=torch.bool, device=dev)
     for start in range(0, n_s, step):
         rows = order[start : start + step]
         m = rows.numel()
-        k = keys[:m]
-        torch.rand(k.shape, generator=g, device=dev, out=k)
+        k = rng.uniform(row_keys[rows], n_l)
         if windows is not None:
             shifts = (n_l - (rows * n_l) // n_s) % n_l  # row i is profile[(j - c_i) mod n_l]
             w = windows.index_select(0, shifts)
         if mode == "jitter":
-            torch.add(w, k, alpha=0.5, out=k)
-        else:
-            # E = -log(U) ~ Exp(1) (U = 0, probability 2^-24, stands for the tail E > -log(2^-24)).
-            k.log_()  # -E
-            if mode == "race":
-                k.mul_(w)  # -E / w
-            elif mode == "gumbel":
-                k.neg_().log_().neg_().add_(w)  # log w - log E
+            k = k.mul_(0.5).add_(w)  # distance + jitter, smallest first
+        elif mode == "race":
+            k = _exponential(k).mul_(w)  # E / w, smallest first
+        elif mode == "gumbel":
+            k = w - _log(_exponential(k).clamp_(min=2.0**-30))  # log w - log E, largest first
         w = None  # free the chunk's weights before the next chunk gathers its own
-        out.index_copy_(0, rows, _select_by_rank(k, degrees[rows], picked[:m]))
+        keys = _sortable(k, tiebreak, smallest=mode != "gumbel", signed=mode == "gumbel")
+        del k
+        out.index_copy_(0, rows, _select_by_rank(keys, degrees[rows], picked[:m]))
     return out if sources_are_rows else out.t().contiguous()
 
 
-def _source_degrees(n_s: int, n_l: int, n_links: int, degree_dist: str, g: torch.Generator) -> torch.Tensor:
+def _source_degrees(n_s: int, n_l: int, n_links: int, degree_dist: str, stream: _Stream) -> torch.Tensor:
     """Degrees ``K_i`` of the ``n_s`` sources: sum exactly ``n_links``, each at most ``n_l``."""
-    dev = g.device
+    dev = stream.device
     if degree_dist == "fixed" or n_links <= n_s:
         # "fixed", or too few links to give every source one: floor/ceil of the mean, extras at random.
         base, extra = divmod(n_links, n_s)
         degrees = torch.full((n_s,), base, dtype=torch.int64, device=dev)
         if extra:
-            degrees[torch.randperm(n_s, generator=g, device=dev)[:extra]] += 1
+            degrees[_random_order(n_s, stream, "extra")[:extra]] += 1
         return degrees
     # "uniform": one link each, the rest spread uniformly at random (a multinomial), then capped at n_l.
     degrees = torch.ones(n_s, dtype=torch.int64, device=dev)
-    _scatter_uniform(degrees, torch.arange(n_s, device=dev), n_links - n_s, g)
-    return _cap_degrees(degrees, n_l, g)
+    _scatter_uniform(degrees, torch.arange(n_s, device=dev), n_links - n_s, stream, "spread")
+    return _cap_degrees(degrees, n_l, stream)
 
 
-def _scatter_uniform(counts: torch.Tensor, bins: torch.Tensor, total: int, g: torch.Generator) -> None:
+def _scatter_uniform(
+    counts: torch.Tensor, bins: torch.Tensor, total: int, stream: _Stream, phase: Any
+) -> None:
     """Add ``total`` balls thrown uniformly at random into ``bins`` (indices of ``counts``), in chunks."""
     n_bins = bins.numel()
     for start in range(0, total, _CHUNK_ENTRIES):
         n = min(_CHUNK_ENTRIES, total - start)
-        draws = torch.randint(0, n_bins, (n,), generator=g, device=counts.device)
+        # 63 random bits modulo n_bins: uniform up to a bias of n_bins / 2**63.
+        draws = stream.bits(phase, n, offset=start).remainder_(n_bins)
         counts.index_add_(0, bins, torch.bincount(draws, minlength=n_bins))
 
 
-def _cap_degrees(degrees: torch.Tensor, cap: int, g: torch.Generator) -> torch.Tensor:
+def _cap_degrees(degrees: torch.Tensor, cap: int, stream: _Stream) -> torch.Tensor:
     """Clip degrees at ``cap`` and hand the overflow to sources with room, keeping the total exact."""
-    for _ in range(8):
+    for attempt in range(8):
         overflow = int((degrees - cap).clamp_(min=0).sum())
         if overflow == 0:
             return degrees
         degrees.clamp_(max=cap)
-        _scatter_uniform(degrees, (degrees < cap).nonzero().squeeze(1), overflow, g)
+        _scatter_uniform(degrees, (degrees < cap).nonzero().squeeze(1), overflow, stream, ("cap", attempt))
     overflow = int((degrees - cap).clamp_(min=0).sum())
     if overflow:
         # Rare tail (densities close to 1): fill the remaining room of the sources in a random order.
         degrees.clamp_(max=cap)
-        order = torch.randperm(degrees.numel(), generator=g, device=degrees.device)
+        order = _random_order(degrees.numel(), stream, "cap_order")
         room = cap - degrees[order]
         before = torch.cumsum(room, 0) - room
         degrees[order] += (overflow - before).clamp_(min=0).minimum(room)
@@ -334,8 +447,8 @@ def _cap_degrees(degrees: torch.Tensor, cap: int, g: torch.Generator) -> torch.T
 
 
 # --------------------------------------------------------------------------------------------- BSW
-def _bsw(n_out: int, n_in: int, n_links: int, beta: float, g: torch.Generator) -> torch.Tensor:
-    dev = g.device
+def _bsw(n_out: int, n_in: int, n_links: int, beta: float, stream: _Stream) -> torch.Tensor:
+    dev = stream.device
     # The larger side L owns the windows; with n_out == n_in the outputs do.
     windows_on_rows = n_out >= n_in
     n_l, n_s = (n_out, n_in) if windows_on_rows else (n_in, n_out)
@@ -357,7 +470,7 @@ def _bsw(n_out: int, n_in: int, n_links: int, beta: float, g: torch.Generator) -
         return lattice
     flat = lattice.view(-1)
     links = flat.nonzero().squeeze(1)
-    moved = links[torch.rand(links.numel(), generator=g, device=dev) < beta]
+    moved = links[stream.uniform("move", links.numel()) < beta]
     n_moved = moved.numel()
     if n_moved == 0:
         return lattice
@@ -366,17 +479,20 @@ def _bsw(n_out: int, n_in: int, n_links: int, beta: float, g: torch.Generator) -
     # Land on positions empty in the lattice (a moved link really moves); only if there are too few of
     # those are the vacated positions allowed too.
     blocked = flat if flat.numel() - n_links >= n_moved else kept
-    keys = torch.rand(flat.numel(), generator=g, device=dev).masked_fill_(blocked, -1.0)
-    kept |= _top_k_flat(keys, n_moved)
+    keys = stream.uniform("land", flat.numel()).masked_fill_(blocked, -1.0)
+    kept |= _top_k_flat(_sortable(keys, stream.tiebreak("land", flat.numel())), n_moved)
     return kept.view(n_out, n_in)
 
 
 # --------------------------------------------------------------------------------------------- BSF
-def _bsf(n_out: int, n_in: int, n_links: int, g: torch.Generator) -> torch.Tensor:
-    dev = g.device
+def _bsf(n_out: int, n_in: int, n_links: int, stream: _Stream) -> torch.Tensor:
     # Random arrival order over all n_out + n_in nodes; the t-th arrival has BA expected degree ~ t^-1/2.
-    arrival = torch.randperm(n_out + n_in, generator=g, device=dev).to(torch.float32) + 1.0
-    log_w = arrival.log_().mul_(-0.5)
-    keys = torch.empty(n_out, n_in, device=dev).exponential_(generator=g).log_().neg_()
-    keys.add_(log_w[:n_out, None]).add_(log_w[None, n_out:])
-    return _top_k_flat(keys, n_links)
+    # Sampling by weight w_a * w_j without replacement is the race E / (w_a * w_j), smallest first, with
+    # 1 / w = sqrt(t) (computed on the CPU: the same everywhere).
+    cpu = _Stream(stream.key, torch.device("cpu"))
+    arrival = _random_order(n_out + n_in, cpu, "arrival").to(torch.float64).add_(1.0)
+    inv_w = arrival.sqrt_().to(torch.float32).to(stream.device)
+    keys = _exponential(stream.uniform("race", (n_out, n_in)))
+    keys.mul_(inv_w[:n_out, None]).mul_(inv_w[None, n_out:])
+    tiebreak = stream.tiebreak("ties", n_out * n_in).view(n_out, n_in)
+    return _top_k_flat(_sortable(keys, tiebreak, smallest=True, signed=False), n_links)
