@@ -18,6 +18,7 @@ REMOVAL_METHODS = ("none", "magnitude", "ri", "mest")
 REGROWTH_METHODS = ("none", "random", "gradient", "ch")
 SELECTION_MODES = ("hard", "soft")
 CH_VARIANTS = ("CH2_L3n", "CH3_L3n", "CH3.1_L3n")
+CH_PRECISIONS = ("exact", "tf32", "bf16")
 DENSITY_SCHEDULES = ("constant", "sigmoid", "cubic", "linear")
 DENSITY_DISTRIBUTIONS = ("uniform", "erk")
 DECAY_PRUNING = ("ri", "magnitude")
@@ -160,6 +161,12 @@ class SparseTrainingConfig:
     regrowth: str | None = _help(f"Regrowth score: one of {REGROWTH_METHODS}.")
     regrowth_mode: str | None = _help("'hard' top-k or 'soft' sampling proportional to the score.")
     ch_variant: str | None = _help(f"Cannistraci-Hebb link predictor: one of {CH_VARIANTS}.")
+    ch_precision: str = _help(
+        f"Precision of the CH link predictor's products with the node weights: one of {CH_PRECISIONS}. "
+        "'exact' (float32) by default; 'tf32' / 'bf16' are faster on GPUs at a small score error, with "
+        "counts exact in all (measured in docs/PRECISION.md).",
+        "exact",
+    )
     # --- chain removal (section 5)
     chain_removal: bool | None = _help(
         "Remove links of neurons left without inputs or outputs (percolation)."
@@ -228,6 +235,7 @@ class SparseTrainingConfig:
         check_choice("regrowth", self.regrowth, REGROWTH_METHODS)
         check_choice("regrowth_mode", self.regrowth_mode, SELECTION_MODES)
         check_choice("ch_variant", self.ch_variant, CH_VARIANTS)
+        check_choice("ch_precision", self.ch_precision, CH_PRECISIONS)
         check_choice("density_schedule", self.density_schedule, DENSITY_SCHEDULES)
         check_choice("decay_pruning", self.decay_pruning, DECAY_PRUNING)
         check_positive_int(self.decay_start, "decay_start", allow_zero=True)

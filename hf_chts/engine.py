@@ -360,6 +360,7 @@ class TopologyEngine:
                 mode=cfg.regrowth_mode,
                 grad=grad,
                 ch_variant=cfg.ch_variant,
+                ch_precision=cfg.ch_precision,
                 generator=generator,
             )
             layer.regrown = n_grow

@@ -4,11 +4,25 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from hf_chts.topology.link_prediction import ch3_l3_reference, ch_scores, ch_scores_reference
+from hf_chts import config as config_module
+from hf_chts.topology import link_prediction
+from hf_chts.topology.link_prediction import (
+    CH_PRECISIONS,
+    CH_VARIANTS,
+    _round_weights,
+    _split_bf16,
+    ch3_l3_reference,
+    ch_scores,
+    ch_scores_reference,
+)
+
+# Small matmuls on a busy shared CPU: one thread avoids OpenMP spin-waits (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VARIANTS = ["CH2_L3n", "CH3_L3n", "CH3.1_L3n"]
-METHODS = ["auto", "int8", "float", "sparse", "dense_reference"]
+METHODS = ["auto", "dense", "int8", "float", "sparse", "dense_reference"]
 
 # A 3 x 4 layer (outputs a0..a2, inputs j0..j3):
 #   a0: j0 j1 j2     k_row = [3, 2, 2]
@@ -79,7 +93,7 @@ def test_matches_loop_formula_on_small_random_layers(variant):
 
 
 # ------------------------------------------------------------------------------------ kernels agree
-@pytest.mark.parametrize("method", ["auto", "int8", "float", "sparse"])
+@pytest.mark.parametrize("method", ["auto", "dense", "int8", "float", "sparse"])
 def test_all_kernels_and_block_sizes_match_reference(method):
     g = torch.Generator().manual_seed(1)
     tiny = [((1, 1), 1.0), ((1, 7), 0.5), ((7, 1), 0.5), ((5, 3), 0.5)]
@@ -133,7 +147,7 @@ def test_respects_reduced_precision_fp32_setting():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("method", ["auto", "int8", "float", "sparse"])
+@pytest.mark.parametrize("method", ["auto", "dense", "int8", "float", "sparse"])
 def test_cuda_matches_reference(method):
     mask = torch.rand(300, 170, generator=torch.Generator().manual_seed(5)) < 0.2
     for variant in VARIANTS:
@@ -185,16 +199,134 @@ def test_bad_inputs():
         ch_scores(mask, "CH4_L3")
     with pytest.raises(ValueError, match="'CH4_L3'"):
         ch_scores_reference(mask, "CH4_L3")
-    with pytest.raises(ValueError, match="'gpu'.*'auto', 'int8', 'float', 'sparse'"):
+    with pytest.raises(ValueError, match="'gpu'.*'auto', 'dense', 'int8', 'float', 'sparse'"):
         ch_scores(mask, method="gpu")
+    with pytest.raises(ValueError, match="ch_precision 'fp16'.*'exact', 'tf32', 'bf16'"):
+        ch_scores(mask, precision="fp16")
     with pytest.raises(ValueError, match=r"2-D.*\(12,\)"):
         ch_scores(torch.ones(12))
-    with pytest.raises(ValueError, match=r"2-D.*\(2, 3, 4\)"):
-        ch_scores(torch.ones(2, 3, 4))
+    with pytest.raises(ValueError, match=r"3-D stack.*\(2, 2, 3, 4\)"):
+        ch_scores(torch.ones(2, 2, 3, 4))
     with pytest.raises(ValueError, match=r"2-D.*\(2, 3, 4\)"):
         ch3_l3_reference(torch.ones(2, 3, 4))
-    with pytest.raises(ValueError, match="torch.Tensor.*list"):
+    with pytest.raises(ValueError, match="torch.Tensor, got list"):
         ch_scores([[1, 0], [0, 1]])
     for bad in (0, -3, 2.5):
         with pytest.raises(ValueError, match=f"block_size.*{bad}"):
             ch_scores(mask, block_size=bad)
+
+
+# ------------------------------------------------------------------------------------ stacks of layers
+@pytest.mark.parametrize("method", ["auto", "dense", "int8", "float", "sparse", "dense_reference"])
+def test_stack_equals_per_layer(method):
+    g = torch.Generator().manual_seed(8)
+    # Layers of different densities in one stack (each picks its own kernels on CPU), an empty and a full one.
+    stack = torch.stack([torch.rand(60, 45, generator=g) < d for d in (0.02, 0.1, 0.4, 0.9)])
+    stack = torch.cat(
+        [stack, torch.zeros(1, 60, 45, dtype=torch.bool), torch.ones(1, 60, 45, dtype=torch.bool)]
+    )
+    for variant in VARIANTS:
+        for precision in CH_PRECISIONS:
+            got = ch_scores(stack, variant, method=method, precision=precision)
+            assert got.shape == stack.shape and got.dtype == torch.float32
+            per_layer = torch.stack(
+                [ch_scores(m, variant, method=method, precision=precision) for m in stack]
+            )
+            if method == "dense":  # one batched GEMM vs B single ones: float32 rounding may differ
+                torch.testing.assert_close(got, per_layer, rtol=1e-6, atol=1e-5)
+            else:
+                assert torch.equal(got, per_layer), (variant, precision)
+            if precision == "exact":
+                ref = torch.stack([ch_scores_reference(m, variant) for m in stack])
+                torch.testing.assert_close(got.double(), ref, rtol=2e-6, atol=1e-5 * float(ref.abs().max()))
+
+
+class _CountSyncs(TorchDispatchMode):
+    """Counts the ops that read a device value on the host (a synchronisation on a GPU)."""
+
+    SYNCING = {"aten::_local_scalar_dense", "aten::nonzero", "aten::item", "aten::equal", "aten::is_nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.SYNCING:
+            self.syncs.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_dense_path_never_reads_the_device():
+    # The GPU path (method="dense") picks kernels and blocks from shapes alone: no host synchronisation.
+    stack = torch.rand(3, 50, 70, generator=torch.Generator().manual_seed(9)) < 0.2
+    for precision in CH_PRECISIONS:
+        with _CountSyncs() as mode:
+            ch_scores(stack, "CH3.1_L3n", method="dense", precision=precision, block_size=16)
+            ch_scores(stack[0], method="dense", precision=precision)
+        assert mode.syncs == [], (precision, mode.syncs)
+
+
+# ------------------------------------------------------------------------------------ precision knob
+def test_precision_names_match_the_config():
+    assert config_module.CH_PRECISIONS == CH_PRECISIONS
+    assert config_module.CH_VARIANTS == CH_VARIANTS
+
+
+def test_split_bf16_and_rounding():
+    w = torch.rand(10_000, generator=torch.Generator().manual_seed(10)) * 50
+    hi, mid, lo = _split_bf16(w)
+    assert hi.dtype == mid.dtype == lo.dtype == torch.bfloat16
+    total = hi.float() + mid.float() + lo.float()
+    assert float(((total - w).abs() / w).max()) <= 2.0**-24  # float32 precision
+    # TF32 keeps 10 mantissa bits (round to nearest even); bf16 keeps 7.
+    x = torch.tensor([1.0 + 2**-10, 1.0 + 2**-11, 1.0 + 3 * 2**-11, 1.0 + 2**-11 + 2**-20, 3.0])
+    assert _round_weights(x, "tf32").tolist() == [1.0 + 2**-10, 1.0, 1.0 + 2**-9, 1.0 + 2**-10, 3.0]
+    assert _round_weights(x, "bf16").tolist() == [1.0, 1.0, 1.0, 1.0, 3.0]
+    assert _round_weights(x, "exact") is x
+
+
+@pytest.mark.parametrize("method", ["auto", "dense", "sparse"])
+def test_reduced_precision_error_and_top_k_agreement(method):
+    # Thresholds of docs/PRECISION.md: score error relative to the largest score, and the overlap of the
+    # top 10% of candidates with the exact top 10%.
+    mask = torch.rand(400, 300, generator=torch.Generator().manual_seed(11)) < 0.1
+    exact = ch_scores(mask, method=method)
+    candidates = ~mask
+    k = int(0.1 * int(candidates.sum()))
+    top_exact = set(torch.topk(exact[candidates], k).indices.tolist())
+    for precision, max_error, min_overlap in (("tf32", 2.0**-11, 0.97), ("bf16", 2.0**-8, 0.9)):
+        got = ch_scores(mask, method=method, precision=precision)
+        error = float((got - exact).abs().max() / exact.abs().max())
+        assert 0 < error <= max_error, (precision, error)
+        overlap = len(top_exact & set(torch.topk(got[candidates], k).indices.tolist())) / k
+        assert overlap >= min_overlap, (precision, overlap)
+
+
+def test_regrow_links_threads_the_precision(monkeypatch):
+    from hf_chts.topology.regrowth import regrow_links
+
+    seen = []
+    original = link_prediction.ch_scores
+
+    def spy(mask, variant="CH2_L3n", **kw):
+        seen.append(kw.get("precision"))
+        return original(mask, variant, **kw)
+
+    monkeypatch.setattr(link_prediction, "ch_scores", spy)
+    mask = torch.rand(20, 30, generator=torch.Generator().manual_seed(12)) < 0.2
+    regrow_links(mask, 5, method="ch", ch_precision="bf16")
+    assert seen == ["bf16"]
+    with pytest.raises(ValueError, match="ch_precision 'half'"):
+        regrow_links(mask, 5, method="ch", ch_precision="half")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_stack_and_precisions():
+    stack = torch.rand(3, 300, 170, generator=torch.Generator().manual_seed(13)) < 0.2
+    ref = torch.stack([ch_scores_reference(m) for m in stack])
+    exact = ch_scores(stack.cuda())
+    torch.testing.assert_close(exact.cpu().double(), ref, rtol=2e-6, atol=1e-5 * float(ref.abs().max()))
+    for precision, max_error in (("tf32", 2.0**-10), ("bf16", 2.0**-7)):
+        got = ch_scores(stack.cuda(), precision=precision).cpu()
+        assert float((got.double() - ref).abs().max() / ref.abs().max()) <= max_error, precision

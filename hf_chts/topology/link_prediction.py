@@ -15,14 +15,24 @@ where ``C_r = M M^T`` and ``C_c = M^T M`` count common neighbours, ``E[x, y] = m
 :func:`ch_scores` never materialises ``C_r``, ``C_c`` or ``G`` whole. It walks over blocks of columns of
 ``C_r`` (then of ``C_c``), which equal blocks of rows since both are symmetric, turns each block into the
 matching block of ``G^T`` and adds its product with ``M`` into ``S``; peak extra memory is one block
-(~256 MB by default). Each product uses the fastest exact kernel for the device and density:
+(~256 MB on CPU; on a GPU a quarter of the free device memory). A stack of same-shape masks
+``(B, n_out, n_in)`` is scored at once (batched GEMMs on a GPU). Each product uses the fastest exact kernel
+for the device and density:
 
 - common-neighbour counts are 0/1 products, exact in integer arithmetic: int8 x int8 -> int32
   (``torch._int_mm``, ~6x faster than an fp32 GEMM on CPU), fp32 GEMMs (exact for counts < 2**24, even
   with TF32 or bf16 inputs), or, at low density, sums of neighbour lists (``embedding_bag``) whose cost
   falls with the number of links;
 - the products with ``G`` (fractions) stay in float32: a full-precision fp32 GEMM at high density, a
-  gather-sum over the neighbour lists of ``M`` at low density.
+  gather-sum over the neighbour lists of ``M`` at low density;
+- on a GPU (``method="dense"``, the default there) counts are bf16 GEMMs with fp32 output (exact) and each
+  product with ``G`` is three bf16 GEMMs over the split ``G = G_hi + G_mid + G_lo`` (each part exactly
+  bf16, their sum ``G`` to float32 precision), accumulated in fp32: float32 accuracy at bf16 speed, with
+  no host synchronisation and kernels chosen by device and dtype only.
+
+``precision`` trades accuracy of the products with ``G`` for speed: ``"tf32"`` rounds ``G`` to 10 mantissa
+bits (one TF32 GEMM on a GPU), ``"bf16"`` to 8 bits (one bf16 GEMM). Counts stay exact. The score error and
+the agreement of the top-k regrown links are measured in docs/PRECISION.md.
 """
 
 from __future__ import annotations
@@ -37,14 +47,24 @@ import torch.nn.functional as F
 
 from .._validation import check_choice, check_mask_2d, check_positive_int
 
-__all__ = ["CH_METHODS", "CH_VARIANTS", "ch3_l3_reference", "ch_scores", "ch_scores_reference"]
+__all__ = [
+    "CH_METHODS",
+    "CH_PRECISIONS",
+    "CH_VARIANTS",
+    "ch3_l3_reference",
+    "ch_scores",
+    "ch_scores_reference",
+]
 
 CH_VARIANTS = ("CH2_L3n", "CH3_L3n", "CH3.1_L3n")
 _VARIANT_KIND = {"CH2_L3n": "ch2", "CH3_L3n": "ch3", "CH3.1_L3n": "ch31", "CH3_1_L3n": "ch31"}
-CH_METHODS = ("auto", "int8", "float", "sparse", "dense_reference")
+CH_METHODS = ("auto", "dense", "int8", "float", "sparse", "dense_reference")
+CH_PRECISIONS = ("exact", "tf32", "bf16")
 
-# Peak extra memory of one block (bytes) when ``block_size`` is not given.
+# Peak extra memory of one block (bytes) on CPU when ``block_size`` is not given; on other devices a
+# fraction of the free device memory (the caching allocator's free blocks included).
 _BLOCK_BYTES = 256 * 2**20
+_DEVICE_MEMORY_FRACTION = 0.25
 # On CPU, below these densities the neighbour-list kernels beat the dense ones (measured on 11008 x 4096:
 # embedding_bag sums cost ~ nnz * width, ~10x less efficient per operation than a GEMM, ~2x less than int8).
 _SPARSE_COUNTS_BELOW = 0.03
@@ -56,49 +76,79 @@ def ch_scores(
     variant: str = "CH2_L3n",
     *,
     method: str = "auto",
+    precision: str = "exact",
     block_size: int | None = None,
 ) -> torch.Tensor:
-    """Cannistraci-Hebb L3n link-prediction scores of every position of a layer's mask.
+    """Cannistraci-Hebb L3n link-prediction scores of every position of a layer's mask (or of a stack).
 
     Args:
-        mask (`torch.Tensor` of shape `(n_out, n_in)`): the current topology; nonzero / True is a link.
+        mask (`torch.Tensor` of shape `(n_out, n_in)` or `(B, n_out, n_in)`): the current topology; nonzero /
+            True is a link. A 3-D stack scores B same-shape layers at once, each on its own.
         variant (`str`, *optional*, defaults to `"CH2_L3n"`): ``"CH2_L3n"``, ``"CH3_L3n"`` or ``"CH3.1_L3n"``
             (``"CH3_1_L3n"`` is accepted too).
-        method (`str`, *optional*, defaults to `"auto"`): the kernels. ``"int8"``: counts by int8 GEMMs,
-            products by fp32 GEMMs; ``"float"``: fp32 GEMMs throughout; ``"sparse"``: neighbour-list sums
-            throughout; ``"auto"``: on CPU neighbour lists for counts below 3% density and for products below
-            15%, int8 / fp32 GEMMs above; fp32 GEMMs on other devices; ``"dense_reference"``:
-            :func:`ch_scores_reference` (float64, everything materialised; small layers only). All are exact
-            up to float32 rounding of the final sums.
+        method (`str`, *optional*, defaults to `"auto"`): the kernels. ``"dense"``: batched GEMMs over the
+            whole stack, exact bf16 counts where the device has bf16 GEMMs with fp32 output (CUDA), fp32
+            GEMMs elsewhere; ``"int8"``: counts by int8 GEMMs, products by fp32 GEMMs; ``"float"``: fp32
+            GEMMs throughout; ``"sparse"``: neighbour-list sums throughout; ``"auto"``: on CPU neighbour lists
+            for counts below 3% density and for products below 15%, int8 / fp32 GEMMs above; ``"dense"`` on
+            other devices (chosen without reading the mask: no host synchronisation);
+            ``"dense_reference"``: :func:`ch_scores_reference` (float64, everything materialised; small
+            layers only). With ``precision="exact"`` all are exact up to float32 rounding of the sums.
+        precision (`str`, *optional*, defaults to `"exact"`): precision of the products with the node weights
+            ``G``: ``"exact"`` (float32), ``"tf32"`` (``G`` rounded to TF32's 10 mantissa bits) or
+            ``"bf16"`` (8 bits). Counts are exact in all. On CPU the reduced precisions give the same
+            rounding of ``G`` but no speed-up. Ignored by ``"dense_reference"``.
         block_size (`int`, *optional*): rows of ``C_r`` / ``C_c`` per block; by default chosen so that one
-            block's temporaries take ~256 MB.
+            block's temporaries take ~256 MB on CPU, a quarter of the free memory on other devices.
 
     Returns:
-        `torch.Tensor`: float32 scores of shape `(n_out, n_in)` on ``mask``'s device; 0.0 at existing links
-        (only ``mask == 0`` positions are candidates).
+        `torch.Tensor`: float32 scores of ``mask``'s shape on its device; 0.0 at existing links (only
+        ``mask == 0`` positions are candidates).
 
     Example:
         >>> mask = torch.rand(64, 32, generator=torch.Generator().manual_seed(0)) < 0.2
         >>> scores = ch_scores(mask, "CH2_L3n")
         >>> bool((scores[mask] == 0).all())
         True
+        >>> stack = torch.stack([mask, ~mask])  # two layers of one shape, scored together
+        >>> torch.equal(ch_scores(stack)[0], scores)
+        True
     """
-    check_mask_2d(mask)
+    _check_mask(mask)
     kind = _variant_kind(variant)
     check_choice("method", method, CH_METHODS)
+    check_choice("ch_precision", precision, CH_PRECISIONS)
     if block_size is not None:
         check_positive_int(block_size, "block_size")
     if method == "dense_reference":
+        if mask.dim() == 3:
+            return torch.stack([ch_scores_reference(m, variant) for m in mask]).to(torch.float32)
         return ch_scores_reference(mask, variant).to(torch.float32)
     with torch.no_grad():
-        layer = _Layer(mask if mask.dtype == torch.bool else mask != 0)
-        if layer.nnz == 0:
-            return torch.zeros(layer.shape, dtype=torch.float32, device=layer.device)
-        scores = torch.empty(layer.shape, dtype=torch.float32, device=layer.device)  # the row part fills it
-        counts, products = _plan(method, layer)
-        _add_row_part(scores, layer, kind, counts, products, block_size)
-        _add_col_part(scores, layer, kind, counts, products, block_size)
-        return scores.masked_fill_(layer.m, 0.0)
+        m = mask if mask.dtype == torch.bool else mask != 0
+        if method == "auto" and m.device.type != "cpu":
+            method = "dense"
+        if method == "dense":
+            stack = m if m.dim() == 3 else m[None]
+            scores = _dense_stack(stack, kind, precision, block_size)
+            return scores if m.dim() == 3 else scores[0]
+        if m.dim() == 3:
+            out = torch.empty(m.shape, dtype=torch.float32, device=m.device)
+            for index in range(m.shape[0]):  # per-layer kernels (CPU: each layer's density picks them)
+                out[index] = _layer_scores(m[index], kind, method, precision, block_size)
+            return out
+        return _layer_scores(m, kind, method, precision, block_size)
+
+
+def _layer_scores(m: torch.Tensor, kind: str, method: str, precision: str, block_size) -> torch.Tensor:
+    layer = _Layer(m)
+    if layer.device.type == "cpu" and layer.nnz == 0:  # (reading nnz is free on CPU)
+        return torch.zeros(layer.shape, dtype=torch.float32, device=layer.device)
+    scores = torch.empty(layer.shape, dtype=torch.float32, device=layer.device)  # the row part fills it
+    counts, products = _plan(method, layer)
+    _add_row_part(scores, layer, kind, counts, products, precision, block_size)
+    _add_col_part(scores, layer, kind, counts, products, precision, block_size)
+    return scores.masked_fill_(layer.m, 0.0)
 
 
 def ch_scores_reference(mask: torch.Tensor, variant: str = "CH2_L3n") -> torch.Tensor:
@@ -168,6 +218,16 @@ def ch3_l3_reference(mask: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ internals
+def _check_mask(mask: torch.Tensor) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"`mask` must be a torch.Tensor, got {type(mask).__name__}.")
+    if mask.dim() not in (2, 3):
+        raise ValueError(
+            f"`mask` must be 2-D (n_out x n_in) or a 3-D stack (B x n_out x n_in) of same-shape layers, "
+            f"got shape {tuple(mask.shape)}."
+        )
+
+
 def _variant_kind(variant: str) -> str:
     if variant not in _VARIANT_KIND:
         check_choice("CH variant", variant, CH_VARIANTS)
@@ -183,8 +243,14 @@ class _Layer:
         self.device = m.device
         self.k_row = m.sum(1, dtype=torch.int64).to(torch.float32)
         self.k_col = m.sum(0, dtype=torch.int64).to(torch.float32)
-        self.nnz = int(self.k_row.sum())
-        self.density = self.nnz / max(m.numel(), 1)
+
+    @cached_property
+    def nnz(self) -> int:
+        return int(self.k_row.sum())  # a host read: used by the CPU plan only
+
+    @cached_property
+    def density(self) -> float:
+        return self.nnz / max(self.m.numel(), 1)
 
     @cached_property
     def m_f(self) -> torch.Tensor:
@@ -227,18 +293,28 @@ def _plan(method: str, layer: _Layer) -> tuple[str, str]:
     return method, method
 
 
-def _block(block_size: int | None, temp_rows: int, other: int) -> int:
+def _block(block_size: int | None, temp_rows: int, other: int, device: torch.device, batch: int = 1) -> int:
     if block_size is not None:
         return block_size
-    # Per column of a block: counts (int32), weights and denominators (fp32), a bool mask: ~13-17 bytes per
-    # temp row, plus the product's output and the gather table: ~8 bytes per row of the other side.
-    return max(1, _BLOCK_BYTES // (17 * temp_rows + 8 * other))
+    # Per column of a block: counts (int32), weights and denominators (fp32), a bool mask, bf16 splits:
+    # ~17-23 bytes per temp row, plus the product's output and the gather table: ~8 bytes per row of the
+    # other side.
+    return max(1, _block_bytes(device) // (batch * (23 * temp_rows + 8 * other)))
 
 
-def _add_row_part(scores, layer: _Layer, kind: str, counts: str, products: str, block_size) -> None:
+def _block_bytes(device: torch.device) -> int:
+    """Memory for one block's temporaries: 256 MB on CPU, a share of what is free on an accelerator."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)  # a driver query, not a stream synchronisation
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return max(_BLOCK_BYTES // 4, int(_DEVICE_MEMORY_FRACTION * (free + cached)))
+    return _BLOCK_BYTES
+
+
+def _add_row_part(scores, layer: _Layer, kind: str, counts: str, products: str, precision, block_size):
     """scores += G_r @ M, one block of G_r's rows (= columns of the symmetric C_r) at a time."""
     n_out, n_in = layer.shape
-    step = _block(block_size, n_out, n_in)
+    step = _block(block_size, n_out, n_in, layer.device)
     for r0 in range(0, n_out, step):
         r1 = min(r0 + step, n_out)
         # c[b, a] = C_r[b, a] for a in the block: the block's G_r rows, transposed (n_out x block).
@@ -251,7 +327,7 @@ def _add_row_part(scores, layer: _Layer, kind: str, counts: str, products: str, 
             c = None
         if c is None:
             c = layer.m_f @ layer.m_f[r0:r1].t()
-        g_t = _node_weights(c, layer.k_row[:, None], kind)  # g_t[b, a] = G_r[a, b]
+        g_t = _round_weights(_node_weights(c, layer.k_row[:, None], kind), precision)  # G_r[a, b]
         del c
         # The row part runs first, into the empty output: each block of rows is written exactly once.
         if products == "sparse":
@@ -262,10 +338,10 @@ def _add_row_part(scores, layer: _Layer, kind: str, counts: str, products: str, 
         del g_t
 
 
-def _add_col_part(scores, layer: _Layer, kind: str, counts: str, products: str, block_size) -> None:
+def _add_col_part(scores, layer: _Layer, kind: str, counts: str, products: str, precision, block_size):
     """scores += (G_c @ M^T)^T, one block of G_c's rows (= columns of the symmetric C_c) at a time."""
     n_out, n_in = layer.shape
-    step = _block(block_size, n_in, n_out)
+    step = _block(block_size, n_in, n_out, layer.device)
     for c0 in range(0, n_in, step):
         c1 = min(c0 + step, n_in)
         # c[i, j] = C_c[i, j] for j in the block (n_in x block).
@@ -278,7 +354,7 @@ def _add_col_part(scores, layer: _Layer, kind: str, counts: str, products: str, 
             c = None
         if c is None:
             c = layer.m_f.t() @ layer.m_f[:, c0:c1]
-        g_t = _node_weights(c, layer.k_col[:, None], kind)  # g_t[i, j] = G_c[j, i]
+        g_t = _round_weights(_node_weights(c, layer.k_col[:, None], kind), precision)  # G_c[j, i]
         del c
         if products == "sparse":
             scores[:, c0:c1] += _gather_sum(layer.row_lists, g_t)
@@ -286,6 +362,112 @@ def _add_col_part(scores, layer: _Layer, kind: str, counts: str, products: str, 
             with _ieee_fp32_matmul(layer.device):
                 scores[:, c0:c1].addmm_(layer.m_f, g_t)
         del g_t
+
+
+def _dense_stack(m: torch.Tensor, kind: str, precision: str, block_size: int | None) -> torch.Tensor:
+    """Scores of a stack ``(B, n_out, n_in)`` of bool masks by batched GEMMs, with no host synchronisation.
+
+    Counts: bf16 0/1 operands with fp32 output where the device has it (exact: every product is 0 or 1 and
+    fp32 sums are exact below 2**24), else fp32 GEMMs (exact likewise, even with TF32). Products with G:
+    by ``precision`` (:func:`_weights_matmul`).
+    """
+    batch, n_out, n_in = m.shape
+    dev = m.device
+    bf16 = _has_bf16_fp32_matmul(dev)
+    m_counts = m.to(torch.bfloat16 if bf16 else torch.float32)
+    m_products = m.to(torch.float32) if bf16 and precision == "tf32" else m_counts
+    k_row = m.sum(2, dtype=torch.int32).to(torch.float32)[:, :, None]
+    k_col = m.sum(1, dtype=torch.int32).to(torch.float32)[:, :, None]
+    scores = torch.empty(m.shape, dtype=torch.float32, device=dev)
+    step = _block(block_size, n_out, n_in, dev, batch)
+    for r0 in range(0, n_out, step):
+        r1 = min(r0 + step, n_out)
+        # c[b, x, a] = C_r[x, a] for a in the block; g_t[b, x, a] = G_r[a, x].
+        c = _count_matmul(m_counts, m_counts[:, r0:r1].transpose(1, 2))
+        g_t = _node_weights(c, k_row, kind)
+        del c
+        scores[:, r0:r1] = _weights_matmul(g_t.transpose(1, 2), m_products, precision, bf16, left=True)
+        del g_t
+    step = _block(block_size, n_in, n_out, dev, batch)
+    for c0 in range(0, n_in, step):
+        c1 = min(c0 + step, n_in)
+        # c[b, i, j] = C_c[i, j] for j in the block; g_t[b, i, j] = G_c[j, i].
+        c = _count_matmul(m_counts.transpose(1, 2), m_counts[:, :, c0:c1])
+        g_t = _node_weights(c, k_col, kind)
+        del c
+        scores[:, :, c0:c1] += _weights_matmul(m_products, g_t, precision, bf16, left=False)
+        del g_t
+    return scores.masked_fill_(m, 0.0)
+
+
+# Device types whose bf16 GEMMs give fp32 output (``out_dtype``): probed once per device type.
+_BF16_FP32_MATMUL: dict[str, bool] = {}
+
+
+def _has_bf16_fp32_matmul(device: torch.device) -> bool:
+    if device.type not in _BF16_FP32_MATMUL:
+        ok = False
+        if device.type == "cuda":
+            try:
+                a = torch.ones(1, 16, 16, dtype=torch.bfloat16, device=device)
+                ok = torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32
+            except (RuntimeError, TypeError, NotImplementedError):
+                ok = False
+        _BF16_FP32_MATMUL[device.type] = ok
+    return _BF16_FP32_MATMUL[device.type]
+
+
+def _count_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact fp32 common-neighbour counts from 0/1 operands (bf16 with fp32 output, or fp32)."""
+    if a.dtype == torch.bfloat16:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    if a.device.type == "cuda":
+        with _fp32_matmul(a.device, "tf32"):  # 0/1 operands are exact in TF32: only the speed changes
+            return torch.bmm(a, b)
+    return torch.bmm(a, b)  # exact under any fp32 matmul setting (0/1 inputs, fp32 accumulation)
+
+
+def _weights_matmul(a, b, precision: str, bf16: bool, *, left: bool) -> torch.Tensor:
+    """fp32 batched product of node weights (``a`` if ``left``, else ``b``) and a 0/1 mask, at ``precision``.
+
+    With bf16 GEMMs (fp32 output): ``"exact"`` sums the products of the three bf16 parts of the weights
+    (:func:`_split_bf16`, float32 accuracy), ``"bf16"`` uses one part; ``"tf32"`` is one TF32 GEMM. Without
+    them: IEEE fp32 GEMMs on the weights rounded as ``precision`` says.
+    """
+    if precision == "tf32" and a.device.type == "cuda":
+        with _fp32_matmul(a.device, "tf32"):
+            return torch.bmm(a, b)
+    if bf16 and precision != "tf32":
+        w, other = (a, b) if left else (b, a)
+        out = None
+        for part in _split_bf16(w) if precision == "exact" else [w.to(torch.bfloat16)]:
+            x, y = (part, other) if left else (other, part)
+            prod = torch.bmm(x, y, out_dtype=torch.float32)
+            out = prod if out is None else out.add_(prod)
+        return out
+    a, b = (_round_weights(a, precision), b) if left else (a, _round_weights(b, precision))
+    with _fp32_matmul(a.device, "ieee"):
+        return torch.bmm(a, b)
+
+
+def _split_bf16(w: torch.Tensor) -> list[torch.Tensor]:
+    """Three bf16 tensors whose fp32 sum is ``w`` to float32 precision (each residual is exact in fp32)."""
+    hi = w.to(torch.bfloat16)
+    rest = w - hi.to(torch.float32)
+    mid = rest.to(torch.bfloat16)
+    lo = rest.sub_(mid.to(torch.float32)).to(torch.bfloat16)
+    return [hi, mid, lo]
+
+
+def _round_weights(g: torch.Tensor, precision: str) -> torch.Tensor:
+    """Round float32 node weights as a GEMM of ``precision`` would read them (round to nearest even)."""
+    if precision == "exact":
+        return g
+    if precision == "bf16":
+        return g.to(torch.bfloat16).to(torch.float32)
+    bits = g.contiguous().view(torch.int32)  # tf32: keep 10 of the 23 mantissa bits
+    odd = bits.bitwise_right_shift(13).bitwise_and_(1)
+    return bits.add(0xFFF).add_(odd).bitwise_and_(~0x1FFF).view(torch.float32)
 
 
 def _node_weights(c: torch.Tensor, k: torch.Tensor, kind: str) -> torch.Tensor:
@@ -349,11 +531,16 @@ def _round_up(x: int, multiple: int) -> int:
     return int(math.ceil(x / multiple) * multiple)
 
 
-@contextmanager
-def _ieee_fp32_matmul(device: torch.device) -> Iterator[None]:
-    """Full-precision fp32 GEMMs for the products with G, whatever TF32 / bf16 setting the caller chose.
+def _ieee_fp32_matmul(device: torch.device):
+    """Full-precision fp32 GEMMs for the products with G, whatever TF32 / bf16 setting the caller chose."""
+    return _fp32_matmul(device, "ieee")
 
-    Touches the global setting only when it is not already full precision, and restores it after.
+
+@contextmanager
+def _fp32_matmul(device: torch.device, precision: str) -> Iterator[None]:
+    """fp32 GEMMs at ``precision`` (``"ieee"`` or ``"tf32"``) inside the block, whatever the caller chose.
+
+    Touches the global setting only when it differs, and restores it after.
     """
     backends = {
         "cuda": getattr(torch.backends.cuda, "matmul", None),
@@ -363,20 +550,21 @@ def _ieee_fp32_matmul(device: torch.device) -> Iterator[None]:
     if leaf is not None and hasattr(leaf, "fp32_precision"):  # torch >= 2.9 per-backend API
         previous = leaf.fp32_precision
         effective = previous if previous != "none" else getattr(torch.backends, "fp32_precision", "none")
-        if effective in ("none", "ieee"):
+        if effective == precision or (precision == "ieee" and effective == "none"):
             yield
             return
-        leaf.fp32_precision = "ieee"
+        leaf.fp32_precision = precision
         try:
             yield
         finally:
             leaf.fp32_precision = previous
         return
+    wanted = "highest" if precision == "ieee" else "high"
     previous = torch.get_float32_matmul_precision()
-    if previous == "highest":
+    if previous == wanted:
         yield
         return
-    torch.set_float32_matmul_precision("highest")
+    torch.set_float32_matmul_precision(wanted)
     try:
         yield
     finally:

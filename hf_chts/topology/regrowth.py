@@ -36,6 +36,7 @@ def regrow_links(
     mode: str = "hard",
     grad: torch.Tensor | None = None,
     ch_variant: str = "CH2_L3n",
+    ch_precision: str = "exact",
     scores: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +51,8 @@ def regrow_links(
         grad (`torch.Tensor`, *optional*): dense gradient of the weight, same shape; required by
             ``"gradient"`` unless ``scores`` is given.
         ch_variant (`str`, defaults to ``"CH2_L3n"``): link predictor used by ``"ch"``.
+        ch_precision (`str`, defaults to ``"exact"``): precision of its products with the node weights
+            (``"exact"``, ``"tf32"`` or ``"bf16"``; see :func:`~hf_chts.topology.link_prediction.ch_scores`).
         scores (`torch.Tensor`, *optional*): precomputed non-negative regrowth scores (same shape) for
             ``"gradient"`` or ``"ch"``; only the values at empty positions are read.
         generator (`torch.Generator`, *optional*): source of randomness.
@@ -95,7 +98,7 @@ def regrow_links(
             else:
                 from .link_prediction import ch_scores  # lazy: the predictor is heavy and optional here
 
-                scores = ch_scores(existing, variant=ch_variant)
+                scores = ch_scores(existing, variant=ch_variant, precision=ch_precision)
         _check_same_shape(scores, mask.shape, "scores")
         chosen = select_indices(
             scores.to(existing.device), n_grow, mode=mode, exclude=existing, generator=generator
