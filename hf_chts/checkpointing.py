@@ -316,18 +316,41 @@ def _weight_files(checkpoint: str) -> list[str]:
     return []
 
 
-def masks_in_model_weights(checkpoint: str) -> dict[str, torch.Tensor]:
-    """``{layer name: bool mask}`` of the ``*.weight_mask`` tensors in a checkpoint's model weights, or {}."""
+class _WeightMasks(Mapping):
+    """``{layer name: bool mask}`` read lazily, one tensor at a time, from a checkpoint's weight files."""
+
+    def __init__(self, files: dict[str, str]) -> None:
+        self._files = files  # layer name -> file
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self._files[name], framework="pt") as handle:
+            return handle.get_tensor(name + MASK_SUFFIX)
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+def masks_in_model_weights(checkpoint: str) -> Mapping[str, torch.Tensor]:
+    """``{layer name: bool mask}`` of the ``*.weight_mask`` tensors in a checkpoint's model weights, or {}.
+
+    The mapping reads each mask when it is accessed (a 7B model's masks take gigabytes), after checking
+    that every weight file is whole.
+    """
     from safetensors import safe_open
 
-    masks = {}
+    files = {}
     for path in _weight_files(checkpoint):
         check_safetensors_file(path, fix="Resume from another checkpoint (hf_chts.last_complete_checkpoint).")
         with safe_open(path, framework="pt") as handle:
             for key in handle.keys():
                 if key.endswith(MASK_SUFFIX):
-                    masks[key[: -len(MASK_SUFFIX)]] = handle.get_tensor(key)
-    return masks
+                    files[key[: -len(MASK_SUFFIX)]] = path
+    return _WeightMasks(files)
 
 
 def trainer_callback_state(checkpoint: str) -> dict[str, Any] | None:
@@ -531,7 +554,7 @@ def find_resume_state(
                     problem,
                     model_source,
                 )
-            masks, source = model_masks, model_source
+            masks, source = dict(model_masks), model_source
             state = dict(trainer_callback_state(path) or {})
             model_masks = {}
         else:
