@@ -9,8 +9,11 @@ The callback is thin glue between Trainer events and :class:`hf_chts.engine.Topo
   gradient of the effective weights when the method reads it (RigL / GraNet regrowth, MEST removal).
 - ``on_pre_optimizer_step``: optional learning-rate re-warmup after an update (``rewarmup_steps``).
 - ``on_optimizer_step`` (transformers runs it right after ``optimizer.step()``, before the scheduler step,
-  ``zero_grad`` and ``state.global_step += 1``): set masked weights to exactly 0.0, and on update steps
-  evolve the topology, zero new and removed weights and their optimizer state.
+  ``zero_grad`` and ``state.global_step += 1``): on update steps evolve the topology, zero new and removed
+  weights and their optimizer state. Between updates nothing is needed: the gradient is masked in backward
+  and the optimizer state is 0 at masked positions, so the usual optimizers leave masked weights at exactly
+  0.0 (``hf_chts.masking.ZERO_PRESERVING_OPTIMIZERS``); for any other optimizer (or ``remask="every_step"``)
+  the masked weights are zeroed again after every step (two foreach ops).
 - ``on_log``: add the sparsity figures to the Trainer's logs; ``on_save``: write ``hf_chts_state/``.
 
 Step semantics: optimizer steps are counted from 1. "The update at step t" runs after the t-th call of
@@ -19,7 +22,7 @@ Step semantics: optimizer steps are counted from 1. "The update at step t" runs 
 ``checkpoint-t`` already has the topology of the update at step t.
 
 Gradient clipping runs before ``on_pre_optimizer_step``, so a callback cannot keep masked gradients out of
-the clipping norm; the masked forward does (the gradient at a masked position is exactly 0 from backward).
+the clipping norm; the masked modules do (the gradient at a masked position is exactly 0 from backward).
 """
 
 from __future__ import annotations
@@ -51,7 +54,9 @@ from .masking import (
     apply_masks_,
     find_sparse_modules,
     from_layer_view,
+    install_grad_masks_,
     is_masked,
+    keeps_masked_weights_zero,
     layer_view,
     layer_view_shape,
     make_masked_,
@@ -152,6 +157,7 @@ class CHTssCallback(TrainerCallback, ExportableState):
         self._density = 1.0
         self._grads: dict[str, torch.Tensor] | None = None
         self._saved_lrs: list[float] | None = None
+        self._remask_every_step: bool | None = None  # decided from the optimizer (config.remask)
         self._exported: dict[str, Any] | None = None  # set by transformers when it restores callback states
         self._trainer_refs: tuple[Any, Any] | None = None  # (args, state) of the running Trainer
         self._saved_step: int | None = None
@@ -254,8 +260,11 @@ class CHTssCallback(TrainerCallback, ExportableState):
             self.last_update_step = self._last_update_before(state.global_step)
         self._sync_masks_from_rank0()
         apply_masks_(self.modules)
+        install_grad_masks_(self.modules)  # weights replaced since masking (e.g. loaded) get the hook back
+        self._remask_every_step = None
         if optimizer is not None:
             zero_optimizer_state_(optimizer, self.modules)
+            self._remask_every_step = self._resolve_remask(optimizer)
         self._density = self._global_density()
         self._pending_logs = {}
         logger.info(
@@ -298,7 +307,10 @@ class CHTssCallback(TrainerCallback, ExportableState):
                 group["lr"] = lr
             self._saved_lrs = None
         step = state.global_step + 1
-        apply_masks_(self.modules)
+        if self._remask_every_step is None:
+            self._remask_every_step = self._resolve_remask(optimizer)
+        if self._remask_every_step:
+            apply_masks_(self.modules)
         if self.engine.should_update(step):
             self._update(step, optimizer)
 
@@ -446,6 +458,21 @@ class CHTssCallback(TrainerCallback, ExportableState):
         return merged
 
     # ------------------------------------------------------------------ setup helpers
+    def _resolve_remask(self, optimizer) -> bool:
+        """Whether masked weights must be zeroed after every optimizer step (``config.remask``)."""
+        mode = self.config.remask
+        if mode != "auto":
+            return mode == "every_step"
+        if optimizer is not None and keeps_masked_weights_zero(optimizer):
+            return False
+        inner = getattr(optimizer, "optimizer", optimizer)
+        logger.info(
+            "hf_chts: %s is not known to keep masked weights at 0.0; they are zeroed after every optimizer "
+            "step (set remask='update_steps' to skip this if it does).",
+            type(inner).__name__,
+        )
+        return True
+
     def _resolve_chains(self, model: nn.Module, names: list[str]) -> Sequence[Any]:
         if not self.config.chain_removal:
             return ()

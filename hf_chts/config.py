@@ -23,6 +23,7 @@ DENSITY_SCHEDULES = ("constant", "sigmoid", "cubic", "linear")
 DENSITY_DISTRIBUTIONS = ("uniform", "erk")
 DECAY_PRUNING = ("ri", "magnitude")
 ZETA_SCHEDULES = ("constant", "cosine")
+REMASK_MODES = ("auto", "every_step", "update_steps")
 
 # ALGORITHM.md section 6. Only the fields a preset decides are listed; the rest keep their defaults.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -194,6 +195,12 @@ class SparseTrainingConfig:
         "Freeze a layer's topology once this fraction of the regrown links were the ones just removed."
     )
     rewarmup_steps: int = _help("Steps of learning-rate re-warmup after each topology update (0 = off).", 0)
+    remask: str = _help(
+        "When masked weights are set to 0.0 again after an optimizer step: 'auto' (after every step only for "
+        "optimizers not in hf_chts.masking.ZERO_PRESERVING_OPTIMIZERS, which keep them at 0.0 by themselves; "
+        "otherwise at topology updates), 'every_step', or 'update_steps' (trust the optimizer).",
+        "auto",
+    )
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
@@ -238,6 +245,7 @@ class SparseTrainingConfig:
         check_choice("ch_precision", self.ch_precision, CH_PRECISIONS)
         check_choice("density_schedule", self.density_schedule, DENSITY_SCHEDULES)
         check_choice("decay_pruning", self.decay_pruning, DECAY_PRUNING)
+        check_choice("remask", self.remask, REMASK_MODES)
         check_positive_int(self.decay_start, "decay_start", allow_zero=True)
         if self.decay_end is not None:
             check_positive_int(self.decay_end, "decay_end")

@@ -1,18 +1,35 @@
 """Which modules are sparse, their ``weight_mask`` buffers, the masked forward and optimizer-state zeroing.
 
 A sparse module is an ``nn.Linear`` or a GPT-2 style ``transformers.pytorch_utils.Conv1D`` that carries a
-persistent ``torch.bool`` buffer named ``weight_mask`` shaped exactly like its ``weight``, and whose forward
-multiplies the two (see docs/DESIGN.md, "Masks"). The module's class is swapped in place to a masked subclass
-(:class:`MaskedLinear`, :class:`MaskedConv1D`), so the masking
+persistent ``torch.bool`` buffer named ``weight_mask`` shaped exactly like its ``weight`` (see docs/DESIGN.md,
+"Masks"). The module's class is swapped in place to a masked subclass (:class:`MaskedLinear`,
+:class:`MaskedConv1D`).
 
-- lives in ``forward``: the gradient at masked positions is exactly 0 before any clipping, under DDP and
-  under FSDP2 (``fully_shard`` all-gathers the weight before ``forward``; parameter hooks would not fire on
-  the sharded parameters),
-- survives ``copy.deepcopy``, ``torch.save`` (the classes are importable), ``save_pretrained`` (the mask is
-  an ordinary persistent buffer: ``<module name>.weight_mask`` in ``model.safetensors``) and ``model.to()``
-  (bool buffers keep their dtype),
-- works under ``torch.autocast``: the product ``weight * weight_mask`` is formed in the weight's dtype and the
-  matmul is then autocast as usual.
+The masked forward costs what the dense one costs, plus one in-place multiply of each weight's gradient:
+
+- **Masked weights are exactly 0.0** whenever a forward runs. Every entry point keeps them so:
+  :func:`sparsify_`, :func:`set_masks_`, :func:`make_masked_`, ``load_state_dict`` (a checkpoint whose masked
+  weights are non-zero is zeroed on load), the callback at the start of training and at every topology
+  update. The forward therefore uses ``weight`` itself (no masked copy): it equals ``weight * weight_mask``.
+- **The gradient is masked once, in backward.** A post-accumulate-grad hook on the weight multiplies
+  ``weight.grad`` by the mask in place, right after autograd accumulated it and before DDP's reducer sees it,
+  so the gradient at masked positions is exactly 0 before any clipping, with gradient accumulation, under
+  DDP and ``torch.compile`` (the hook runs eagerly after the compiled backward). Where the hook cannot sit
+  on the tensor the forward uses (FSDP2 all-gathers into a separate unsharded parameter; a weight replaced
+  behind the module's back), the forward routes the weight through an identity autograd function whose
+  backward masks the gradient: the same result, one view op more.
+- **Masked weights stay exactly 0.0 through the optimizer step** when the gradient and the optimizer state
+  are 0 there, for the element-wise optimizers listed in :data:`ZERO_PRESERVING_OPTIMIZERS` (AdamW, SGD with
+  momentum and weight decay, Adafactor, ...): their update at such a position is exactly 0. Any other
+  optimizer (e.g. Shampoo, Muon, GaLore, which mix positions) needs :func:`apply_masks_` after every step,
+  which the callback does unless told otherwise (``SparseTrainingConfig.remask``).
+
+Rule for code that writes weights directly (``weight.data.normal_()``, a hand-made optimizer): call
+:func:`apply_masks_` afterwards.
+
+Masks survive ``copy.deepcopy``, ``torch.save`` (the classes are importable), ``save_pretrained`` (the mask
+is an ordinary persistent buffer: ``<module name>.weight_mask`` in ``model.safetensors``) and ``model.to()``
+(bool buffers keep their dtype; the gradient hook follows the weight).
 
 Example:
 
@@ -29,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -41,19 +59,24 @@ from .config import SparseTrainingConfig
 logger = logging.getLogger(__name__)
 
 MASK_NAME = "weight_mask"
-# Attribute (in the instance ``__dict__``) holding a gradient hook for the effective weight; see
-# :func:`set_grad_capture_`. It is not a buffer or parameter, so it never reaches a state dict.
+# Attributes in a masked module's instance ``__dict__`` (never buffers or parameters, so never in a state
+# dict): the gradient-masking hook of its weight (:class:`_GradMask`, also set on the weight tensor it sits
+# on) and the dense-gradient capture hook of :func:`set_grad_capture_`.
+_MASK_HOOK_ATTR = "_hf_chts_grad_mask"
 _GRAD_HOOK_ATTR = "_hf_chts_grad_hook"
 
 __all__ = [
     "MASK_NAME",
+    "ZERO_PRESERVING_OPTIMIZERS",
     "MaskedConv1D",
     "MaskedLinear",
     "apply_masks_",
     "find_sparse_modules",
     "from_layer_view",
     "get_masks",
+    "install_grad_masks_",
     "is_masked",
+    "keeps_masked_weights_zero",
     "layer_view",
     "layer_view_shape",
     "make_masked_",
@@ -67,12 +90,132 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------ masked forward
-def masked_weight(module: nn.Module) -> torch.Tensor:
-    """The effective weight ``module.weight * module.weight_mask`` used by the masked forward.
+class _MaskGrad(torch.autograd.Function):
+    """Identity in forward; multiplies the gradient by the mask in backward (one view op, one multiply)."""
 
-    When a gradient hook was installed with :func:`set_grad_capture_`, it is registered on this product, so it
-    receives the *dense* gradient of the loss with respect to the effective weight (RigL / GraNet regrowth and
-    MEST removal read it), while the parameter's own gradient is that dense gradient times the mask.
+    @staticmethod
+    def forward(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return weight.view_as(weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
+
+
+class _GradMask:
+    """Post-accumulate-grad hook of one sparse weight: ``weight.grad *= weight_mask`` in place.
+
+    The weight it sits on is tagged with it (an attribute of the Python tensor object) and it remembers the
+    address of that tensor's C++ object, which changes when ``torch.utils.swap_tensors`` moves the hook away;
+    :meth:`covers` tells the forward whether the tensor it is about to use carries this hook. No reference
+    to the weight is kept: a replaced weight is freed as usual.
+    """
+
+    __slots__ = ("cdata", "handle", "module_ref")
+
+    def __init__(self, module: nn.Module, weight: torch.Tensor):
+        self.module_ref = weakref.ref(module)
+        self.cdata = weight._cdata
+        self.handle = weight.register_post_accumulate_grad_hook(self)
+        # The hook dict lives on the Python object, the link to it on the C++ tensor: after
+        # ``swap_tensors`` the dict stays here unlinked. Assigning it (re)links it to the current C++ tensor.
+        weight._post_accumulate_grad_hooks = weight._post_accumulate_grad_hooks
+        setattr(weight, _MASK_HOOK_ATTR, self)
+
+    def __call__(self, weight: torch.Tensor) -> None:
+        module = self.module_ref()
+        grad = weight.grad
+        if module is None or grad is None:
+            return
+        with torch.no_grad():
+            grad.mul_(module._buffers[MASK_NAME])
+
+    def covers(self, weight: torch.Tensor) -> bool:
+        if getattr(weight, _MASK_HOOK_ATTR, None) is not self:
+            return False
+        # Under torch.compile the tag (guarded by dynamo) is enough; eagerly, also check the C++ tensor.
+        return torch.compiler.is_compiling() or weight._cdata == self.cdata
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+    def __reduce__(self):
+        # A pickled or deep-copied tensor does not carry the hook, so it does not carry the tag either.
+        return (type(None), ())
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "device_mesh") and hasattr(tensor, "to_local")
+
+
+def install_grad_masks_(modules) -> int:
+    """(Re-)attach the gradient-masking hook to the current ``weight`` of each masked module; idempotent.
+
+    :func:`make_masked_` attaches it, and the masked classes re-attach it after ``model.to()``,
+    ``copy.deepcopy``, unpickling and ``load_state_dict(assign=True)``. Call this after replacing a weight by
+    other means (e.g. ``module.weight = nn.Parameter(...)``): until then the forward still masks the gradient,
+    through the identity function, at the cost of one view op per layer. Weights that do not require a
+    gradient and FSDP2-sharded weights (whose gradient the hook would never see) get no hook.
+
+    Returns:
+        The number of modules whose weight carries the hook.
+    """
+    covered = 0
+    for _, module in _modules_items(modules):
+        weight = module._parameters.get("weight")
+        mark = module.__dict__.get(_MASK_HOOK_ATTR)
+        if mark is not None and weight is not None and mark.covers(weight):
+            covered += 1
+            continue
+        if mark is not None:
+            mark.remove()
+            del module.__dict__[_MASK_HOOK_ATTR]
+        if (
+            weight is None
+            or MASK_NAME not in module._buffers
+            or not weight.requires_grad
+            or _is_sharded(weight)
+        ):
+            continue
+        module.__dict__[_MASK_HOOK_ATTR] = _GradMask(module, weight)
+        covered += 1
+    return covered
+
+
+def _forward_weight(module: nn.Module) -> torch.Tensor:
+    """The weight the masked forward multiplies with: ``weight`` itself (its masked entries are 0.0).
+
+    When the gradient-masking hook does not cover this tensor, or while a dense-gradient capture is active
+    (:func:`set_grad_capture_`, update steps only), the weight goes through :class:`_MaskGrad` so that its
+    gradient is masked inside backward; the capture hook is registered on that function's output, which
+    receives the dense gradient (also under gradient checkpointing and ``torch.compile``).
+    """
+    weight = module.weight
+    capture = module.__dict__.get(_GRAD_HOOK_ATTR)
+    if capture is None:
+        mark = module.__dict__.get(_MASK_HOOK_ATTR)
+        if mark is not None and mark.covers(weight):
+            return weight
+    if not (torch.is_grad_enabled() and weight.requires_grad):
+        return weight
+    masked = _MaskGrad.apply(weight, module._buffers[MASK_NAME])
+    if capture is not None:
+        masked.register_hook(capture)
+    return masked
+
+
+def masked_weight(module: nn.Module) -> torch.Tensor:
+    """The effective weight ``module.weight * module.weight_mask``, as a new tensor.
+
+    The masked forward does not build this product (see the module docstring): it uses ``weight`` itself,
+    whose masked entries are kept at exactly 0.0, so both give the same output. This function is for code
+    that wants the product explicitly; when a dense-gradient capture is active (:func:`set_grad_capture_`)
+    its hook is registered on the product, which receives the dense gradient.
     """
     weight = module.weight * module.weight_mask
     hook = module.__dict__.get(_GRAD_HOOK_ATTR)
@@ -81,12 +224,40 @@ def masked_weight(module: nn.Module) -> torch.Tensor:
     return weight
 
 
-class MaskedLinear(nn.Linear):
-    """An ``nn.Linear`` whose forward uses ``weight * weight_mask``.
+class _MaskedMixin:
+    """Keeps the masked-forward contract across conversions, copies and loads (see the module docstring)."""
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        install_grad_masks_(self)
+        return out
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        for key in (_MASK_HOOK_ATTR, _GRAD_HOOK_ATTR):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        install_grad_masks_(self)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # A checkpoint may hold non-zero values at masked positions (e.g. dense weights with a mask); the
+        # forward relies on them being 0.0.
+        if self._buffers.get(MASK_NAME) is not None and self.weight.device.type != "meta":
+            apply_masks_(self)
+        install_grad_masks_(self)
+
+
+class MaskedLinear(_MaskedMixin, nn.Linear):
+    """An ``nn.Linear`` whose masked entries (``weight_mask == False``) are 0.0 and never get a gradient.
 
     Build one directly (the mask starts all ``True``, i.e. dense, until masks are set with
     :func:`set_masks_` or loaded from a state dict), or turn an existing ``nn.Linear`` into one in place with
-    :func:`make_masked_`.
+    :func:`make_masked_`. The forward computes ``x @ (weight * weight_mask).T + bias`` without forming the
+    product (see the module docstring).
 
     Args:
         in_features (`int`): input size.
@@ -102,6 +273,7 @@ class MaskedLinear(nn.Linear):
     >>> with torch.no_grad():
     ...     layer.weight.fill_(1.0)
     ...     layer.weight_mask.copy_(torch.tensor([[True, False], [False, True]]))
+    ...     apply_masks_(layer)
     >>> layer(torch.tensor([[1.0, 2.0]])).tolist()
     [[1.0, 2.0]]
     ```
@@ -110,16 +282,17 @@ class MaskedLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.register_buffer(MASK_NAME, torch.ones_like(self.weight, dtype=torch.bool), persistent=True)
+        install_grad_masks_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, masked_weight(self), self.bias)
+        return F.linear(x, _forward_weight(self), self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", masked=True"
 
 
-class MaskedConv1D(Conv1D):
-    """A GPT-2 ``Conv1D`` (weight ``(n_in, n_out)``) whose forward uses ``weight * weight_mask``.
+class MaskedConv1D(_MaskedMixin, Conv1D):
+    """A GPT-2 ``Conv1D`` (weight ``(n_in, n_out)``) with ``weight_mask``, masked as :class:`MaskedLinear`.
 
     Args:
         nf (`int`): number of output features.
@@ -129,14 +302,15 @@ class MaskedConv1D(Conv1D):
     def __init__(self, nf: int, nx: int):
         super().__init__(nf, nx)
         self.register_buffer(MASK_NAME, torch.ones_like(self.weight, dtype=torch.bool), persistent=True)
+        install_grad_masks_(self)
 
     def __repr__(self) -> str:
         return f"MaskedConv1D(nf={self.nf}, nx={self.nx})"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same computation as transformers' Conv1D.forward, on the masked weight.
+        # Same computation as transformers' Conv1D.forward.
         size_out = x.size()[:-1] + (self.nf,)
-        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), masked_weight(self))
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), _forward_weight(self))
         return x.view(size_out)
 
 
@@ -210,6 +384,7 @@ def make_masked_(module: nn.Module, mask: torch.Tensor | None = None, *, name: s
         with torch.no_grad():
             module.weight_mask.copy_(mask)
     apply_masks_({name: module})
+    install_grad_masks_(module)
     return module
 
 
@@ -436,16 +611,19 @@ def _modules_items(modules) -> list[tuple[str, nn.Module]]:
 def apply_masks_(modules, extra_positions: Mapping[str, torch.Tensor] | None = None) -> None:
     """Set every masked weight to exactly 0.0 (also under FSDP2, shard by shard).
 
-    The weight is multiplied by its 0/1 mask and then ``+ 0.0`` turns the ``-0.0`` of negative masked
-    entries into ``+0.0``: a few times faster on CPU than ``masked_fill_``, which matters because the
-    callback calls this after every optimizer step. (A NaN at a masked position would stay NaN; it cannot
-    arise while the masked forward keeps that entry's gradient and optimizer state at 0.)
+    Two ``torch._foreach_*`` ops for all modules together: the weights are multiplied by their 0/1 masks and
+    then ``+ 0.0`` turns the ``-0.0`` of negative masked entries into ``+0.0``. (A NaN at a masked position
+    would stay NaN; it cannot arise while the gradient and the optimizer state there are 0.)
+
+    The callback calls this at topology updates, and after every optimizer step only for optimizers that are
+    not known to keep masked weights at 0.0 (see the module docstring and ``SparseTrainingConfig.remask``).
 
     Args:
-        modules (`dict[str, nn.Module]` or iterable of modules): masked modules.
+        modules (`dict[str, nn.Module]`, iterable of modules, or one module): masked modules.
         extra_positions (`dict[str, torch.Tensor]`, *optional*): per module name, a bool tensor shaped like
             the weight marking further positions to zero (e.g. links grown at this update, which start at 0).
     """
+    weights, keeps = [], []
     for name, module in _modules_items(modules):
         mask = module._buffers.get(MASK_NAME)
         if mask is None:
@@ -454,7 +632,40 @@ def apply_masks_(modules, extra_positions: Mapping[str, torch.Tensor] | None = N
         if extra_positions is not None and name in extra_positions:
             keep = mask & ~extra_positions[name].to(mask.device)
         weight = module.weight
-        _local(weight).mul_(_local_mask(keep, weight)).add_(0.0)
+        weights.append(_local(weight))
+        keeps.append(_local_mask(keep, weight))
+    if weights:
+        torch._foreach_mul_(weights, keeps)
+        torch._foreach_add_(weights, 0.0)
+
+
+# Optimizers whose update at a position with zero gradient and zero state is exactly 0 (element-wise rules;
+# decoupled or L2 weight decay multiplies a 0.0 weight). Matched by exact class: a subclass may change step().
+ZERO_PRESERVING_OPTIMIZERS: tuple[str, ...] = (
+    "torch.optim.adadelta.Adadelta",
+    "torch.optim.adagrad.Adagrad",
+    "torch.optim.adam.Adam",
+    "torch.optim.adamax.Adamax",
+    "torch.optim.adamw.AdamW",
+    "torch.optim.nadam.NAdam",
+    "torch.optim.radam.RAdam",
+    "torch.optim.rmsprop.RMSprop",
+    "torch.optim.sgd.SGD",
+    "transformers.optimization.Adafactor",
+)
+
+
+def keeps_masked_weights_zero(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` leaves a weight at exactly 0.0 when its gradient and optimizer state are 0 there.
+
+    True for the classes in :data:`ZERO_PRESERVING_OPTIMIZERS` (an ``AcceleratedOptimizer`` is unwrapped):
+    with masked gradients and the state zeroed at masked positions (:func:`zero_optimizer_state_`), masked
+    weights then stay 0.0 without re-masking. Optimizers that mix positions (Shampoo, Muon, GaLore's
+    projections) or are simply unknown return False: re-mask after every step with :func:`apply_masks_`.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)
+    cls = type(inner)
+    return f"{cls.__module__}.{cls.__qualname__}" in ZERO_PRESERVING_OPTIMIZERS
 
 
 @torch.no_grad()

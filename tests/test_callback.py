@@ -406,3 +406,14 @@ def test_rewarmup_scales_learning_rate_after_updates(tmp_path):
     # steps 4 and 5 follow the update at step 3: lr x 1/3 and x 2/3 during optimizer.step(), restored after
     assert [seen[-t] / 0.01 for t in range(1, 7)] == pytest.approx([1, 1, 1, 1 / 3, 2 / 3, 1])
     assert all(seen[t] == pytest.approx(0.01) for t in range(1, 7))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["chts", "rigl"])
+def test_torch_compile(tmp_path, method):
+    """``torch_compile=True``: the gradient hook runs after the compiled backward; RigL captures grads."""
+    trainer, sparse, probe = train(tmp_path, config_for(method), torch_compile=True, max_steps=6)
+    assert type(trainer.model_wrapped).__name__ == "OptimizedModule" or hasattr(
+        trainer.model_wrapped, "_orig_mod"
+    )
+    check_run(sparse, probe, max_steps=6)

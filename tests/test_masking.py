@@ -17,6 +17,7 @@ from hf_chts.masking import (
     find_sparse_modules,
     from_layer_view,
     get_masks,
+    install_grad_masks_,
     is_masked,
     layer_view,
     make_masked_,
@@ -217,7 +218,9 @@ def test_masked_linear_forward_and_exact_zero_gradient():
     assert isinstance(layer, MaskedLinear)
     assert torch.all(layer.weight[~mask] == 0.0)
     with torch.no_grad():
-        layer.weight.add_(1.0)  # masked entries become non-zero; the forward must still ignore them
+        layer.weight.add_(1.0)  # written directly: masked entries become non-zero ...
+    apply_masks_(layer)  # ... and the documented rule puts them back to 0.0
+    assert torch.all(layer.weight[~mask] == 0.0) and torch.all(layer.weight[mask] != 0.0)
     x = torch.randn(7, 6)
     expected = x @ (layer.weight * mask).T + layer.bias
     out = layer(x)
@@ -459,3 +462,141 @@ def test_grad_capture_under_gradient_checkpointing(reentrant):
     assert set(plain) == set(checkpointed) and len(plain) == 14
     for name in plain:
         assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
+
+
+# ------------------------------------------------------------------------------------------ steady steps
+def _masked_grads_are_zero(layer) -> bool:
+    return bool(torch.all(layer.weight.grad[~layer.weight_mask] == 0.0))
+
+
+def test_forward_uses_the_weight_and_backward_masks_it_in_place():
+    from hf_chts.masking import _forward_weight
+
+    torch.manual_seed(0)
+    layer = make_masked_(nn.Linear(6, 5), checkerboard((5, 6)), name="fc")
+    assert _forward_weight(layer) is layer.weight  # no masked copy, no extra op in forward
+    for _ in range(2):  # accumulation: the accumulated gradient stays masked
+        (layer(torch.randn(3, 6)).pow(2).sum() * 1e6).backward()
+        assert _masked_grads_are_zero(layer) and torch.any(layer.weight.grad != 0.0)
+
+
+@pytest.mark.parametrize(
+    "how", ["deepcopy", "pickle", "to_float64", "swap_tensors", "new_parameter", "assign"]
+)
+def test_gradient_stays_masked_when_the_weight_object_changes(how):
+    from hf_chts.masking import _forward_weight
+
+    torch.manual_seed(0)
+    layer = make_masked_(nn.Linear(6, 5), checkerboard((5, 6)), name="fc")
+    if how == "deepcopy":
+        layer = copy.deepcopy(layer)
+    elif how == "pickle":
+        buffer = io.BytesIO()
+        torch.save(layer, buffer)
+        buffer.seek(0)
+        layer = torch.load(buffer, weights_only=False)
+    elif how == "to_float64":
+        layer = layer.to(torch.float64)
+    elif how == "swap_tensors":  # moves the C++ tensor (and its hooks) away from the Python object
+        torch.utils.swap_tensors(layer.weight, nn.Parameter(layer.weight.detach().clone()))
+    elif how == "new_parameter":
+        layer.weight = nn.Parameter(layer.weight.detach().clone())
+    elif how == "assign":
+        layer.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()}, assign=True)
+    fast = _forward_weight(layer) is layer.weight
+    # the masked classes re-attach the hook themselves; otherwise the forward falls back to the identity
+    # function, and install_grad_masks_ restores the fast path
+    assert fast == (how not in ("swap_tensors", "new_parameter"))
+    x = torch.randn(3, 6, dtype=layer.weight.dtype)
+    (layer(x).pow(2).sum() * 1e6).backward()
+    assert _masked_grads_are_zero(layer)
+    assert install_grad_masks_(layer) == 1 and _forward_weight(layer) is layer.weight
+    layer.weight.grad = None
+    (layer(x).pow(2).sum() * 1e6).backward()
+    assert _masked_grads_are_zero(layer)
+
+
+def test_load_state_dict_zeroes_masked_weights():
+    layer = make_masked_(nn.Linear(4, 3, bias=False), checkerboard((3, 4)), name="fc")
+    state = {"weight": torch.full((3, 4), -2.0), "weight_mask": ~checkerboard((3, 4))}
+    layer.load_state_dict(state)
+    assert torch.equal(layer.weight_mask, ~checkerboard((3, 4)))  # the loaded mask wins
+    assert torch.all(layer.weight[checkerboard((3, 4))] == 0.0)
+    assert not torch.any(torch.signbit(layer.weight[checkerboard((3, 4))]))
+    assert torch.all(layer.weight[~checkerboard((3, 4))] == -2.0)
+
+
+def _optimizer(name: str, params):
+    from transformers.optimization import Adafactor
+
+    make = {
+        "Adadelta": lambda: torch.optim.Adadelta(params, lr=1.0, weight_decay=0.1),
+        "Adagrad": lambda: torch.optim.Adagrad(params, lr=0.1, weight_decay=0.1),
+        "Adam": lambda: torch.optim.Adam(params, lr=0.1, weight_decay=0.1, amsgrad=True),
+        "Adamax": lambda: torch.optim.Adamax(params, lr=0.1, weight_decay=0.1),
+        "AdamW": lambda: torch.optim.AdamW(params, lr=0.1, weight_decay=0.1),
+        "AdamW_fused": lambda: torch.optim.AdamW(params, lr=0.1, weight_decay=0.1, fused=True),
+        "NAdam": lambda: torch.optim.NAdam(params, lr=0.1, weight_decay=0.1, decoupled_weight_decay=True),
+        "RAdam": lambda: torch.optim.RAdam(params, lr=0.1, weight_decay=0.1),
+        "RMSprop": lambda: torch.optim.RMSprop(params, lr=0.1, momentum=0.9, centered=True, weight_decay=0.1),
+        "SGD": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
+        "Adafactor": lambda: Adafactor(
+            params, lr=0.1, relative_step=False, scale_parameter=False, beta1=0.9, weight_decay=0.1
+        ),
+    }
+    return make[name]()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Adadelta",
+        "Adagrad",
+        "Adam",
+        "Adamax",
+        "AdamW",
+        "AdamW_fused",
+        "NAdam",
+        "RAdam",
+        "RMSprop",
+        "SGD",
+        "Adafactor",
+    ],
+)
+def test_zero_preserving_optimizers_keep_masked_weights_exactly_zero(name, dtype):
+    """No re-mask after the step: masked gradient + zero state => exactly 0.0 (also after a mask change)."""
+    from hf_chts.masking import ZERO_PRESERVING_OPTIMIZERS, keeps_masked_weights_zero
+
+    torch.manual_seed(0)
+    layer = make_masked_(nn.Linear(8, 6).to(dtype), checkerboard((6, 8)), name="fc")
+    optimizer = _optimizer(name, layer.parameters())
+    assert keeps_masked_weights_zero(optimizer)
+    assert len(ZERO_PRESERVING_OPTIMIZERS) == 10
+    for step in range(6):
+        if step == 3:  # a topology update: new mask, grown links start at 0 with zero state
+            new = torch.rand(6, 8, generator=torch.Generator().manual_seed(1)) < 0.5
+            grown = new & ~layer.weight_mask
+            set_masks_(nn.ModuleDict({"fc": layer}), {"fc": new})
+            apply_masks_({"fc": layer}, extra_positions={"fc": grown})
+            zero_optimizer_state_(optimizer, {"fc": layer}, extra_positions={"fc": grown})
+        loss = layer(torch.randn(4, 8, dtype=dtype)).float().pow(2).sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(layer.parameters(), 0.5)
+        optimizer.step()
+        optimizer.zero_grad()
+        masked = layer.weight[~layer.weight_mask]
+        assert torch.all(masked == 0.0), f"{name}: step {step}"
+        assert torch.any(layer.weight[layer.weight_mask] != 0.0)
+
+
+def test_unknown_optimizer_is_not_trusted():
+    from hf_chts.masking import keeps_masked_weights_zero
+
+    class MyAdamW(torch.optim.AdamW):  # a subclass may change step(): not trusted
+        pass
+
+    params = [nn.Parameter(torch.zeros(2))]
+    assert not keeps_masked_weights_zero(MyAdamW(params))
+    assert keeps_masked_weights_zero(torch.optim.AdamW(params))
+    assert not keeps_masked_weights_zero(torch.optim.LBFGS(params))

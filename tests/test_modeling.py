@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_chts.config import SparseTrainingConfig
 from hf_chts.engine import TopologyEngine
-from hf_chts.masking import MaskedLinear, get_masks
+from hf_chts.masking import MaskedLinear, apply_masks_, get_masks
 from hf_chts.modeling import (
     SPARSE_PROJECTIONS,
     SparseLlamaConfig,
@@ -186,6 +186,12 @@ def test_forward_ignores_masked_weights():
     q = model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
         q.weight[~q.weight_mask] = 5.0
+    apply_masks_(q)  # weights written directly are re-masked (the forward relies on masked weights = 0.0)
+    torch.testing.assert_close(logits_of(model), before, rtol=0, atol=0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["model.layers.0.self_attn.q_proj.weight"][~q.weight_mask] = 5.0
+    model.load_state_dict(state)  # a checkpoint with non-zero masked weights is zeroed on load
+    assert torch.all(q.weight[~q.weight_mask] == 0.0)
     torch.testing.assert_close(logits_of(model), before, rtol=0, atol=0)
     # and the gradient of every masked weight is exactly 0 (all sparse layers use the masked forward)
     model(input_ids(), labels=input_ids()).loss.backward()

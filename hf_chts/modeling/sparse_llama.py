@@ -250,7 +250,7 @@ class SparseLlamaConfig(LlamaConfig):
 class SparseLlamaForCausalLM(LlamaForCausalLM):
     r"""A `LlamaForCausalLM` whose projections listed in ``config.sparse_projections`` are sparse.
 
-    Each sparse projection is a :class:`hf_chts.masking.MaskedLinear` (forward with ``weight * weight_mask``)
+    Each sparse projection is a :class:`hf_chts.masking.MaskedLinear` (masked gradient, masked weights 0.0)
     with a persistent ``torch.bool`` buffer ``weight_mask`` shaped like its weight, saved as
     ``<module>.weight_mask`` in ``model.safetensors``. Masked weights are exactly 0.0 after construction and
     after loading, so a plain ``LlamaForCausalLM`` (or any LLaMA tool) loads the folder and computes the same
