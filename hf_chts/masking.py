@@ -61,9 +61,11 @@ logger = logging.getLogger(__name__)
 MASK_NAME = "weight_mask"
 # Attributes in a masked module's instance ``__dict__`` (never buffers or parameters, so never in a state
 # dict): the gradient-masking hook of its weight (:class:`_GradMask`, also set on the weight tensor it sits
-# on) and the dense-gradient capture hook of :func:`set_grad_capture_`.
+# on), the dense-gradient capture hook of :func:`set_grad_capture_` and the handle of that hook when it sits
+# on the weight itself.
 _MASK_HOOK_ATTR = "_hf_chts_grad_mask"
 _GRAD_HOOK_ATTR = "_hf_chts_grad_hook"
+_GRAD_HANDLE_ATTR = "_hf_chts_grad_hook_handle"
 
 __all__ = [
     "MASK_NAME",
@@ -190,16 +192,15 @@ def install_grad_masks_(modules) -> int:
 def _forward_weight(module: nn.Module) -> torch.Tensor:
     """The weight the masked forward multiplies with: ``weight`` itself (its masked entries are 0.0).
 
-    When the gradient-masking hook does not cover this tensor, or while a dense-gradient capture is active
-    (:func:`set_grad_capture_`, update steps only), the weight goes through :class:`_MaskGrad` so that its
-    gradient is masked inside backward; the capture hook is registered on that function's output, which
-    receives the dense gradient (also under gradient checkpointing and ``torch.compile``).
+    When the gradient-masking hook does not cover this tensor, the weight goes through :class:`_MaskGrad` so
+    that its gradient is masked inside backward; a dense-gradient capture hook (:func:`set_grad_capture_`)
+    that could not sit on the weight itself is then registered on that function's output.
     """
     weight = module.weight
     capture = module.__dict__.get(_GRAD_HOOK_ATTR)
-    if capture is None:
-        mark = module.__dict__.get(_MASK_HOOK_ATTR)
-        if mark is not None and mark.covers(weight):
+    mark = module.__dict__.get(_MASK_HOOK_ATTR)
+    if mark is not None and mark.covers(weight):
+        if capture is None or module.__dict__.get(_GRAD_HANDLE_ATTR) is not None:
             return weight
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return weight
@@ -234,7 +235,7 @@ class _MaskedMixin:
 
     def __getstate__(self):
         state = super().__getstate__()
-        for key in (_MASK_HOOK_ATTR, _GRAD_HOOK_ATTR):
+        for key in (_MASK_HOOK_ATTR, _GRAD_HOOK_ATTR, _GRAD_HANDLE_ATTR):
             state.pop(key, None)
         return state
 
@@ -741,10 +742,18 @@ def set_grad_capture_(modules, store: dict[str, torch.Tensor] | None) -> None:
     While active, each backward pass adds ``d loss / d (weight * weight_mask)`` of every module into
     ``store[name]`` (float32, layout of ``weight``), so gradient-accumulation micro-batches sum up. Only the
     callback's update steps turn this on.
+
+    Masked weights being 0.0, that is the gradient of the weight before masking: the hook sits on the weight
+    itself and sees each incoming gradient before accumulation and before the masking hook, so the forward
+    (and a ``torch.compile``d graph of it) does not change. Where the masking hook does not cover the weight
+    (see :func:`_forward_weight`), it is registered on the identity function's output instead.
     """
     for name, module in _modules_items(modules):
+        module.__dict__.pop(_GRAD_HOOK_ATTR, None)
+        handle = module.__dict__.pop(_GRAD_HANDLE_ATTR, None)
+        if handle is not None:
+            handle.remove()
         if store is None:
-            module.__dict__.pop(_GRAD_HOOK_ATTR, None)
             continue
 
         def hook(grad: torch.Tensor, _name: str = name) -> None:
@@ -755,6 +764,10 @@ def set_grad_capture_(modules, store: dict[str, torch.Tensor] | None) -> None:
                 store[_name] = grad.clone()
 
         module.__dict__[_GRAD_HOOK_ATTR] = hook
+        weight = module.weight
+        mark = module.__dict__.get(_MASK_HOOK_ATTR)
+        if mark is not None and mark.covers(weight):
+            module.__dict__[_GRAD_HANDLE_ATTR] = weight.register_hook(hook)
 
 
 # ------------------------------------------------------------------------------ sparsify_

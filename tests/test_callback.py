@@ -412,8 +412,6 @@ def test_rewarmup_scales_learning_rate_after_updates(tmp_path):
 @pytest.mark.parametrize("method", ["chts", "rigl"])
 def test_torch_compile(tmp_path, method):
     """``torch_compile=True``: the gradient hook runs after the compiled backward; RigL captures grads."""
-    trainer, sparse, probe = train(tmp_path, config_for(method), torch_compile=True, max_steps=6)
-    assert type(trainer.model_wrapped).__name__ == "OptimizedModule" or hasattr(
-        trainer.model_wrapped, "_orig_mod"
-    )
-    check_run(sparse, probe, max_steps=6)
+    trainer, sparse, probe = train(tmp_path, config_for(method), torch_compile=True)
+    assert hasattr(trainer.model_wrapped, "_orig_mod")  # really compiled
+    check_run(sparse, probe)
