@@ -142,7 +142,7 @@ def run(device: str, args) -> dict:
         "device": device,
         "device_name": torch.cuda.get_device_name(device)
         if device.startswith("cuda")
-        else platform.processor(),
+        else (platform.processor() or platform.machine()),
         "dtype": "bf16 (autocast)" if device.startswith("cuda") else "fp32",
         "batch": f"{args.batch} x {args.seq}",
         "layers": len(masks),
