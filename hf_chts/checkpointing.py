@@ -96,11 +96,21 @@ def write_atomic(path: str, data: bytes) -> None:
     Writes ``<path>.tmp``, flushes and ``fsync``-s it, renames it over ``path`` and ``fsync``-s the folder.
     """
     tmp = path + _TMP_SUFFIX
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(
+            err.errno,
+            f"Could not write {path} ({err.strerror or err}); it is left as it was before this save. Free "
+            "disk space or make the output folder writable, then resume from "
+            "hf_chts.last_complete_checkpoint(output_dir).",
+        ) from err
     _fsync_dir(os.path.dirname(path) or ".")
 
 

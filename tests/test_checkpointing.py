@@ -209,3 +209,22 @@ def test_trainer_resume_true_with_incomplete_newest_checkpoint_fails_but_latest_
     assert last_complete_checkpoint(str(out)).endswith("checkpoint-2")
     trainer = resume(out, last_complete_checkpoint(str(out)))
     assert_same(trainer.model, run_dir[1])
+
+
+def test_full_disk_during_a_write_keeps_the_old_file_and_names_it(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from hf_chts.checkpointing import write_atomic
+
+    path = tmp_path / "state.json"
+    path.write_text("old")
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(OSError, match=r"Could not write .*state\.json \(No space left on device\)") as info:
+        write_atomic(str(path), b"new")
+    assert info.value.errno == errno.ENOSPC
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
