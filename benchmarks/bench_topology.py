@@ -9,6 +9,7 @@ Usage::
     python benchmarks/bench_topology.py       # all shapes and densities, CPU (+ CUDA if present)
     python benchmarks/bench_topology.py --shapes 11008x4096 --densities 0.3 --ops ch2 --repeats 3
     python benchmarks/bench_topology.py --out benchmarks/results/topology_cpu.md
+    python benchmarks/bench_topology.py --ch-precision-table --out benchmarks/results/ch_precision_cpu.md
 
 Peak memory is the peak resident-set growth during the call on CPU (sampled every 2 ms from /proc), and
 ``torch.cuda.max_memory_allocated`` growth on CUDA.
@@ -56,11 +57,13 @@ def baseline_brf(shape, density, r, generator, device):
     transpose = n_out > n_in
     n_s, n_l = (n_in, n_out) if transpose else (n_out, n_in)
     budget = round(density * n_out * n_in)
-    degrees = torch.full((n_s,), budget // n_s, dtype=torch.long)
-    degrees[torch.randperm(n_s, generator=generator)[: budget - int(degrees.sum())]] += 1
+    # Every draw on the generator's device (a CUDA generator cannot drive CPU draws).
+    dev = generator.device
+    degrees = torch.full((n_s,), budget // n_s, dtype=torch.long, device=dev)
+    degrees[torch.randperm(n_s, generator=generator, device=dev)[: budget - int(degrees.sum())]] += 1
     alpha = (1 - r) / r
     mask = torch.zeros(n_s, n_l, dtype=torch.bool, device=device)
-    j = torch.arange(n_l, dtype=torch.float64)
+    j = torch.arange(n_l, dtype=torch.float64, device=dev)
     for i in range(n_s):
         centre = (i * n_l) // n_s
         dist = torch.minimum((j - centre).abs(), n_l - (j - centre).abs())
@@ -234,12 +237,19 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write a markdown table here (and a .json beside it)")
     parser.add_argument(
+        "--ch-precision-table",
+        action="store_true",
+        help="measure CH2-L3n's ch_precision settings (error vs exact, top-k agreement, time) instead",
+    )
+    parser.add_argument(
         "--merge",
         action="store_true",
         help="replace only the measured rows of an existing --out JSON (re-runs)",
     )
     args = parser.parse_args(argv)
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    if args.ch_precision_table:
+        return run_precision_table(args, devices)
     rows = []
     for device_name in devices:
         device = torch.device(device_name)
@@ -320,6 +330,94 @@ def write_markdown(rows, args, path):
         lines.append(
             f"| {row['device']} | {row['hardware']} | {row['shape']} ({row['model']}) | {row['density']} | "
             f"{row['op']} | {o_t} | {o_m} | {b_t} | {b_m} | {speed} | {mem} |"
+        )
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------- CH precision
+def precision_rows(shape_name, density, device, repeats, seed):
+    """CH2-L3n at each ``ch_precision`` vs ``"exact"`` on one ER layer: error, top-k agreement, time."""
+    from hf_chts.topology.link_prediction import CH_PRECISIONS
+
+    shape = SHAPES[shape_name]
+    mask = init_mask(shape, density, "er", key=seed, device=device)
+    exact = ch_scores(mask, "CH2_L3n")
+    candidates = ~mask
+    cand_exact = exact[candidates]
+    positive = cand_exact > 0
+    # k = the links one update regrows at zeta = 0.1, and a tighter top 1% of the candidates.
+    ks = {"k_update": max(1, int(0.1 * int(mask.sum()))), "k_1pct": max(1, int(0.01 * cand_exact.numel()))}
+    top_exact = {name: torch.topk(cand_exact, k).indices for name, k in ks.items()}
+    rows = []
+    for precision in CH_PRECISIONS:
+        timing = measure(lambda p=precision: ch_scores(mask, "CH2_L3n", precision=p), device, repeats)
+        got = ch_scores(mask, "CH2_L3n", precision=precision)[candidates]
+        diff = (got - cand_exact).abs()
+        row = dict(
+            device=device.type,
+            hardware=hardware(device),
+            shape=shape_name,
+            model=MODEL_OF[shape_name],
+            density=density,
+            precision=precision,
+            max_error=float(diff.max() / cand_exact.abs().max().clamp(min=1e-30)),
+            mean_rel_error=float((diff[positive] / cand_exact[positive]).mean()) if positive.any() else 0.0,
+            timing=timing,
+        )
+        for name, k in ks.items():
+            top = torch.topk(got, k).indices
+            overlap = torch.zeros(cand_exact.numel(), dtype=torch.bool, device=got.device)
+            overlap[top_exact[name]] = True
+            row[name] = k
+            row[f"agree_{name}"] = float(overlap[top].sum()) / k
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def run_precision_table(args, devices):
+    rows = []
+    for device_name in devices:
+        for shape_name in args.shapes:
+            for density in args.densities:
+                rows += precision_rows(
+                    shape_name, density, torch.device(device_name), args.repeats, args.seed
+                )
+    if args.out:
+        write_precision_markdown(rows, args.out)
+    return rows
+
+
+def write_precision_markdown(rows, path):
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+    lines = [
+        '# CH2-L3n: `ch_precision` settings vs `"exact"`',
+        "",
+        f"Command: `python benchmarks/bench_topology.py {' '.join(os.sys.argv[1:])}`",
+        f"Commit: {commit.strip()}; torch {torch.__version__}; Python {platform.python_version()}; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        "ER masks. max error = max |score - exact| / max exact score over the candidates; mean rel = mean of",
+        "|score - exact| / exact over candidates with a positive exact score; agree = fraction of the exact",
+        "top-k candidates also in the top-k at this precision (k_update = 10% of the links, what one update",
+        "regrows at zeta = 0.1; k_1pct = the top 1% of the candidates). On CPU the reduced precisions round",
+        "the node weights as the GPU GEMMs read them (same error, no speed-up).",
+        "",
+        "| device | hardware | shape | density | precision | max error | mean rel | agree k_update | "
+        "agree k_1pct | s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t = r["timing"]
+        secs = f"{t['seconds']:.3f}" if "seconds" in t else "fails: " + t["error"]
+        lines.append(
+            f"| {r['device']} | {r['hardware']} | {r['shape']} ({r['model']}) | {r['density']} | "
+            f"{r['precision']} | {r['max_error']:.2e} | {r['mean_rel_error']:.2e} | "
+            f"{r['agree_k_update']:.4f} | {r['agree_k_1pct']:.4f} | {secs} |"
         )
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
