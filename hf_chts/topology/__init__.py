@@ -1,5 +1,6 @@
 """Pure tensor functions for sparse topologies: initialisation, link prediction, sampling, removal,
-regrowth, percolation and schedules. Each is testable alone and takes an explicit ``torch.Generator``."""
+regrowth, percolation and schedules. Each is testable alone and takes an explicit ``torch.Generator`` or a
+counter-based stream key (:mod:`.rng`, the same draws on every device)."""
 
 from .init import allocate_densities, init_mask
 from .link_prediction import ch3_l3_reference, ch_scores, ch_scores_reference
