@@ -19,7 +19,7 @@ REGROWTH_METHODS = ("none", "random", "gradient", "ch")
 SELECTION_MODES = ("hard", "soft")
 CH_VARIANTS = ("CH2_L3n", "CH3_L3n", "CH3.1_L3n")
 CH_PRECISIONS = ("exact", "tf32", "bf16")
-DENSITY_SCHEDULES = ("constant", "sigmoid", "cubic", "linear")
+DENSITY_SCHEDULES = ("constant", "sigmoid", "cubic", "linear", "em_s")
 DENSITY_DISTRIBUTIONS = ("uniform", "erk")
 DECAY_PRUNING = ("ri", "magnitude")
 ZETA_SCHEDULES = ("constant", "cosine")
@@ -173,7 +173,11 @@ class SparseTrainingConfig:
         "Remove links of neurons left without inputs or outputs (percolation)."
     )
     # --- density schedule (section 4)
-    density_schedule: str | None = _help(f"Target-density schedule: one of {DENSITY_SCHEDULES}.")
+    density_schedule: str | None = _help(
+        f"Target-density schedule: one of {DENSITY_SCHEDULES}. 'em_s' holds density + 0.05 until "
+        "0.6 x t_end, then density + 0.025, and prunes to `density` at the last update (every update "
+        "removes down to `density` and regrows the extra links; `zeta` is unused)."
+    )
     initial_density: float | None = _help("Starting density of a decaying schedule (CHTss: 0.5).")
     decay_start: int = _help("Optimizer step where density decay starts.", 0)
     decay_end: int | None = _help(
@@ -266,12 +270,18 @@ class SparseTrainingConfig:
         check_positive_int(self.rewarmup_steps, "rewarmup_steps", allow_zero=True)
         if self.early_stop_threshold is not None:
             check_fraction(self.early_stop_threshold, "early_stop_threshold", low_open=True)
-        if self.density_schedule == "constant":
+        if self.density_schedule == "em_s" and self.density > 0.95:
+            raise ValueError(
+                f"density_schedule='em_s' trains with density + 0.05 before pruning to `density`, so "
+                f"`density` must be <= 0.95, got {self.density}; lower `density` or use "
+                "density_schedule='constant'."
+            )
+        if self.density_schedule in ("constant", "em_s"):
             if self.initial_density != self.density:
                 raise ValueError(
                     f"`initial_density` ({self.initial_density}) differs from `density` ({self.density}) "
-                    "but `density_schedule` is 'constant'; use 'sigmoid', 'cubic' or 'linear' to decay, "
-                    "or drop `initial_density`."
+                    f"but `density_schedule` is {self.density_schedule!r}; use 'sigmoid', 'cubic' or "
+                    "'linear' to decay, or drop `initial_density`."
                 )
         elif self.initial_density < self.density:
             raise ValueError(
@@ -325,7 +335,7 @@ class SparseTrainingConfig:
                 f"(max_steps={max_steps}): the topology would never change. Lower `update_interval` or "
                 "raise `t_end` / the number of steps, or use method='static'."
             )
-        if self.density_schedule != "constant":
+        if self.density_schedule not in ("constant", "em_s"):
             decay_end = self.resolve_decay_end(max_steps)
             if decay_end > max_steps:
                 raise ValueError(

@@ -180,7 +180,13 @@ class TopologyEngine:
             decay_end=cfg.resolve_decay_end(self.max_steps),
             update_interval=cfg.update_interval,
             steepness=cfg.decay_steepness,
+            t_end=max(self.t_end, cfg.update_interval),
         )
+
+    @property
+    def _em_s(self) -> bool:
+        """EM_S: every update removes down to the final density and regrows the schedule's extra links."""
+        return self.config.density_schedule == "em_s"
 
     @functools.cached_property
     def last_update(self) -> int:
@@ -190,7 +196,7 @@ class TopologyEngine:
         the decaying density (the research settings have t_end = 0.75 and decay_end = 0.8 of the run).
         """
         cfg = self.config
-        if cfg.density_schedule == "constant":
+        if cfg.density_schedule in ("constant", "em_s"):
             return self.t_end
         return max(self.t_end, cfg.resolve_decay_end(self.max_steps))
 
@@ -206,6 +212,8 @@ class TopologyEngine:
     def layer_density(self, name: str, step: int) -> float:
         """Target density of layer ``name`` after the update at ``step`` (ERK layers scale alike)."""
         cfg = self.config
+        if self._em_s:  # extra links on top of the layer's own final density
+            return min(1.0, self.final_density[name] + self.density_schedule.extra(step))
         density = cfg.initial_density if step <= cfg.decay_start else self.density_schedule(step)
         scale = density / cfg.density
         return min(1.0, self.final_density[name] * scale)
@@ -316,13 +324,16 @@ class TopologyEngine:
         layer = LayerStats(nnz_before=nnz_before, nnz=nnz_before, target_nnz=target, density=0.0)
         layer.frozen = name in self.frozen
         nnz = nnz_before
-        if nnz > target:
+        n_remove = math.floor(zeta * nnz)
+        if self._em_s:  # remove down to the final density (by the removal score), zeta is not used
+            n_remove = max(nnz - link_count(self.shapes[name], self.final_density[name]), 0)
+        elif nnz > target:
             scores = removal_scores(weight, cfg.decay_pruning)
             mask = remove_links(mask, scores, nnz - target, mode="hard")
             layer.decay_pruned = nnz - target
             nnz = target
-        if not layer.frozen and cfg.removal != "none":
             n_remove = math.floor(zeta * nnz)
+        if not layer.frozen and cfg.removal != "none":
             if n_remove > 0:
                 grad = None if grads is None else grads.get(name)
                 if cfg.removal == "mest" and grad is None:
@@ -344,6 +355,8 @@ class TopologyEngine:
         """Grow back to the target; update the layer's stats (turnover, active neurons, early stop)."""
         cfg = self.config
         n_grow = layer.target_nnz - int(mask.sum())
+        if self._em_s and not self.density_schedule.regrows(step):
+            n_grow = 0  # the final EM_S prune grows nothing
         grown = torch.zeros_like(mask)
         # A frozen layer (early stop) skips removal, so it only regrows what chain removal or decay took.
         if n_grow > 0 and cfg.regrowth != "none":

@@ -1,7 +1,8 @@
 """Schedules of the evolution (spec sections 2 and 4): pure functions of the optimizer step.
 
 - density: :class:`ConstantDensity`, :class:`SigmoidDensityDecay` (CHTss), :class:`CubicDensityDecay`
-  (GraNet / GMP), :class:`LinearDensityDecay`, or :func:`make_density_schedule` by name;
+  (GraNet / GMP), :class:`LinearDensityDecay`, :class:`EMSDensity` (the extra-links schedule of the MLP
+  and Transformer research recipes), or :func:`make_density_schedule` by name;
 - fraction of links removed per evolution step: :class:`DropFraction` (constant or cosine-annealed zeta);
 - soft-removal temperature: :class:`Temperature` (linear ``T_start -> T_end``).
 
@@ -21,13 +22,14 @@ __all__ = [
     "ConstantDensity",
     "CubicDensityDecay",
     "DropFraction",
+    "EMSDensity",
     "LinearDensityDecay",
     "SigmoidDensityDecay",
     "Temperature",
     "make_density_schedule",
 ]
 
-DENSITY_SCHEDULES = ("constant", "sigmoid", "cubic", "linear")
+DENSITY_SCHEDULES = ("constant", "sigmoid", "cubic", "linear", "em_s")
 
 
 def _check_step(step: int) -> int:
@@ -198,6 +200,75 @@ class LinearDensityDecay(_DensityDecay):
         return self._density(self._progress(step))
 
 
+@dataclass(frozen=True)
+class EMSDensity:
+    """EM_S (``density_schedule="em_s"``): train with extra links, prune them away at the last update.
+
+    Every layer holds ``density + first_extra`` links (as a fraction of all its ``n_out * n_in`` positions)
+    from the start until ``hold_fraction * t_end``, then ``density + second_extra`` until the last update
+    before ``t_end``; the last update (the largest multiple of ``update_interval`` <= ``t_end``) prunes to
+    exactly ``density`` and grows nothing. Every update removes links down to ``density`` (by the removal
+    score; ``zeta`` is not used) and regrows the extra ones, so an update in the first phase swaps
+    ``first_extra * n_out * n_in`` links and one in the second phase ``second_extra * n_out * n_in``
+    (the first update of the second phase removes ``first_extra`` and regrows ``second_extra``). With chain
+    removal on, the final prune can end below ``density`` (the links of inactive neurons are not refilled).
+
+    Example:
+        >>> schedule = EMSDensity(0.01, t_end=100, update_interval=10)
+        >>> [round(schedule(t), 3) for t in (0, 60, 70, 80, 90, 100)]
+        [0.06, 0.06, 0.035, 0.035, 0.035, 0.01]
+        >>> schedule.regrows(90), schedule.regrows(100)
+        (True, False)
+    """
+
+    density: float = field(metadata={"help": "Final density in (0, 0.95]: the extra links must fit."})
+    t_end: int = field(metadata={"help": "Last step with link removal (> 0)."})
+    update_interval: int = field(default=1, metadata={"help": "Optimizer steps between topology updates."})
+    hold_fraction: float = field(default=0.6, metadata={"help": "First phase ends at this x t_end."})
+    first_extra: float = field(default=0.05, metadata={"help": "Extra density of the first phase."})
+    second_extra: float = field(default=0.025, metadata={"help": "Extra density of the second phase."})
+
+    def __post_init__(self):
+        object.__setattr__(self, "density", check_density(self.density))
+        check_positive_int(self.t_end, "t_end")
+        check_positive_int(self.update_interval, "update_interval")
+        object.__setattr__(self, "hold_fraction", check_fraction(self.hold_fraction, "hold_fraction"))
+        for name in ("first_extra", "second_extra"):
+            object.__setattr__(self, name, check_fraction(getattr(self, name), name))
+        if self.density + self.first_extra > 1.0:
+            raise ValueError(
+                f"density_schedule='em_s' holds density + {self.first_extra} links before the final prune, "
+                f"which does not fit with density={self.density} (at most {1.0 - self.first_extra:.2f}); "
+                "lower `density` or use density_schedule='constant'."
+            )
+        if self.update_interval > self.t_end:
+            raise ValueError(
+                f"update_interval={self.update_interval} is larger than t_end={self.t_end}: the EM_S "
+                "schedule would have no update; lower `update_interval` or raise `t_end`."
+            )
+
+    @property
+    def last_update(self) -> int:
+        """The step of the final prune: the last update at or before ``t_end``."""
+        return self.t_end // self.update_interval * self.update_interval
+
+    def extra(self, step: int) -> float:
+        """Density above the final one that a layer holds after the update at ``step``."""
+        step = _check_step(step)
+        if step <= self.hold_fraction * self.t_end and step < self.last_update:
+            return self.first_extra
+        if step < self.last_update:
+            return self.second_extra
+        return 0.0
+
+    def regrows(self, step: int) -> bool:
+        """Whether the update at ``step`` grows links (every update but the final prune)."""
+        return _check_step(step) < self.last_update
+
+    def __call__(self, step: int) -> float:
+        return self.density + self.extra(step)
+
+
 def make_density_schedule(
     kind: str,
     density: float,
@@ -207,17 +278,19 @@ def make_density_schedule(
     decay_end: int | None = None,
     update_interval: int = 1,
     steepness: float = 6.0,
-) -> ConstantDensity | SigmoidDensityDecay | CubicDensityDecay | LinearDensityDecay:
+    t_end: int | None = None,
+) -> ConstantDensity | SigmoidDensityDecay | CubicDensityDecay | LinearDensityDecay | EMSDensity:
     """Build a density schedule by name.
 
     Args:
-        kind (`str`): ``"constant"``, ``"sigmoid"``, ``"cubic"`` or ``"linear"``.
+        kind (`str`): ``"constant"``, ``"sigmoid"``, ``"cubic"``, ``"linear"`` or ``"em_s"``.
         density (`float`): the target (final) density.
         initial_density (`float`, *optional*): density before the decay; required by the decays.
         decay_start (`int`, defaults to 0): first step of the decay.
         decay_end (`int`, *optional*): step at which ``density`` is reached; required by the decays.
-        update_interval (`int`, defaults to 1): steps between topology updates (sigmoid only).
+        update_interval (`int`, defaults to 1): steps between topology updates (sigmoid and em_s).
         steepness (`float`, defaults to 6.0): sigmoid steepness (sigmoid only).
+        t_end (`int`, *optional*): last step with link removal; required by ``"em_s"``.
 
     Returns:
         A callable ``schedule(step) -> density``.
@@ -229,6 +302,10 @@ def make_density_schedule(
     check_choice("density schedule", kind, DENSITY_SCHEDULES)
     if kind == "constant":
         return ConstantDensity(density)
+    if kind == "em_s":
+        if t_end is None:
+            raise ValueError("An 'em_s' density schedule needs `t_end` (the step of the final prune).")
+        return EMSDensity(density, t_end, update_interval=update_interval)
     if initial_density is None or decay_end is None:
         raise ValueError(
             f"A {kind!r} density schedule needs `initial_density` and `decay_end` "
