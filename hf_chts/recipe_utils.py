@@ -1,8 +1,9 @@
-"""Pieces the recipes share: command-line arguments mirroring `SparseTrainingConfig`, sparse init scaling."""
+"""Pieces the recipes share: command-line arguments mirroring `SparseTrainingConfig`, sparse weight init."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import typing
@@ -13,15 +14,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._validation import check_choice, check_density, check_shape_2d
 from .config import SparseTrainingConfig
 
 __all__ = [
+    "SPARSE_INITS",
     "apply_yaml_defaults",
+    "init_sparse_weights_",
     "parse_recipe_args",
     "resolve_resume_checkpoint",
     "scale_sparse_init_",
     "sparse_arguments_class",
+    "swi_std",
 ]
+
+SPARSE_INITS = ("swi", "scaled", "default")
+"""Weight initialisations of the sparse layers: see :func:`init_sparse_weights_`."""
 
 
 def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str | None:
@@ -123,3 +131,46 @@ def scale_sparse_init_(modules: Mapping[str, nn.Module]) -> None:
         density = module.weight_mask.float().mean().item()
         if 0 < density < 1:
             module.weight.mul_(density**-0.5)
+
+
+def swi_std(shape: typing.Sequence[int], density: float) -> float:
+    """Standard deviation of the sparse weight initialisation (swi) of a ``(n_out, n_in)`` weight.
+
+    ``sqrt(2 / (density * N / n_in))`` with ``N = n_out * n_in``, i.e. ``sqrt(2 / (density * n_out))``: a
+    Kaiming normal whose fan is the expected number of links per input neuron (the authors' MLP code).
+
+    Example:
+        >>> round(swi_std((1000, 784), 0.06), 4)
+        0.1826
+    """
+    n_out, n_in = check_shape_2d(shape)
+    density = check_density(density)
+    return math.sqrt(2.0 / (density * (n_out * n_in) / n_in))
+
+
+@torch.no_grad()
+def init_sparse_weights_(
+    modules: Mapping[str, nn.Module], mode: str = "swi", generator: torch.Generator | None = None
+) -> None:
+    """Initialise the weights of masked layers (``weight`` and ``weight_mask``) for sparse training.
+
+    ``mode``: ``"swi"`` draws a normal with :func:`swi_std` of the layer's shape and mask density;
+    ``"scaled"`` divides the current weights by sqrt(density) (:func:`scale_sparse_init_`); ``"default"``
+    keeps PyTorch's initialisation. Masked positions are set to 0.0; biases are not touched. Weights are in
+    the ``nn.Linear`` layout ``(n_out, n_in)``.
+    """
+    check_choice("sparse_init", mode, SPARSE_INITS)
+    if mode == "default":
+        return
+    if mode == "scaled":
+        scale_sparse_init_(modules)
+        return
+    for module in modules.values():
+        mask = module.weight_mask.bool()
+        density = mask.float().mean().item()
+        if density == 0:
+            continue
+        std = swi_std(mask.shape, density)
+        device = generator.device if generator is not None else module.weight.device
+        noise = torch.randn(mask.shape, generator=generator, device=device, dtype=torch.float32)
+        module.weight.copy_((noise * std).to(module.weight.device, module.weight.dtype) * mask)

@@ -3,8 +3,8 @@
 The three hidden linear layers (784->1000, 1000->1000, 1000->1000) are sparse, exactly as in the authors'
 MLP code; the 1000->10 output layer stays dense. Chain removal (node percolation, ALGORITHM.md section 5)
 runs along the hidden layers in forward order. Trained with Hugging Face ``Trainer`` + ``CHTssCallback``.
-The initial weights of each sparse layer are divided by sqrt(its density) (``--scale_sparse_init``), so the
-sparse network starts with the activation scale of the dense one.
+The initial weights of the sparse layers are the sparse Kaiming normal ``swi`` of the authors' MLP code (std
+``sqrt(2 / (density * n_out))``, ``--sparse_init swi``; ``scaled`` divides PyTorch's init by sqrt(density)).
 
 Launch (from the repository root; MNIST is read offline from the four IDX files, by default from
 ``../shared/data/mnist`` next to the repository, else pass ``--data_dir``):
@@ -49,9 +49,9 @@ from hf_chts.config import SparseTrainingConfig
 from hf_chts.datasets_paper import ImageClassificationDataset, load_mnist, synthetic_image_classification
 from hf_chts.masking import get_masks
 from hf_chts.recipe_utils import (
+    init_sparse_weights_,
     parse_recipe_args,
     resolve_resume_checkpoint,
-    scale_sparse_init_,
     sparse_arguments_class,
 )
 from hf_chts.topology.percolation import LayerChain
@@ -84,9 +84,12 @@ class MLPArguments:
         default_factory=lambda: [1000, 1000, 1000], metadata={"help": "Widths of the (sparse) hidden layers."}
     )
     dropout: float = field(default=0.0, metadata={"help": "Dropout after each hidden activation."})
-    scale_sparse_init: bool = field(
-        default=True,
-        metadata={"help": "Divide the initial weights of each sparse layer by sqrt(its density)."},
+    sparse_init: str = field(
+        default="swi",
+        metadata={
+            "help": "Initial weights of the sparse layers: 'swi' (normal, std sqrt(2 / (density * n_out))), "
+            "'scaled' (PyTorch's init divided by sqrt(density)) or 'default' (PyTorch's init)."
+        },
     )
 
 
@@ -211,8 +214,7 @@ def main(args: MLPArguments, sparse_args, training_args: TrainingArguments) -> d
         # Draw the step-0 masks now (the same ones the callback would draw: seeded by config.seed and the
         # layer names) so the initial weights can be scaled to them; the callback keeps masks it finds.
         sparse_modules = sparsify_(model, config)
-        if args.scale_sparse_init:
-            scale_sparse_init_(sparse_modules)
+        init_sparse_weights_(sparse_modules, args.sparse_init)
         order = [f"hidden.{i}" for i in range(len(model.hidden))] + ["classifier"]
         # The callback takes over the masked layers and asks for their chains (chain removal).
         callbacks.append(CHTssCallback(config, chains=lambda _model, sparse: mlp_chains(order, sparse)))

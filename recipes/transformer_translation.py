@@ -7,7 +7,7 @@ encoder self-attention, decoder self-attention and cross-attention) and the feed
 of every block: the default target selection (linear layers inside the ``nn.ModuleList`` of blocks).
 Embeddings, layer norms and the (tied) output projection stay dense. Chain removal runs along fc1 -> fc2
 (the feed-forward hidden neurons) and v_proj -> out_proj (the value dimensions) of every block. The initial
-weights of each sparse layer are divided by sqrt(its density) (``--scale_sparse_init``).
+weights of each sparse layer are divided by sqrt(its density) (``--sparse_init scaled``).
 
 A joint byte-level BPE is trained locally with ``tokenizers`` on the training text and cached under
 ``$HF_CHTS_CACHE`` (default ``~/.cache/hf_chts``). BLEU is sacreBLEU (13a tokenization, detokenized output)
@@ -63,9 +63,9 @@ from hf_chts.data import get_tokenizer
 from hf_chts.datasets_paper import read_parallel_corpus
 from hf_chts.masking import get_masks
 from hf_chts.recipe_utils import (
+    init_sparse_weights_,
     parse_recipe_args,
     resolve_resume_checkpoint,
-    scale_sparse_init_,
     sparse_arguments_class,
 )
 from hf_chts.topology.percolation import LayerChain
@@ -114,9 +114,12 @@ class TranslationArguments:
         default=True,
         metadata={"help": "With chain removal, also chain v_proj -> out_proj of each attention."},
     )
-    scale_sparse_init: bool = field(
-        default=True,
-        metadata={"help": "Divide the initial weights of each sparse layer by sqrt(its density)."},
+    sparse_init: str = field(
+        default="scaled",
+        metadata={
+            "help": "Initial weights of the sparse layers: 'swi' (normal, std sqrt(2 / (density * n_out))), "
+            "'scaled' (PyTorch's init divided by sqrt(density)) or 'default' (PyTorch's init)."
+        },
     )
     num_beams: int = field(default=1, metadata={"help": "Beam size of the BLEU decoding (1 = greedy)."})
     generation_batch_size: int = field(default=64, metadata={"help": "Sentences per generate() call."})
@@ -302,8 +305,7 @@ def main(args: TranslationArguments, sparse_args, training_args: Seq2SeqTraining
         # Draw the step-0 masks now (the same ones the callback would draw: seeded by config.seed and the
         # layer names) so the initial weights can be scaled to them; the callback keeps masks it finds.
         sparse_modules = sparsify_(model, config)
-        if args.scale_sparse_init:
-            scale_sparse_init_(sparse_modules)
+        init_sparse_weights_(sparse_modules, args.sparse_init)
         chains = lambda _model, sparse: marian_chains(sparse, args.chain_attention)  # noqa: E731
         callbacks.append(CHTssCallback(config, chains=chains))
 

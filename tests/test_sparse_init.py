@@ -1,0 +1,55 @@
+"""Sparse weight initialisation of the recipes: swi std against its formula, the modes, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hf_chts.recipe_utils import init_sparse_weights_, swi_std
+
+
+def _masked_linear(n_in, n_out, density, seed=0):
+    layer = nn.Linear(n_in, n_out)
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(n_out, n_in, generator=g) < density
+    layer.register_buffer("weight_mask", mask)
+    with torch.no_grad():
+        layer.weight.mul_(mask)
+    return layer
+
+
+def test_swi_std_formula():
+    # sqrt(2 / (density * N / W.shape[1])), N = n_out * n_in
+    assert swi_std((1000, 784), 0.06) == pytest.approx(math.sqrt(2 / (0.06 * 1000 * 784 / 784)))
+    assert swi_std((10, 20), 1.0) == pytest.approx(math.sqrt(2 / 10))
+    with pytest.raises(ValueError, match="density"):
+        swi_std((10, 20), 0.0)
+    with pytest.raises(ValueError, match="shape"):
+        swi_std((10,), 0.5)
+
+
+def test_swi_std_on_a_large_layer():
+    layer = _masked_linear(1000, 2000, 0.1)  # ~200k links
+    init_sparse_weights_({"fc": layer}, "swi", generator=torch.Generator().manual_seed(1))
+    mask = layer.weight_mask
+    density = mask.float().mean().item()
+    values = layer.weight[mask]
+    expected = math.sqrt(2 / (density * 2000))
+    assert abs(values.std().item() / expected - 1) < 0.02
+    assert abs(values.mean().item()) < 0.02 * expected
+    assert bool((layer.weight[~mask] == 0).all())
+
+
+def test_modes_scaled_default_and_bad_name():
+    layer = _masked_linear(50, 40, 0.25)
+    before = layer.weight.detach().clone()
+    init_sparse_weights_({"fc": layer}, "default")
+    assert torch.equal(layer.weight, before)
+    init_sparse_weights_({"fc": layer}, "scaled")
+    density = layer.weight_mask.float().mean().item()
+    torch.testing.assert_close(layer.weight.detach(), before / math.sqrt(density))
+    with pytest.raises(ValueError, match="sparse_init.*'swi'"):
+        init_sparse_weights_({"fc": layer}, "kaiming")
