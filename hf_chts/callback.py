@@ -88,6 +88,8 @@ class CHTssCallback(TrainerCallback, ExportableState):
             LLaMA blocks are chained automatically; other architectures get no chains (a warning says so).
         resume_from (`str`, *optional*): checkpoint folder to restore the sparse state from. By default the
             callback finds the folder the Trainer resumes from.
+        csti_inputs (*optional*): calibration inputs (samples x n_features, e.g. flattened training
+            images) for ``init="csti"``; default: the file named by ``config.csti_inputs``.
         **config_kwargs: fields of ``SparseTrainingConfig`` (``method="chtss", density=0.3, ...``); with
             ``config`` they override its fields.
 
@@ -122,6 +124,7 @@ class CHTssCallback(TrainerCallback, ExportableState):
         log_per_layer: bool = True,
         chains: Sequence[Any] | Callable[[nn.Module, list[str]], Sequence[Any]] | None = None,
         resume_from: str | None = None,
+        csti_inputs: Any = None,
         **config_kwargs: Any,
     ) -> None:
         if config is None:
@@ -147,6 +150,7 @@ class CHTssCallback(TrainerCallback, ExportableState):
             chains = _chains_from_json(chains)  # rebuilt from `state()` by transformers on resume
         self.chains = chains
         self.resume_from = resume_from
+        self.csti_inputs = csti_inputs  # calibration inputs of init="csti" (samples x n_features)
         self.engine = None
         self.modules: dict[str, nn.Module] = {}
         self.update_seconds_total = 0.0
@@ -233,7 +237,11 @@ class CHTssCallback(TrainerCallback, ExportableState):
         from .engine import TopologyEngine
 
         self.engine = TopologyEngine(
-            self.config, shapes, chains=self._resolve_chains(model, names), max_steps=max_steps
+            self.config,
+            shapes,
+            chains=self._resolve_chains(model, names),
+            max_steps=max_steps,
+            csti_inputs=self.csti_inputs,
         )
         device = _mask_device(next(iter(self.modules.values())))
         restored = self._load_resume_state(args, state, carried) if resuming else None

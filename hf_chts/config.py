@@ -13,7 +13,7 @@ from typing import Any
 
 from ._validation import check_choice, check_density, check_fraction, check_positive_int
 
-INIT_METHODS = ("er", "brf", "bsw", "bsf")
+INIT_METHODS = ("er", "brf", "bsw", "bsf", "csti")
 REMOVAL_METHODS = ("none", "magnitude", "ri", "mest")
 REGROWTH_METHODS = ("none", "random", "gradient", "ch")
 SELECTION_MODES = ("hard", "soft")
@@ -139,6 +139,10 @@ class SparseTrainingConfig:
         "BRF degree distribution of the smaller side: 'fixed' or 'uniform'.", "uniform"
     )
     bsw_beta: float = _help("BSW rewiring probability beta in [0, 1].", 0.1)
+    csti_inputs: str | None = _help(
+        "init='csti': path of the calibration inputs (a .pt tensor or .npy array, samples x n_features); a "
+        "tensor can be passed instead as `csti_inputs=` to CHTssCallback, TopologyEngine or sparsify_."
+    )
     # --- evolution timing (section 2)
     update_interval: int = _help("Optimizer steps between topology updates (> 0).", 100)
     t_end: int | None = _help(

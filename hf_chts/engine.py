@@ -118,6 +118,8 @@ class TopologyEngine:
             :mod:`hf_chts.topology.percolation`); layers of one chain are updated together.
         max_steps (`int`): total optimizer steps of the run; resolves ``t_end`` and ``decay_end``. Only
             :meth:`init_masks` is meaningful without the real value.
+        csti_inputs (*optional*): calibration inputs (samples x n_features) of ``init="csti"``; default: the
+            file named by ``config.csti_inputs``.
 
     Example:
         >>> config = SparseTrainingConfig(method="chts", density=0.2)
@@ -133,6 +135,7 @@ class TopologyEngine:
         shapes: Mapping[str, Sequence[int]],
         chains: Sequence[Any] = (),
         max_steps: int = 1,
+        csti_inputs: Any = None,
     ) -> None:
         if not isinstance(config, SparseTrainingConfig):
             raise ValueError(f"`config` must be a SparseTrainingConfig, got {type(config).__name__}.")
@@ -141,6 +144,7 @@ class TopologyEngine:
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
             raise ValueError(f"`max_steps` must be a positive integer, got {max_steps!r}.")
         self.config = config
+        self.csti_inputs = csti_inputs
         self.shapes = {name: check_shape_2d(shape) for name, shape in shapes.items()}
         self.names = list(self.shapes)
         self.max_steps = max_steps
@@ -240,6 +244,11 @@ class TopologyEngine:
             params = {"r": cfg.brf_r, "degree_dist": cfg.brf_degree_dist}
         elif cfg.init == "bsw":
             params = {"beta": cfg.bsw_beta}
+        elif cfg.init == "csti":  # one input correlation, shared by every layer
+            from .topology.csti import abs_correlation, load_calibration_inputs
+
+            inputs = self.csti_inputs if self.csti_inputs is not None else cfg.csti_inputs
+            params = {"correlation": abs_correlation(load_calibration_inputs(inputs))}
         masks = {}
         for name in self.names:
             # A counter-based stream key, not a device generator: the same masks on every device.

@@ -48,6 +48,7 @@ import logging
 import re
 import weakref
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -776,11 +777,12 @@ def _init_masks(
     shapes: dict[str, tuple[int, int]],
     generator: torch.Generator | None,
     device: torch.device | str | None,
+    csti_inputs: Any = None,
 ) -> dict[str, torch.Tensor]:
     """Initial ``(n_out, n_in)`` masks at step 0 of the schedule, with the engine's per-layer densities."""
     from .engine import TopologyEngine
 
-    engine = TopologyEngine(config, shapes, max_steps=max(config.update_interval, 1))
+    engine = TopologyEngine(config, shapes, max_steps=max(config.update_interval, 1), csti_inputs=csti_inputs)
     if generator is None:
         # The engine seeds every layer from (config.seed, layer name): the same masks on every rank and run.
         return engine.init_masks(device)
@@ -791,6 +793,12 @@ def _init_masks(
         params = {"r": config.brf_r, "degree_dist": config.brf_degree_dist}
     elif config.init == "bsw":
         params = {"beta": config.bsw_beta}
+    elif config.init == "csti":
+        from .topology.csti import load_calibration_inputs
+
+        params = {
+            "inputs": load_calibration_inputs(csti_inputs if csti_inputs is not None else config.csti_inputs)
+        }
     return {
         name: init_mask(
             shape, engine.layer_density(name, 0), config.init, generator=generator, device=device, **params
@@ -805,6 +813,7 @@ def sparsify_(
     *,
     generator: torch.Generator | None = None,
     masks: Mapping[str, torch.Tensor] | None = None,
+    csti_inputs: Any = None,
 ) -> dict[str, nn.Module]:
     """Make ``model``'s selected linear layers sparse, in place.
 
@@ -820,6 +829,7 @@ def sparsify_(
             default each layer gets its own generator seeded from ``(config.seed, layer name)`` by the engine.
         masks (`dict[str, torch.Tensor]`, *optional*): masks to use instead of drawing them (layout of
             ``weight``), e.g. the ones a ``TopologyEngine`` produced.
+        csti_inputs (*optional*): calibration inputs (samples x n_features) of ``config.init == "csti"``.
 
     Returns:
         `dict[str, nn.Module]`: the sparse modules by name.
@@ -847,7 +857,7 @@ def sparsify_(
     elif todo:
         shapes = {name: tuple(layer_view_shape(m)) for name, m in modules.items()}
         device = _local(next(iter(todo.values())).weight).device
-        init = _init_masks(config, shapes, generator, device)
+        init = _init_masks(config, shapes, generator, device, csti_inputs)
         drawn = {name: from_layer_view(m, init[name]) for name, m in todo.items()}
     else:
         drawn = {}

@@ -213,11 +213,14 @@ def main(args: MLPArguments, sparse_args, training_args: TrainingArguments) -> d
         config = SparseTrainingConfig(**dataclasses.asdict(sparse_args), seed=training_args.seed)
         # Draw the step-0 masks now (the same ones the callback would draw: seeded by config.seed and the
         # layer names) so the initial weights can be scaled to them; the callback keeps masks it finds.
-        sparse_modules = sparsify_(model, config)
+        # CSTI (init="csti") reads the correlation of the input pixels over the training images.
+        csti_inputs = train_dataset.images if config.init == "csti" else None
+        sparse_modules = sparsify_(model, config, csti_inputs=csti_inputs)
         init_sparse_weights_(sparse_modules, args.sparse_init)
         order = [f"hidden.{i}" for i in range(len(model.hidden))] + ["classifier"]
         # The callback takes over the masked layers and asks for their chains (chain removal).
-        callbacks.append(CHTssCallback(config, chains=lambda _model, sparse: mlp_chains(order, sparse)))
+        chains = lambda _model, sparse: mlp_chains(order, sparse)  # noqa: E731
+        callbacks.append(CHTssCallback(config, chains=chains, csti_inputs=csti_inputs))
 
     trainer = Trainer(
         model=model,

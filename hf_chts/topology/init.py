@@ -22,7 +22,7 @@ from . import rng
 
 __all__ = ["INIT_METHODS", "allocate_densities", "init_mask"]
 
-INIT_METHODS = ("er", "brf", "bsw", "bsf")
+INIT_METHODS = ("er", "brf", "bsw", "bsf", "csti")
 _DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "er": {},
     "brf": {"r": 0.3, "degree_dist": "uniform"},
@@ -76,11 +76,15 @@ def init_mask(
       ``t ** -0.5``, the expected degree of a BA node; exactly the budget of links is then drawn without
       replacement with probability proportional to the product of the end points' weights (a Chung-Lu
       graph, sampled by Gumbel-top-k). Degrees follow a power law (exponent ~3), capped by the layer size.
+    - ``"csti"``: correlated sparse topological initialisation, the top ``|Pearson correlation|`` of the
+      input features on calibration inputs (:func:`hf_chts.topology.csti.csti_mask`). Param: ``inputs``
+      (samples x features; required) or a precomputed ``correlation``.
 
     Args:
         shape (`tuple[int, int]`): ``(n_out, n_in)`` of the weight (``nn.Linear`` layout).
         density (`float`): fraction of links to keep, in (0, 1].
-        method (`str`, *optional*, defaults to `"brf"`): one of ``"er"``, ``"brf"``, ``"bsw"``, ``"bsf"``.
+        method (`str`, *optional*, defaults to `"brf"`): one of ``"er"``, ``"brf"``, ``"bsw"``, ``"bsf"``,
+            ``"csti"``.
         generator (`torch.Generator`, *optional*): draws the stream key (one 63-bit integer) when ``key``
             is not given. Without either, the key comes from torch's default RNG.
         key (`int`, *optional*): the stream key (e.g. :func:`hf_chts.topology.rng.stream_key` of the seed
@@ -99,6 +103,10 @@ def init_mask(
         >>> int(mask.sum()) == round(0.3 * 768 * 2048)
         True
     """
+    if method == "csti":  # data-driven (calibration inputs): hf_chts.topology.csti
+        from .csti import csti_init
+
+        return csti_init(shape, density, generator=generator, key=key, device=device, **params)
     n_out, n_in = check_shape_2d(shape)
     density = check_density(density)
     check_choice("init method", method, INIT_METHODS)
