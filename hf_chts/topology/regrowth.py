@@ -50,7 +50,9 @@ def regrow_links(
             replacement with probability proportional to the score. Ignored by ``"random"``.
         grad (`torch.Tensor`, *optional*): dense gradient of the weight, same shape; required by
             ``"gradient"`` unless ``scores`` is given.
-        ch_variant (`str`, defaults to ``"CH2_L3n"``): link predictor used by ``"ch"``.
+        ch_variant (`str`, defaults to ``"CH2_L3n"``): link predictor used by ``"ch"``: a node-based L3n
+            variant of :func:`~hf_chts.topology.link_prediction.ch_scores`, or ``"CH3_L3p"`` (path-based,
+            :func:`~hf_chts.topology.ch3_l3p.ch3_l3p_scores`).
         ch_precision (`str`, defaults to ``"exact"``): precision of its products with the node weights
             (``"exact"``, ``"tf32"`` or ``"bf16"``; see :func:`~hf_chts.topology.link_prediction.ch_scores`).
         scores (`torch.Tensor`, *optional*): precomputed non-negative regrowth scores (same shape) for
@@ -95,6 +97,10 @@ def regrow_links(
                     )
                 _check_same_shape(grad, mask.shape, "grad")
                 scores = grad.detach().to(existing.device).float().abs()
+            elif ch_variant == "CH3_L3p":  # the path-based predictor (hf_chts.topology.ch3_l3p)
+                from .ch3_l3p import ch3_l3p_scores
+
+                scores = ch3_l3p_scores(existing)
             else:
                 from .link_prediction import ch_scores  # lazy: the predictor is heavy and optional here
 
