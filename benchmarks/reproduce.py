@@ -272,7 +272,7 @@ _register(
 # SGD 0.025 linear decay, batch 32, on all 60,000 images. Only the number of epochs is cut to the CPU budget.
 _MLP_RESEARCH_CPU = dict(
     hidden_sizes=[1000, 1000, 1000],
-    num_train_epochs=10,
+    num_train_epochs=4,  # the paper trains 100; ~8 steps/s on the shared CPU allows 4 in the time available
     per_device_train_batch_size=32,
     update_interval=1875,  # one epoch of 60,000 images
     t_end_fraction=0.75,
@@ -306,7 +306,7 @@ _CHTS_RESEARCH = dict(
 _register(
     Experiment(
         name="mlp_mnist_research",
-        title="MLP 784-1000-1000-1000-10 on full MNIST, 1% density, the research MLP recipe (10 epochs)",
+        title="MLP 784-1000-1000-1000-10 on full MNIST, 1% density, the research MLP recipe (4 epochs)",
         recipe="mlp",
         variants=(
             Variant("dense", "dense", label="Dense"),
