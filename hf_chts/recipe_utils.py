@@ -13,12 +13,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
-from ._validation import check_choice, check_density, check_shape_2d
+from ._validation import check_choice, check_density, check_positive_int, check_shape_2d
 from .config import SparseTrainingConfig
 
 __all__ = [
     "SPARSE_INITS",
+    "CyclicRewarmup",
     "apply_yaml_defaults",
     "init_sparse_weights_",
     "parse_recipe_args",
@@ -174,3 +176,49 @@ def init_sparse_weights_(
         device = generator.device if generator is not None else module.weight.device
         noise = torch.randn(mask.shape, generator=generator, device=device, dtype=torch.float32)
         module.weight.copy_((noise * std).to(module.weight.device, module.weight.dtype) * mask)
+
+
+class CyclicRewarmup(TrainerCallback):
+    """A ``TrainerCallback`` re-warming the learning rate at the start of every cycle, for any method.
+
+    At optimizer step ``s`` (0-based), with ``r = s % every``: while ``r < steps`` the scheduler's learning
+    rate is multiplied by ``r / steps`` for that step (0 at the first step of a cycle), over the whole run and
+    for dense and sparse models alike. With ``every`` equal to the topology update interval this is the
+    schedule of the authors' LLaMA code (cosine with restarts: 10 warm-up steps every 100). Use it instead of
+    ``SparseTrainingConfig.rewarmup_steps`` (which re-warms only after topology updates, sparse runs only).
+
+    Example:
+        >>> callback = CyclicRewarmup(every=100, steps=10)
+        >>> [callback.factor(s) for s in (100, 105, 110, 150)]
+        [0.0, 0.5, 1.0, 1.0]
+    """
+
+    def __init__(self, every: int, steps: int) -> None:
+        check_positive_int(every, "every")
+        check_positive_int(steps, "steps", allow_zero=True)
+        if steps >= every:
+            raise ValueError(
+                f"CyclicRewarmup: `steps` ({steps}) must be smaller than the cycle `every` ({every}); e.g. "
+                "steps = every // 10."
+            )
+        self.every, self.steps = every, steps
+        self._saved: list[float] | None = None
+
+    def factor(self, step: int) -> float:
+        """The multiplier of the learning rate at 0-based optimizer step ``step``."""
+        r = step % self.every
+        return r / self.steps if r < self.steps else 1.0
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        factor = self.factor(state.global_step)
+        if optimizer is None or factor == 1.0:
+            return
+        self._saved = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * factor
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self._saved is not None and optimizer is not None:
+            for group, lr in zip(optimizer.param_groups, self._saved, strict=True):
+                group["lr"] = lr
+        self._saved = None

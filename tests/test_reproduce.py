@@ -35,6 +35,8 @@ def smoke_results(reproduce, tmp_path_factory):
         (["mlp_mnist"], ["dense", "chtss"]),
         (["llama_lm", "mt_multi30k"], ["chtss"]),
         (["brf_ablation"], ["er"]),
+        (["mlp_mnist_research"], ["chts_research"]),
+        (["llama_lm_research"], ["dense"]),
     ):
         paths += reproduce.run_grid(
             experiments, variants, [0], "smoke", reproduce.DEFAULT_DATA_DIR, work_dir, results_dir
@@ -44,7 +46,23 @@ def smoke_results(reproduce, tmp_path_factory):
 
 def test_registry_covers_the_issue(reproduce):
     exps = reproduce.EXPERIMENTS
-    assert set(exps) == {"mlp_mnist", "mlp_mnist_long", "llama_lm", "brf_ablation", "mt_multi30k"}
+    assert set(exps) == {
+        "mlp_mnist",
+        "mlp_mnist_long",
+        "mlp_mnist_research",
+        "llama_lm",
+        "llama_lm_research",
+        "brf_ablation",
+        "mt_multi30k",
+    }
+    assert [v.name for v in exps["mlp_mnist_research"].variants] == [
+        "dense",
+        "set",
+        "chts_research",
+        "chts_brf",
+    ]
+    assert [v.flags.get("density") for v in exps["llama_lm_research"].variants][-4:] == [0.1, 0.3, 0.5, 1.0]
+    assert exps["llama_lm_research"].cyclic_rewarmup and exps["llama_lm_research"].seeds == (0, 1, 2)
     assert [v.method for v in exps["mlp_mnist"].variants] == ["dense", "set", "rigl", "cht", "chts", "chtss"]
     assert [v.method for v in exps["llama_lm"].variants][:8] == [
         "dense", "set", "rigl", "mest", "granet", "cht", "chts", "chtss"
@@ -72,6 +90,8 @@ def test_smoke_runs_write_complete_records(reproduce, smoke_results):
         "llama_lm__chtss__s0__smoke.json",
         "mt_multi30k__chtss__s0__smoke.json",
         "brf_ablation__er__s0__smoke.json",
+        "mlp_mnist_research__chts_research__s0__smoke.json",
+        "llama_lm_research__dense__s0__smoke.json",
     ]
     for path in paths:
         record = json.loads(path.read_text())
@@ -95,6 +115,14 @@ def test_smoke_runs_write_complete_records(reproduce, smoke_results):
                 assert sparse["init"] == "er"
             if record["method"] == "chtss":  # the density decays from 0.5 towards the target
                 assert record["trace"][0]["density"] == pytest.approx(0.5, abs=0.02)
+            if record["variant"] == "chts_research":  # CSTI, CH3-L3p, EM_S: starts at density + 0.05
+                assert (sparse["init"], sparse["ch_variant"], sparse["density_schedule"]) == (
+                    "csti",
+                    "CH3_L3p",
+                    "em_s",
+                )
+                assert record["trace"][0]["density"] == pytest.approx(sparse["density"] + 0.05, abs=0.002)
+                assert record["metrics"]["best_test_accuracy"] >= record["metrics"]["test_accuracy"] - 1e-9
 
 
 def test_report_renders_tables_and_plots(reproduce, smoke_results):

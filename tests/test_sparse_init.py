@@ -53,3 +53,23 @@ def test_modes_scaled_default_and_bad_name():
     torch.testing.assert_close(layer.weight.detach(), before / math.sqrt(density))
     with pytest.raises(ValueError, match="sparse_init.*'swi'"):
         init_sparse_weights_({"fc": layer}, "kaiming")
+
+
+def test_cyclic_rewarmup_scales_and_restores_the_lr():
+    from types import SimpleNamespace
+
+    from hf_chts.recipe_utils import CyclicRewarmup
+
+    callback = CyclicRewarmup(every=20, steps=2)
+    assert [callback.factor(s) for s in (0, 1, 2, 19, 20, 21, 22, 239)] == [0, 0.5, 1, 1, 0, 0.5, 1, 1]
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    lrs = []
+    for step in (20, 21, 22):
+        state = SimpleNamespace(global_step=step)
+        callback.on_pre_optimizer_step(None, state, None, optimizer=optimizer)
+        lrs.append(optimizer.param_groups[0]["lr"])
+        callback.on_optimizer_step(None, state, None, optimizer=optimizer)
+        assert optimizer.param_groups[0]["lr"] == 0.1
+    assert lrs == [0.0, 0.05, 0.1]
+    with pytest.raises(ValueError, match="steps"):
+        CyclicRewarmup(every=10, steps=10)
