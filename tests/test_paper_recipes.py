@@ -169,6 +169,10 @@ def test_mlp_yaml_config_and_overrides(tmp_path):
         ]
     )
     assert args.hidden_sizes == [1000, 1000, 1000] and sparse.density == 0.01 and sparse.zeta == 0.3
+    # the authors' README command for CHTs on MLPs
+    assert (sparse.init, sparse.ch_variant, sparse.density_schedule) == ("csti", "CH3_L3p", "em_s")
+    assert (sparse.removal_mode, sparse.regrowth_mode, sparse.chain_removal) == ("hard", "soft", True)
+    assert args.sparse_init == "swi" and sparse.update_interval == 1875 and training.weight_decay == 5e-4
     assert (
         sparse.method == "set" and training.optim_args == "momentum=0.9" and training.num_train_epochs == 100
     )
@@ -257,7 +261,17 @@ def test_transformer_yaml_config_and_chains(tmp_path):
         [str(REPO / "recipes" / "configs" / "transformer_multi30k.yaml"), "--output_dir", str(tmp_path)]
     )
     assert (args.d_model, args.layers, args.attention_heads, args.ffn_dim) == (512, 6, 8, 2048)
-    assert sparse.method == "chtss" and sparse.density == 0.05 and training.label_smoothing_factor == 0.1
+    assert sparse.method == "chts" and sparse.density == 0.1 and training.label_smoothing_factor == 0.1
+    # the authors' Transformer/iwslt_CHTs.sh: BSW 0.25, soft removal T 1 -> 3, CH2-L3n soft, adaptive zeta
+    assert (sparse.init, sparse.bsw_beta, sparse.removal_mode, sparse.temperature_end) == (
+        "bsw",
+        0.25,
+        "soft",
+        3.0,
+    )
+    assert (sparse.ch_variant, sparse.regrowth_mode, sparse.zeta_schedule) == ("CH2_L3n", "soft", "cosine")
+    assert sparse.update_interval == 100 and sparse.rewarmup_steps == 20 and sparse.chain_removal
+    assert training.max_steps == 20000 and training.warmup_steps == 6000 and training.adam_beta2 == 0.998
     names = [
         "model.encoder.layers.0.self_attn.v_proj", "model.encoder.layers.0.self_attn.out_proj",
         "model.encoder.layers.0.fc1", "model.encoder.layers.0.fc2", "model.decoder.layers.0.fc1",

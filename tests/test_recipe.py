@@ -99,6 +99,8 @@ def test_research_configs_parse_with_paper_settings(recipe, size):
     assert training.warmup_steps > 0 and training.max_steps >= 10_000
     assert sparse.method == "chtss" and sparse.density == 0.3 and sparse.update_interval == 100
     assert sparse.rewarmup_steps == 10 and "arc_easy" in evaluation.tasks
+    # the authors' LLaMA code: top-k CH regrowth, no chain removal, T 1 -> 9, zeta 0.1
+    assert (sparse.regrowth_mode, sparse.chain_removal, sparse.temperature_end) == ("hard", False, 9.0)
     if size == "60m":
         assert (
             training.learning_rate == 3e-3 and training.max_steps == 10_000 and training.warmup_steps == 1000
