@@ -1019,6 +1019,10 @@ def experiment_table(exp: Experiment, runs: list[dict[str, Any]]) -> tuple[str, 
         for key in ("active_hidden_neurons", "active_mlp_neurons", "active_ffn_neurons"):
             if key in mine[0]["metrics"]:
                 row["active"] = _mean_std([float(r["metrics"][key]) for r in mine])
+        for key in ("best_test_accuracy", "best_test_accuracy_after_t_end"):
+            values = [r["metrics"].get(key) for r in mine]
+            if all(v is not None for v in values):
+                row[key] = _mean_std([float(v) for v in values])
         rows.append(row)
     best = (max if exp.higher_is_better else min)((r["mean"] for r in rows), default=None)
     active_header = {
@@ -1026,10 +1030,12 @@ def experiment_table(exp: Experiment, runs: list[dict[str, Any]]) -> tuple[str, 
         "llama": "active MLP neurons",
         "mt": "active FFN neurons",
     }
+    best_columns = any("best_test_accuracy" in r for r in rows)
+    extra_header = " best over epochs | best after t_end |" if best_columns else ""
     lines = [
-        f"| method | {exp.metric_label} (mean ± std) | per seed | seeds | final density | "
+        f"| method | {exp.metric_label} (mean ± std) | per seed | seeds |{extra_header} final density | "
         f"{active_header[exp.recipe]} | vs dense | wall time / run |",
-        "|---|---:|---|---|---:|---:|---:|---:|",
+        "|---|---:|---|---|" + ("---:|---:|" if best_columns else "") + "---:|---:|---:|---:|",
     ]
     dense = next((r["mean"] for r in rows if r["variant"] == "dense"), None)
     for row in rows:
@@ -1039,8 +1045,14 @@ def experiment_table(exp: Experiment, runs: list[dict[str, Any]]) -> tuple[str, 
         per_seed = ", ".join(f"{v:.{digits}f}" for v in row["values"])
         active = _fmt(*row["active"], 3) if "active" in row else "-"
         vs_dense = "-" if dense is None or row["variant"] == "dense" else f"{row['mean'] - dense:+.{digits}f}"
+        extra = ""
+        if best_columns:
+            extra = "".join(
+                f" {_fmt(*row[k], digits)} |" if k in row else " - |"
+                for k in ("best_test_accuracy", "best_test_accuracy_after_t_end")
+            )
         lines.append(
-            f"| {row['label']} | {value} | {per_seed} | {','.join(map(str, row['seeds']))} | "
+            f"| {row['label']} | {value} | {per_seed} | {','.join(map(str, row['seeds']))} |{extra} "
             f"{row['density']:.4f} | {active} | {vs_dense} | {row['wall']:.0f} s |"
         )
     return "\n".join(lines), rows
@@ -1224,10 +1236,26 @@ def plot_experiment(
     return [path]
 
 
+# Experiments rendered into another experiment's page, above its (earlier) results: page -> sections in order.
+PAGES: dict[str, tuple[str, ...]] = {
+    "mlp_mnist": ("mlp_mnist_research", "mlp_mnist"),
+    "llama_lm": ("llama_lm_research", "llama_lm"),
+}
+
+
+def _page_of(name: str) -> str:
+    return next((page for page, names in PAGES.items() if name in names), name)
+
+
 def report(results_dir: Path, scale: str = "cpu") -> dict[str, list[dict[str, Any]]]:
-    """Write ``<experiment>.md`` and ``<experiment>.png`` for every experiment with finished runs."""
+    """Write ``<page>.md`` and ``<experiment>.png`` for every experiment with finished runs.
+
+    An experiment's page is its own name, or the page of :data:`PAGES` that lists it (the newer setting
+    first, the earlier results below it, labelled).
+    """
     runs = load_runs(results_dir, scale)
     tables = {}
+    sections: dict[str, dict[str, list[str]]] = {}
     for exp in EXPERIMENTS.values():
         order = {v.name: i for i, v in enumerate(exp.variants)}
         mine = sorted(
@@ -1244,7 +1272,7 @@ def report(results_dir: Path, scale: str = "cpu") -> dict[str, list[dict[str, An
         lines = [
             f"# {exp.title}",
             "",
-            f"Paper claim (ALGORITHM.md section 7): {exp.claim}",
+            f"Paper claim (arXiv 2501.19107): {exp.claim}",
             "",
             table,
             "",
@@ -1277,7 +1305,19 @@ def report(results_dir: Path, scale: str = "cpu") -> dict[str, list[dict[str, An
             "python benchmarks/reproduce.py report",
             "```",
         ]
-        (results_dir / f"{exp.name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        sections.setdefault(_page_of(exp.name), {})[exp.name] = lines
+    for page, parts in sections.items():
+        order = PAGES.get(page, (page,))
+        names = [n for n in order if n in parts]
+        text = []
+        for i, name in enumerate(names):
+            lines = list(parts[name])
+            if len(names) > 1:  # sections of a shared page: one level down, the earlier ones labelled
+                label = "" if i == 0 else "Earlier results: "
+                lines = [("#" + line if line.startswith("#") else line) for line in lines]
+                lines[0] = f"## {label}{lines[0][3:]}"
+            text += [*lines, ""]
+        (results_dir / f"{page}.md").write_text("\n".join(text).rstrip("\n") + "\n", encoding="utf-8")
     return tables
 
 

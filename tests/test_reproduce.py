@@ -130,11 +130,15 @@ def test_report_renders_tables_and_plots(reproduce, smoke_results):
     tables = reproduce.report(results_dir, "smoke")
     assert set(tables) == set(reproduce.EXPERIMENTS) - {"mlp_mnist_long"}  # same smoke run as mlp_mnist
     for name in tables:
-        text = (results_dir / f"{name}.md").read_text()
+        text = (results_dir / f"{reproduce._page_of(name)}.md").read_text()
         assert "| method |" in text and "## Commands" in text
         png = results_dir / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Dense" in (results_dir / "mlp_mnist.md").read_text()
+    mlp_page = (results_dir / "mlp_mnist.md").read_text()
+    assert "Dense" in mlp_page and not (results_dir / "mlp_mnist_research.md").exists()
+    # the research setting first, the earlier harness's results below it, labelled
+    assert mlp_page.index("research MLP recipe") < mlp_page.index("## Earlier results: MLP 784")
+    assert "best over epochs" in mlp_page
 
 
 def test_identical_variant_reuses_the_run(reproduce, smoke_results):
