@@ -140,7 +140,7 @@ def csti_mask(
     return mask.view(n_out, n_in)
 
 
-def csti_init(shape, density, *, generator=None, device=None, **params: Any) -> torch.Tensor:
+def csti_init(shape, density, *, generator=None, key=None, device=None, **params: Any) -> torch.Tensor:
     """``init_mask(shape, density, "csti", inputs=X)``: :func:`csti_mask` with its parameters checked."""
     unknown = sorted(set(params) - {"inputs", "correlation"})
     if unknown:
@@ -150,7 +150,7 @@ def csti_init(shape, density, *, generator=None, device=None, **params: Any) -> 
         )
     if params.get("inputs") is None and params.get("correlation") is None:
         _as_inputs(None)  # raises, naming the fix
-    return csti_mask(shape, density, generator=generator, device=device, **params)
+    return csti_mask(shape, density, generator=generator, key=key, device=device, **params)
 
 
 def load_calibration_inputs(source: Any) -> torch.Tensor:
