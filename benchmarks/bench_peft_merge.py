@@ -60,9 +60,9 @@ def run(density: float, data, args) -> dict[str, float]:
         sparsity={"method": "static", "density": density, "init": "brf", "seed": 0},
     )
     model = SparseLlamaForCausalLM(config)
-    train_blocks = data.train_dataset.blocks
+    train_blocks = data.train_dataset[:]["input_ids"]
     half = train_blocks.shape[0] // 2
-    eval_blocks = data.eval_dataset.blocks[: args.eval_blocks]
+    eval_blocks = data.eval_dataset[: args.eval_blocks]["input_ids"]
     train(model, train_blocks[:half], args.base_steps, 3e-3, seed=0)
     base_loss, base_logits = evaluate(model, eval_blocks)
     peft_model = get_peft_model(

@@ -63,7 +63,6 @@ from transformers import (
     LlamaForCausalLM,
     Trainer,
     TrainingArguments,
-    default_data_collator,
     set_seed,
 )
 
@@ -374,7 +373,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_dataset=data.train_dataset,
         eval_dataset=data.eval_dataset,
         processing_class=tokenizer,
-        data_collator=default_data_collator,
+        data_collator=data.data_collator,
         callbacks=callbacks,
     )
     train_result = trainer.train(

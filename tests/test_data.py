@@ -1,33 +1,41 @@
-"""Tests of hf_chts.data: embedded corpus, local files, Hub streaming (mocked), tokenizer, packing, errors."""
+"""Tests of hf_chts.data: embedded corpus, local files and user datasets through `datasets`, Hub (mocked),
+tokenizer, packing with Dataset.map, streaming under several processes, errors. Offline."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import datasets
+import numpy as np
 import pytest
 import torch
 
-from hf_chts import data
 from hf_chts.data import (
-    PackedDataset,
-    StreamingPackedDataset,
     build_stdlib_corpus,
     check_vocab_fits,
-    embedded_corpus,
+    collate_blocks,
+    corpus,
+    default_cache_dir,
+    embedded_dataset,
     get_tokenizer,
     is_validation_document,
     load_lm_data,
+    load_text_dataset,
+    pack_dataset,
     pack_tokens,
-    read_documents,
+    packing,
     resolve_source,
     split_documents,
-    tokenize_documents,
     train_tokenizer,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL_MODULES = ["json", "textwrap", "string", "shlex", "fnmatch", "bisect", "heapq", "calendar", "csv"]
 
 
@@ -49,9 +57,17 @@ def cache_dir(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def full_corpus(cache_dir) -> dict[str, list[str]]:
-    return embedded_corpus(cache_dir)
+def reference_blocks(docs, tokenizer, max_seq_length: int) -> torch.Tensor:
+    """The packing before `datasets`: tokenise, append eos, concatenate everything, cut into blocks."""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(list(docs), add_special_tokens=False)["input_ids"] if len(docs) else []
+    stream = np.concatenate([np.asarray([*x, eos], dtype=np.int64) for x in ids]) if ids else np.zeros(0)
+    return pack_tokens(stream, max_seq_length)
+
+
+def blocks_of(dataset) -> torch.Tensor:
+    rows = [torch.as_tensor(row["input_ids"]) for row in dataset]
+    return torch.stack(rows) if rows else torch.zeros(0, dtype=torch.long)
 
 
 # ------------------------------------------------------------------------------------------- embedded corpus
@@ -63,37 +79,37 @@ def test_stdlib_corpus_is_deterministic_clean_and_deduplicated(small_corpus):
     for doc in small_corpus:
         assert len(doc) >= 40
         assert "  " not in doc and "\n\n" not in doc and doc == doc.strip()
-    # real prose from the modules' docstrings, e.g. json's module docstring
-    assert any("JSON" in doc for doc in small_corpus)
+    assert any("JSON" in doc for doc in small_corpus)  # real prose, e.g. json's module docstring
 
 
 def test_stdlib_corpus_skips_tests_and_gui_packages():
     assert build_stdlib_corpus(modules=["test", "idlelib", "tkinter", "encodings"]) == []
 
 
-def test_embedded_corpus_size_split_and_cache(full_corpus, cache_dir, monkeypatch):
-    train, validation = full_corpus["train"], full_corpus["validation"]
+def test_embedded_dataset_size_split_and_cache(cache_dir, monkeypatch):
+    corpus_dict = embedded_dataset(cache_dir)
+    train, validation = corpus_dict["train"]["text"], corpus_dict["validation"]["text"]
+    train, validation = list(train), list(validation)
     n_docs = len(train) + len(validation)
-    n_bytes = sum(len(d.encode()) for d in train + validation)
-    assert n_docs > 3000 and n_bytes > 1_000_000
+    assert n_docs > 3000 and sum(len(d.encode()) for d in train + validation) > 1_000_000
     assert 0.02 < len(validation) / n_docs < 0.08
     assert not set(train) & set(validation)
     assert all(is_validation_document(d) for d in validation)
     assert not any(is_validation_document(d) for d in train)
-    cached = list((cache_dir / "corpus").glob("stdlib-py*.json"))
-    assert len(cached) == 1
-    # the second call reads the cache: building again would fail here
-    monkeypatch.setattr(data, "build_stdlib_corpus", lambda *a, **k: pytest.fail("cache not used"))
+    # The second call memory-maps the Arrow files: building the corpus again would fail here.
+    corpus._stdlib_documents.cache_clear()
+    monkeypatch.setattr(corpus, "build_stdlib_corpus", lambda *a, **k: pytest.fail("cache not used"))
     start = time.perf_counter()
-    assert embedded_corpus(cache_dir) == full_corpus
-    assert time.perf_counter() - start < 5
+    again = embedded_dataset(cache_dir)
+    assert list(again["train"]["text"]) == train and time.perf_counter() - start < 5
+    assert again["train"]._fingerprint == corpus_dict["train"]._fingerprint
 
 
 def test_cache_dir_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_CHTS_CACHE", str(tmp_path / "c"))
-    assert data.default_cache_dir() == tmp_path / "c"
+    assert default_cache_dir() == tmp_path / "c"
     monkeypatch.delenv("HF_CHTS_CACHE")
-    assert data.default_cache_dir() == Path.home() / ".cache" / "hf_chts"
+    assert default_cache_dir() == Path.home() / ".cache" / "hf_chts"
 
 
 def test_split_is_by_content_not_order():
@@ -118,37 +134,57 @@ def _write_local_files(root: Path) -> None:
     (root / "ignored.csv").write_text("x,y\n")
 
 
-def test_read_local_txt_jsonl_gz_and_folder(tmp_path):
+def texts(dataset, field: str = "text") -> list[str]:
+    return [row[field] for row in dataset]
+
+
+def test_load_local_txt_jsonl_gz_and_folder(tmp_path):
+    cache, tmp_path = tmp_path / "cache", tmp_path / "data"
     _write_local_files(tmp_path)
-    assert list(read_documents(tmp_path / "a.txt")) == ["First paragraph\nstill first.", "Second paragraph."]
-    assert list(read_documents(tmp_path / "c.txt.gz")) == ["Gzipped text."]
-    assert list(read_documents(tmp_path / "sub" / "b.jsonl.gz", text_field="body")) == [
-        "From gzip jsonl.",
-        "Second record.",
+    assert texts(load_text_dataset(str(tmp_path / "a.txt"), cache_dir=cache)) == [
+        "First paragraph\nstill first.",
+        "Second paragraph.",
     ]
-    # a folder: every data file below it, sorted by relative path
-    assert list(read_documents(tmp_path, text_field="body")) == [
+    assert texts(load_text_dataset(str(tmp_path / "c.txt.gz"), cache_dir=cache)) == ["Gzipped text."]
+    jsonl = load_text_dataset(str(tmp_path / "sub" / "b.jsonl.gz"), text_field="body", cache_dir=cache)
+    assert isinstance(jsonl, datasets.Dataset) and jsonl.column_names == ["body"]
+    assert texts(jsonl, "body") == ["From gzip jsonl.", "Second record."]
+    # a folder: the text files, then the JSON Lines files, each sorted by relative path
+    folder = load_text_dataset(str(tmp_path), text_field="body", cache_dir=cache)
+    assert texts(folder, "body") == [
         "First paragraph\nstill first.",
         "Second paragraph.",
         "Gzipped text.",
         "From gzip jsonl.",
         "Second record.",
     ]
+    streamed = load_text_dataset(str(tmp_path / "a.txt"), streaming=True, cache_dir=cache)
+    assert isinstance(streamed, datasets.IterableDataset)
+    assert texts(streamed) == ["First paragraph\nstill first.", "Second paragraph."]
 
 
 def test_local_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
-        list(read_documents(tmp_path / "missing.txt"))
+        load_text_dataset(str(tmp_path / "missing.txt"), cache_dir=tmp_path)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "ok"}\n{"content": "no text field"}\n')
-    with pytest.raises(ValueError, match=r"line 2: no field 'text' \(found \['content'\]\).*--text_field"):
-        list(read_documents(bad))
+    bad.write_text('{"content": "no text field", "id": 1}\n')
+    with pytest.raises(
+        ValueError, match=r"no text field 'text'; its fields are \['content', 'id'\].*--text_field"
+    ):
+        load_text_dataset(str(bad), cache_dir=tmp_path / "c1")
     bad.write_text('{"text": "ok"}\nnot json\n')
-    with pytest.raises(ValueError, match="line 2: not valid JSON"):
-        list(read_documents(bad))
+    with pytest.raises(ValueError, match=r"Could not read .*bad\.jsonl"):
+        load_text_dataset(str(bad), cache_dir=tmp_path / "c2")
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text('{"text": 3}\n')
+    with pytest.raises(ValueError, match="not text"):
+        load_text_dataset(str(numbers), cache_dir=tmp_path / "c3")
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(ValueError, match="holds no data files"):
-        list(read_documents(tmp_path / "empty_dir"))
+        load_text_dataset(str(tmp_path / "empty_dir"), cache_dir=tmp_path)
+    (tmp_path / "x.csv").write_text("a\n")
+    with pytest.raises(ValueError, match="Unsupported data file"):
+        load_text_dataset(str(tmp_path / "x.csv"), cache_dir=tmp_path)
 
 
 def test_resolve_source(tmp_path):
@@ -157,9 +193,13 @@ def test_resolve_source(tmp_path):
     assert resolve_source("stdlib") == ("embedded", None)
     assert resolve_source(str(tmp_path / "x.txt")) == ("local", str(tmp_path / "x.txt"))
     assert resolve_source("allenai/c4") == ("hub", "allenai/c4")
+    user = datasets.Dataset.from_dict({"text": ["a"]})
+    assert resolve_source(user) == ("dataset", user)
     for missing in ("data/missing.jsonl", "./nowhere", str(tmp_path / "nope"), "corpus.txt.gz"):
         with pytest.raises(FileNotFoundError, match="not found"):
             resolve_source(missing)
+    with pytest.raises(ValueError, match="got list"):
+        resolve_source(["a"])
 
 
 # ------------------------------------------------------------------------------------------- tokenizer
@@ -188,8 +228,7 @@ def test_tokenizer_training_is_deterministic_and_cached(small_corpus, tmp_path):
     first = get_tokenizer(documents=small_corpus, vocab_size=300, fingerprint="abc", cache_dir=tmp_path)
     folders = list((tmp_path / "tokenizers").iterdir())
     assert len(folders) == 1 and (folders[0] / "tokenizer.json").is_file()
-    # a cache hit never calls the document factory
-    second = get_tokenizer(
+    second = get_tokenizer(  # a cache hit never calls the document factory
         documents=lambda: pytest.fail("retrained"), vocab_size=300, fingerprint="abc", cache_dir=tmp_path
     )
     assert second.get_vocab() == first.get_vocab()
@@ -205,61 +244,135 @@ def test_tokenizer_and_vocab_errors(tokenizer):
 
 
 # ------------------------------------------------------------------------------------------- packing
-def test_tokenize_and_pack(tokenizer):
-    docs = ["alpha beta gamma", "delta"]
-    stream = tokenize_documents(docs, tokenizer, batch_size=1)
-    eos = tokenizer.eos_token_id
-    first = tokenizer(docs[0], add_special_tokens=False)["input_ids"]
-    second = tokenizer(docs[1], add_special_tokens=False)["input_ids"]
-    assert stream.tolist() == first + [eos] + second + [eos]
+def test_pack_tokens_and_collate():
     blocks = pack_tokens(list(range(10)), 4)
     assert blocks.dtype == torch.long and blocks.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert pack_tokens([1, 2, 3], 4).shape == (0, 4)
     with pytest.raises(ValueError, match="max_seq_length"):
         pack_tokens([1, 2], 1)
-    ds = PackedDataset(blocks)
-    assert len(ds) == 2 and ds.num_tokens == 8
-    assert torch.equal(ds[1]["input_ids"], ds[1]["labels"])
+    batch = collate_blocks([{"input_ids": torch.tensor([1, 2])}, {"input_ids": [3, 4]}])
+    assert batch["input_ids"].tolist() == [[1, 2], [3, 4]] and torch.equal(
+        batch["labels"], batch["input_ids"]
+    )
+    assert batch["labels"].data_ptr() != batch["input_ids"].data_ptr()
 
 
-def test_streaming_packing_matches_materialised(tokenizer, small_corpus):
+@pytest.mark.parametrize("batch_size", [1, 7, 1000])
+def test_pack_dataset_equals_packing_the_whole_stream(tokenizer, small_corpus, batch_size):
+    docs = datasets.Dataset.from_dict({"text": small_corpus[:60]})
+    packed = pack_dataset(docs, tokenizer, 32, batch_size=batch_size)
+    expected = reference_blocks(small_corpus[:60], tokenizer, 32)
+    assert packed.column_names == ["input_ids"] and len(packed) == expected.shape[0] > 10
+    assert torch.equal(packed[:]["input_ids"], expected)  # the remainder is carried across map batches
+
+
+def test_pack_iterable_dataset_packs_each_batch(tokenizer, small_corpus):
     docs = small_corpus[:60]
-    expected = pack_tokens(tokenize_documents(docs, tokenizer), 32)
-    streamed = list(StreamingPackedDataset(lambda: iter(docs), tokenizer, 32, batch_size=7))
-    assert len(streamed) == expected.shape[0]
-    assert torch.equal(torch.stack([b["input_ids"] for b in streamed]), expected)
-    assert all(torch.equal(b["input_ids"], b["labels"]) for b in streamed)
+    stream = datasets.Dataset.from_dict({"text": docs}).to_iterable_dataset()
+    whole = blocks_of(pack_dataset(stream, tokenizer, 32, batch_size=1000))
+    assert torch.equal(whole, reference_blocks(docs, tokenizer, 32))
+    per_batch = blocks_of(pack_dataset(stream, tokenizer, 32, batch_size=20))
+    expected = torch.cat([reference_blocks(docs[i : i + 20], tokenizer, 32) for i in range(0, 60, 20)])
+    assert torch.equal(per_batch, expected)
+
+
+def test_embedded_corpus_blocks_are_those_of_the_whole_stream(cache_dir):
+    """The `datasets` pipeline reproduces the packing of the hand-written one on the embedded corpus."""
+    lm = load_lm_data(max_seq_length=128, tokenizer_vocab_size=4096, cache_dir=cache_dir)
+    corpus_dict = embedded_dataset(cache_dir)
+    for split, packed in (("train", lm.train_dataset), ("validation", lm.eval_dataset)):
+        expected = reference_blocks(list(corpus_dict[split]["text"]), lm.tokenizer, 128)
+        assert torch.equal(packed[:]["input_ids"], expected), split
+    assert lm.info["train_blocks"] == len(lm.train_dataset) > 3000
 
 
 # ------------------------------------------------------------------------------------------- load_lm_data
-def test_load_lm_data_local_jsonl(small_corpus, tmp_path):
+def test_load_lm_data_local_jsonl_and_the_map_cache(small_corpus, tmp_path, monkeypatch):
     path = tmp_path / "corpus.jsonl"
-    path.write_text("".join(json.dumps({"content": d}) + "\n" for d in small_corpus))
-    lm = load_lm_data(
-        str(path), text_field="content", tokenizer_vocab_size=300, max_seq_length=64, cache_dir=tmp_path / "c"
-    )
-    assert isinstance(lm.train_dataset, PackedDataset)
+    path.write_text("".join(json.dumps({"content": d, "n": i}) + "\n" for i, d in enumerate(small_corpus)))
+    kwargs = dict(text_field="content", tokenizer_vocab_size=300, max_seq_length=64, cache_dir=tmp_path / "c")
+    lm = load_lm_data(str(path), **kwargs)
+    assert isinstance(lm.train_dataset, datasets.Dataset)
     item = lm.train_dataset[0]
-    assert item["input_ids"].shape == (64,) and torch.equal(item["input_ids"], item["labels"])
-    assert len(lm.eval_dataset) >= 1 and lm.eval_dataset[0]["input_ids"].shape == (64,)
-    assert lm.info["source"] == "local" and lm.info["vocab_size"] == 300 == len(lm.tokenizer)
+    assert item["input_ids"].shape == (64,) and item["input_ids"].dtype == torch.int64
+    batch = lm.data_collator([lm.train_dataset[0], lm.train_dataset[1]])
+    assert batch["input_ids"].shape == (2, 64) and torch.equal(batch["labels"], batch["input_ids"])
+    assert len(lm.eval_dataset) >= 1 and lm.info["source"] == "local"
+    assert lm.info["vocab_size"] == 300 == len(lm.tokenizer)
     assert lm.info["train_documents"] + lm.info["validation_documents"] == len(small_corpus)
-    assert int(lm.train_dataset.blocks.max()) < 300
-    # cached token streams: a second call gives the same blocks
-    again = load_lm_data(
-        str(path), text_field="content", tokenizer_vocab_size=300, max_seq_length=64, cache_dir=tmp_path / "c"
-    )
-    assert torch.equal(again.train_dataset.blocks, lm.train_dataset.blocks)
-    assert len(list((tmp_path / "c" / "tokens").glob("*.npy"))) == 2
-    capped = load_lm_data(
-        str(path),
-        text_field="content",
-        tokenizer_vocab_size=300,
-        max_seq_length=64,
-        max_eval_samples=1,
-        cache_dir=tmp_path / "c",
-    )
+    assert int(lm.train_dataset[:]["input_ids"].max()) < 300
+    train_docs = [d for d in small_corpus if not is_validation_document(d)]
+    assert torch.equal(lm.train_dataset[:]["input_ids"], reference_blocks(train_docs, lm.tokenizer, 64))
+    # A second call reads the packed blocks from the Dataset.map cache: tokenising again would fail here.
+    monkeypatch.setattr(packing, "_tokenize", lambda *a, **k: pytest.fail("tokenised again"))
+    again = load_lm_data(str(path), **kwargs)
+    assert torch.equal(again.train_dataset[:]["input_ids"], lm.train_dataset[:]["input_ids"])
+    capped = load_lm_data(str(path), max_eval_samples=1, **kwargs)
     assert len(capped.eval_dataset) == 1
+
+
+def test_load_lm_data_takes_a_users_dataset(small_corpus, tmp_path):
+    user = datasets.Dataset.from_dict({"body": small_corpus, "id": list(range(len(small_corpus)))})
+    lm = load_lm_data(
+        user, text_field="body", tokenizer_vocab_size=300, max_seq_length=64, cache_dir=tmp_path
+    )
+    train_docs = [d for d in small_corpus if not is_validation_document(d)]
+    assert torch.equal(lm.train_dataset[:]["input_ids"], reference_blocks(train_docs, lm.tokenizer, 64))
+    assert lm.info["source"] == "dataset"
+    with pytest.raises(ValueError, match=r"no text field 'text'; its fields are \['body', 'id'\]"):
+        load_lm_data(user, tokenizer_vocab_size=300, max_seq_length=64, cache_dir=tmp_path)
+
+
+def test_load_lm_data_takes_a_users_iterable_dataset(small_corpus, tmp_path):
+    stream = datasets.Dataset.from_dict({"text": small_corpus}).to_iterable_dataset(num_shards=2)
+    lm = load_lm_data(
+        stream, tokenizer_vocab_size=300, max_seq_length=32, max_eval_samples=3, cache_dir=tmp_path
+    )
+    assert isinstance(lm.train_dataset, datasets.IterableDataset)
+    assert len(lm.eval_dataset) == 3 and lm.eval_dataset[0]["input_ids"].shape == (32,)
+    first = next(iter(lm.train_dataset))
+    assert len(first["input_ids"]) == 32
+
+
+def test_split_by_node_gives_disjoint_shards_and_refuses_an_empty_one(small_corpus, tmp_path):
+    docs = [f"[doc {i}] {d}" for i, d in enumerate(small_corpus)]  # every block unique
+    stream = datasets.Dataset.from_dict({"text": docs}).to_iterable_dataset(num_shards=4)
+    kwargs = dict(tokenizer_vocab_size=300, max_seq_length=32, split_by_node=True, cache_dir=tmp_path)
+    ranks = [load_lm_data(stream, rank=r, world_size=2, **kwargs) for r in range(2)]
+    blocks = [{tuple(row["input_ids"].tolist()) for row in lm.train_dataset} for lm in ranks]
+    assert blocks[0] and blocks[1] and not blocks[0] & blocks[1]
+    single = load_lm_data(stream, **{**kwargs, "split_by_node": False})
+    assert len(blocks[0]) + len(blocks[1]) >= 0.95 * sum(1 for _ in single.train_dataset)
+    assert "process 1 of 2" in ranks[1].info["description"]
+    one = datasets.Dataset.from_dict({"text": docs[:1] * 1}).to_iterable_dataset()
+    (tmp_path / "val.txt").write_text(" ".join(docs[:20]))
+    kwargs.update(max_seq_length=8, validation_file=str(tmp_path / "val.txt"))
+    assert len(load_lm_data(one, rank=0, world_size=2, **kwargs).eval_dataset) > 0
+    with pytest.raises(
+        ValueError, match=r"process 1 of 2; the stream has 1 file shards\) yields no block.*fewer"
+    ):
+        load_lm_data(one, rank=1, world_size=2, **kwargs)
+    with pytest.raises(ValueError, match="0 <= rank < world_size"):
+        load_lm_data(stream, rank=2, world_size=2, **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_read_disjoint_shards(small_corpus, tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(
+        "".join(json.dumps({"text": f"[doc {i}] {d}"}) + "\n" for i, d in enumerate(small_corpus))
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(ROOT / "tests" / "scripts" / "dist_data.py"), str(path), str(tmp_path)]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    got = [json.loads((tmp_path / f"blocks_rank{r}.json").read_text()) for r in range(2)]
+    assert [g["rank"] for g in got] == [0, 1] and all(g["world_size"] == 2 for g in got)
+    shards = [{tuple(b) for b in g["blocks"]} for g in got]
+    assert shards[0] and shards[1] and not shards[0] & shards[1]
 
 
 def test_load_lm_data_small_text_holds_out_blocks(small_corpus, tmp_path):
@@ -279,20 +392,19 @@ def test_load_lm_data_errors(tmp_path):
         load_lm_data(str(empty), cache_dir=tmp_path)
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("just a few words")
-    with pytest.raises(ValueError, match="too few|fewer than"):
+    with pytest.raises(ValueError, match="too few|fewer"):
         load_lm_data(str(tiny), tokenizer_vocab_size=300, max_seq_length=256, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="max_seq_length"):
         load_lm_data(str(tiny), max_seq_length=1, cache_dir=tmp_path)
 
 
 def test_load_lm_data_hub_streaming_is_mocked(small_corpus, tmp_path, monkeypatch):
-    datasets = pytest.importorskip("datasets")
     calls = []
 
-    def fake_load_dataset(name, config=None, *, split, streaming):
+    def fake_load_dataset(name, config=None, *, split, streaming, **kwargs):
         calls.append((name, config, split, streaming))
         docs = small_corpus if split == "train" else small_corpus[:10]
-        return iter([{"text": d, "url": "x"} for d in docs])
+        return datasets.Dataset.from_dict({"text": docs, "url": ["x"] * len(docs)}).to_iterable_dataset()
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     lm = load_lm_data(
@@ -307,12 +419,15 @@ def test_load_lm_data_hub_streaming_is_mocked(small_corpus, tmp_path, monkeypatc
     )
     assert ("someone/corpus", "en", "train", True) in calls
     assert ("someone/corpus", "en", "validation", True) in calls
-    assert isinstance(lm.train_dataset, StreamingPackedDataset)
+    assert isinstance(lm.train_dataset, datasets.IterableDataset)
     assert len(lm.eval_dataset) == 3
-    first = next(iter(lm.train_dataset))
-    assert first["input_ids"].shape == (32,)
+    assert len(next(iter(lm.train_dataset))["input_ids"]) == 32
     assert lm.info["source"] == "hub" and len(lm.tokenizer) == 300
 
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter([{"content": "x"}]))
-    with pytest.raises(ValueError, match="no column 'text'"):
+    monkeypatch.setattr(
+        datasets,
+        "load_dataset",
+        lambda *a, **k: datasets.Dataset.from_dict({"content": ["x"], "id": [1]}).to_iterable_dataset(),
+    )
+    with pytest.raises(ValueError, match=r"no text field 'text'; its fields are \['content', 'id'\]"):
         load_lm_data("someone/other", tokenizer_vocab_size=300, max_seq_length=32, cache_dir=tmp_path)
