@@ -10,7 +10,9 @@ placeholders) from what a checkpoint folder already holds, plus what you pass:
 - ``zero_shot_results.json`` when present (written by :mod:`hf_chts.evaluation`).
 
 The card has Hub metadata in its YAML front matter (``library_name``, ``tags``, ``datasets``, ``license``,
-``pipeline_tag``) built with ``huggingface_hub.ModelCardData``, and is saved as the folder's ``README.md``.
+``pipeline_tag`` and a ``model-index`` holding the zero-shot accuracies and the validation perplexity as
+``huggingface_hub.EvalResult``s, so the Hub shows them) built with ``huggingface_hub.ModelCardData``, and is
+saved as the folder's ``README.md``. Repository ids are checked with ``huggingface_hub``'s validator.
 :func:`push_to_hub` creates the repository and uploads the folder with ``huggingface_hub.HfApi``.
 
 Example:
@@ -57,7 +59,15 @@ METHOD_NAMES = {
 # files never uploaded by default: pickles and the optimizer state of intermediate checkpoints
 DEFAULT_IGNORE = ["checkpoint-*", "checkpoint-*/**", "*.pt", "*.pth", "*.bin", "*.pkl", ".git/**"]
 
-__all__ = ["CITATION", "TEMPLATE", "card_context", "render_model_card", "write_model_card", "push_to_hub"]
+__all__ = [
+    "CITATION",
+    "TEMPLATE",
+    "card_context",
+    "check_repo_id",
+    "push_to_hub",
+    "render_model_card",
+    "write_model_card",
+]
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -72,16 +82,57 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _training_from_state(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Steps and last eval loss from a ``trainer_state.json`` dict."""
-    history = state.get("log_history", [])
-    losses = [h["eval_loss"] for h in history if "eval_loss" in h]
-    out: dict[str, Any] = {"steps": state.get("global_step") or state.get("max_steps")}
+def _training_from_state(path: Path) -> dict[str, Any]:
+    """Steps and last eval loss from a ``trainer_state.json`` (read with ``TrainerState.load_from_json``)."""
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(str(path))
+    losses = [h["eval_loss"] for h in state.log_history if "eval_loss" in h]
+    out: dict[str, Any] = {"steps": state.global_step or state.max_steps}
     if losses:
         out["eval_loss"] = losses[-1]
-    if state.get("train_batch_size"):
-        out["per_device_batch_size"] = state["train_batch_size"]
+    if state.train_batch_size:
+        out["per_device_batch_size"] = state.train_batch_size
     return out
+
+
+def _eval_results(ctx: Mapping[str, Any]) -> list[Any]:
+    """The zero-shot results and the validation perplexity as ``huggingface_hub.EvalResult`` (model-index)."""
+    from huggingface_hub import EvalResult
+
+    results = []
+    zero_shot = (ctx["eval_results"] or {}).get("results", {})
+    shots = (ctx["eval_results"] or {}).get("config", {}).get("num_fewshot", 0)
+    for task, row in zero_shot.items():
+        for metric in ("acc", "acc_norm"):
+            if row.get(metric) is None:
+                continue
+            results.append(
+                EvalResult(
+                    task_type="text-generation",
+                    task_name=f"zero-shot {task}" if not shots else f"{shots}-shot {task}",
+                    dataset_type=task,
+                    dataset_name=task,
+                    metric_type=metric,
+                    metric_name=f"{metric} ({shots}-shot)",
+                    metric_value=float(row[metric]),
+                    source_name="lm-evaluation-harness",
+                    source_url="https://github.com/EleutherAI/lm-evaluation-harness",
+                )
+            )
+    if ctx["perplexity"] is not None and math.isfinite(ctx["perplexity"]):
+        data = ctx["datasets"][0] if ctx["datasets"] else "held-out text"
+        results.append(
+            EvalResult(
+                task_type="text-generation",
+                task_name="language modelling",
+                dataset_type=data,
+                dataset_name=f"{data} (validation)",
+                metric_type="perplexity",
+                metric_value=float(ctx["perplexity"]),
+            )
+        )
+    return results
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -134,8 +185,8 @@ def card_context(
     if hasattr(sparsity_config, "to_dict"):  # a SparseTrainingConfig
         sparsity_config = sparsity_config.to_dict()
     sparsity = dict(sparsity_config if sparsity_config is not None else config.get("sparsity") or {})
-    state = _read_json(folder / "trainer_state.json")
-    training = _training_from_state(state) if state else {}
+    state_path = folder / "trainer_state.json"
+    training = _training_from_state(state_path) if state_path.is_file() else {}
     if training_steps is not None:
         training["steps"] = training_steps
     if training_tokens is not None:
@@ -354,6 +405,8 @@ def render_model_card(
         tags=all_tags,
         datasets=ctx["datasets"] or None,
         base_model=base_model,
+        model_name=ctx["model_name"],
+        eval_results=_eval_results(ctx) or None,
     )
     text = Path(template or TEMPLATE).read_text()
     values = _sections(ctx)
@@ -373,6 +426,24 @@ def write_model_card(folder: str | os.PathLike, **kwargs: Any) -> Path:
     path = Path(folder) / "README.md"
     render_model_card(folder, **kwargs).save(path)
     return path
+
+
+def check_repo_id(repo_id: Any) -> str:
+    """Return ``repo_id`` if ``huggingface_hub``'s validator accepts it, else raise a ``ValueError``."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not repo_id or not isinstance(repo_id, str):
+        raise ValueError(
+            "push_to_hub needs a Hub repository id such as 'your-name/llama-60m-chtss' (--hub_model_id); "
+            f"got {repo_id!r}."
+        )
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(
+            f"Malformed repository id {repo_id!r}: {err} Use 'namespace/name' or 'name'."
+        ) from err
+    return repo_id
 
 
 def push_to_hub(
@@ -409,13 +480,7 @@ def push_to_hub(
     """
     from huggingface_hub import HfApi
 
-    if not repo_id or not isinstance(repo_id, str):
-        raise ValueError(
-            "push_to_hub needs a Hub repository id such as 'your-name/llama-60m-chtss' (--hub_model_id); "
-            f"got {repo_id!r}."
-        )
-    if repo_id.count("/") > 1 or repo_id.startswith("/") or repo_id.endswith("/") or " " in repo_id:
-        raise ValueError(f"Malformed repository id {repo_id!r}; use 'namespace/name' or 'name'.")
+    check_repo_id(repo_id)
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"Checkpoint folder {folder} does not exist.")

@@ -37,7 +37,8 @@ and everything of ``transformers.TrainingArguments``.
 Outputs in ``--output_dir``: ``model.safetensors`` + ``config.json`` (loads with
 ``AutoModelForCausalLM.from_pretrained`` after ``import hf_chts``), the tokenizer, ``metrics.json``
 (validation perplexity, zero-shot accuracy, sparsity, data summary), ``zero_shot_results.json``/``.md``,
-``README.md`` (the model card) and the Trainer's ``trainer_state.json`` with the training log.
+``README.md`` (the model card, zero-shot results in its ``model-index``) and the Trainer's
+``trainer_state.json`` (training log), ``train_results.json`` / ``eval_results.json`` / ``all_results.json``.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ from hf_chts.callback import CHTssCallback
 from hf_chts.config import METHODS, SparseTrainingConfig
 from hf_chts.data import check_vocab_fits, load_lm_data
 from hf_chts.evaluation import evaluate, resolve_tasks
-from hf_chts.hub import push_to_hub, write_model_card
+from hf_chts.hub import check_repo_id, push_to_hub, write_model_card
 from hf_chts.modeling import SparseLlamaConfig, SparseLlamaForCausalLM, sparsity_summary
 from hf_chts.recipe_utils import apply_yaml_defaults, resolve_resume_checkpoint
 
@@ -265,6 +266,7 @@ def check_push(training_args: TrainingArguments) -> dict[str, Any] | None:
         return None
     if not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id <user or org>/<repo name>.")
+    check_repo_id(training_args.hub_model_id)
     token = training_args.hub_token or get_token()
     if token is None:
         raise ValueError("--push_to_hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN.")
@@ -419,6 +421,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sparse_training": None if sparse_config is None else sparse_config.to_dict(),
     }
     (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    # the Trainer's own metric files: train_results.json, eval_results.json and all_results.json
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_metrics("eval", eval_metrics)
     tokens_per_step = (
         data_args.max_seq_length
         * training_args.per_device_train_batch_size

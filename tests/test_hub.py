@@ -110,6 +110,18 @@ def test_card_has_every_section_and_number(checkpoint):
     assert {"hf_chts", "chtss", "sparse", "arxiv:2501.19107"} <= set(data["tags"])
 
 
+def test_card_model_index_holds_the_zero_shot_results(checkpoint):
+    from huggingface_hub import ModelCard
+
+    loaded = ModelCard(str(render_model_card(checkpoint, repo_id="me/tiny")))  # what the Hub parses
+    assert loaded.data.model_name == "tiny"
+    results = {(r.dataset_name, r.metric_type): r.metric_value for r in loaded.data.eval_results}
+    assert results[("arc_easy", "acc")] == 0.4321 and results[("arc_easy", "acc_norm")] == 0.4
+    assert results[("piqa", "acc")] == 0.6123 and ("piqa", "acc_norm") not in results
+    assert results[("held-out text (validation)", "perplexity")] == pytest.approx(math.exp(4.2))
+    assert len(results) == 4
+
+
 def test_arguments_override_folder_records(checkpoint):
     text = render_model_card(checkpoint, validation_perplexity=12.5, training_steps=999).content
     assert "**12.50**" in text and "| optimizer steps | 999 |" in text
@@ -172,7 +184,7 @@ def test_push_keeps_an_existing_card(checkpoint):
     assert (checkpoint / "README.md").read_text() == "my card"
 
 
-@pytest.mark.parametrize("repo_id", [None, "", "a/b/c", "has space/x"])
+@pytest.mark.parametrize("repo_id", [None, "", "a/b/c", "has space/x", "-dash/x", "me/a..b"])
 def test_push_needs_a_valid_repo_id(checkpoint, repo_id):
     with mock.patch("huggingface_hub.HfApi") as api_cls, pytest.raises(ValueError, match="repo"):
         push_to_hub(checkpoint, repo_id)

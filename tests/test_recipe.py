@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from huggingface_hub import ModelCard
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerState
 
 import hf_chts  # noqa: F401  (registers sparse_llama with the Auto classes)
 from hf_chts.config import SparseTrainingConfig
@@ -199,10 +200,14 @@ def _check_outputs(out: Path, method: str) -> dict:
     ppl, loss = metrics["eval"]["eval_perplexity"], metrics["eval"]["eval_loss"]
     assert math.isclose(ppl, math.exp(loss), rel_tol=1e-6) and ppl < 300  # below uniform over 300 tokens
     assert 0.0 <= metrics["zero_shot"]["hf_chts_tiny_mc"]["acc"] <= 1.0
-    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    history = TrainerState.load_from_json(str(out / "trainer_state.json")).log_history
     assert any("eval_perplexity" in entry for entry in history)
+    saved = json.loads((out / "all_results.json").read_text())  # trainer.save_metrics
+    assert saved["eval_loss"] == loss and saved["train_loss"] == metrics["train"]["train_loss"]
     card = (out / "README.md").read_text()
     assert "hf_chts_tiny_mc" in card and "library_name: transformers" in card
+    index = ModelCard(card).data.eval_results  # model-index: the Hub shows these
+    assert any(r.dataset_name == "hf_chts_tiny_mc" and r.metric_type == "acc" for r in index)
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = tokenizer("Return the JSON encoding of the object.", return_tensors="pt")["input_ids"]
