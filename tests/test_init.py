@@ -366,3 +366,15 @@ def test_bad_beta_degree_dist_method_params_and_shape():
         init_mask((4,), 0.5, "er")
     with pytest.raises(ValueError, match="'gaussian'.*'uniform', 'erk'"):
         allocate_densities([(4, 4)], 0.5, "gaussian")
+
+
+def test_log_tiling_does_not_change_the_bits(monkeypatch):
+    # On CPU the log runs tile by tile; on GPUs in one piece: both must give the same bits (and masks).
+    from hf_chts.topology import init
+
+    x = torch.rand(3, 40_000, generator=gen()) + 2.0**-24
+    tiled = _log(x)
+    mask = init_mask((300, 200), 0.2, "brf", key=3)
+    monkeypatch.setattr(init, "_CPU_TILE", 1 << 30)
+    assert torch.equal(_log(x), tiled)
+    assert torch.equal(init_mask((300, 200), 0.2, "brf", key=3), mask)

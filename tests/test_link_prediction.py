@@ -331,3 +331,32 @@ def test_cuda_stack_and_precisions():
     for precision, max_error in (("tf32", 2.0**-10), ("bf16", 2.0**-7)):
         got = ch_scores(stack.cuda(), precision=precision).cpu()
         assert float((got.double() - ref).abs().max() / ref.abs().max()) <= max_error, precision
+
+
+def test_gpu_kernel_logic_with_emulated_bf16_gemms(monkeypatch):
+    # The GPU path's bf16 branches (exact counts from bf16 operands, "exact" as three bf16 parts, "bf16" as
+    # one), run on CPU with a bmm that does what a bf16 GEMM with fp32 output does: fp32 sums of the
+    # (exactly representable) bf16 products.
+    real_bmm = torch.bmm
+    bf16_calls = []
+
+    def bmm(a, b, *, out_dtype=None):
+        if out_dtype is None:
+            return real_bmm(a, b)
+        assert a.dtype == b.dtype == torch.bfloat16 and out_dtype == torch.float32
+        bf16_calls.append(1)
+        return real_bmm(a.float(), b.float())
+
+    monkeypatch.setattr(torch, "bmm", bmm)
+    monkeypatch.setitem(link_prediction._BF16_FP32_MATMUL, "cpu", True)
+    stack = torch.rand(3, 70, 50, generator=torch.Generator().manual_seed(14)) < 0.2
+    for variant in VARIANTS:
+        ref = torch.stack([ch_scores_reference(m, variant) for m in stack])
+        scale = float(ref.abs().max())
+        for precision, max_error in (("exact", 2e-6), ("tf32", 2.0**-11), ("bf16", 2.0**-8)):
+            got = ch_scores(stack, variant, method="dense", precision=precision, block_size=32)
+            assert float((got.double() - ref).abs().max()) <= max_error * scale, (variant, precision)
+            assert not got[stack].any()
+    # Blocks of 32: 3 for the 70 rows, 2 for the 50 columns. Per variant: "exact" 5 x (1 count + 3
+    # products), "bf16" 5 x (1 + 1), "tf32" 5 counts (its products are TF32 GEMMs).
+    assert len(bf16_calls) == 3 * (20 + 10 + 5)
