@@ -27,6 +27,7 @@ import argparse
 import gc
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -215,9 +216,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.load_at_start = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    command = "PYTHONPATH=. python benchmarks/bench_overhead.py " + " ".join(
-        a for a in sys.argv[1:] if not a.startswith("--notes")
-    )
+    argv, skip = [], False
+    for a in sys.argv[1:]:  # the command without --notes and its text
+        if skip or a.startswith("--notes"):
+            skip = a == "--notes"
+            continue
+        argv.append(a)
+    command = "PYTHONPATH=. python benchmarks/bench_overhead.py " + shlex.join(argv)
     results = []
     user = {k: getattr(args, k) for k in ("batch", "seq", "steps", "warmup")}
     for device in (d.strip() for d in args.devices.split(",")):

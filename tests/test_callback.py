@@ -415,3 +415,39 @@ def test_torch_compile(tmp_path, method):
     trainer, sparse, probe = train(tmp_path, config_for(method), torch_compile=True)
     assert hasattr(trainer.model_wrapped, "_orig_mod")  # really compiled
     check_run(sparse, probe)
+
+
+class RowMeanSGD(torch.optim.SGD):
+    """Mixes positions (like Shampoo or Muon): each weight moves by its row's mean gradient too."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.dim() == 2:
+                    p.add_(p.grad.mean(dim=1, keepdim=True), alpha=-group["lr"])
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("remask", ["auto", "update_steps"])
+def test_position_mixing_optimizer_is_remasked_every_step(tmp_path, remask):
+    from hf_chts.masking import keeps_masked_weights_zero
+
+    model = tiny_llama()
+    optimizer = RowMeanSGD(model.parameters(), lr=1e-2)
+    assert not keeps_masked_weights_zero(optimizer)
+    sparse = CHTssCallback(config_for("set", remask=remask))
+    probe = Probe(sparse)
+    trainer = Trainer(
+        model=model,
+        args=make_args(tmp_path, max_steps=3),
+        train_dataset=RandomTokens(),
+        callbacks=[sparse, probe],
+        optimizers=(optimizer, None),
+    )
+    trainer.train()
+    weight_violations = [v for v in probe.violations if "masked weights" in v]
+    if remask == "auto":  # not a known zero-preserving optimizer: re-masked after every step
+        assert sparse._remask_every_step and probe.violations == []
+    else:  # trusting it is wrong for this optimizer: masked weights drift between updates
+        assert not sparse._remask_every_step and weight_violations
