@@ -54,6 +54,7 @@ def test_chtss_preset_matches_spec():
         (dict(init="xx"), "Unknown init 'xx'"),
         (dict(ch_variant="CH9"), "Unknown ch_variant 'CH9'"),
         (dict(ch_precision="fp16"), "Unknown ch_precision 'fp16'.*'exact', 'tf32', 'bf16'"),
+        (dict(remask="always"), "Unknown remask 'always'.*'auto', 'every_step', 'update_steps'"),
         (dict(zeta=1.0), "zeta"),
         (dict(method="chts", initial_density=0.5), "initial_density.*constant"),
         (dict(method="chtss", density=0.6, initial_density=0.5), "initial_density"),
