@@ -549,8 +549,10 @@ class CHTssCallback(TrainerCallback, ExportableState):
         return masks, scalar
 
     def _load_scalar_state(self, scalar: Mapping[str, Any], step: int) -> None:
-        if scalar.get("config") and scalar["config"] != self.config.to_dict():
-            changed = sorted(k for k, v in scalar["config"].items() if self.config.to_dict().get(k) != v)
+        saved = _resolved(scalar.get("config"))
+        now = self.config.to_dict(resolved=True)
+        if saved and saved != now:
+            changed = sorted(k for k, v in saved.items() if now.get(k) != v)
             logger.warning("hf_chts: resuming with a changed sparse-training config (fields %s).", changed)
         self.engine.load_state_dict(scalar.get("engine", {}))
         self.update_seconds_total = float(scalar.get("update_seconds_total", 0.0))
@@ -652,6 +654,16 @@ def _chains_from_json(items: Sequence[Mapping[str, Any]]) -> list[Any]:
             data["layers"] = tuple(data["layers"])
         chains.append(kinds[kind](**data))
     return chains
+
+
+def _resolved(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Every field of a saved config dict as its value (older checkpoints saved them resolved already)."""
+    if not config:
+        return None
+    try:
+        return SparseTrainingConfig.from_dict(dict(config)).to_dict(resolved=True)
+    except ValueError:
+        return dict(config)
 
 
 def _mask_device(module: nn.Module) -> torch.device:

@@ -1,31 +1,57 @@
 """`SparseTrainingConfig`: every knob of dynamic sparse training, with the paper's methods as presets.
 
-A preset (``method="chts"``, ``"chtss"``, ``"set"`` ...) fills every field the user left at ``None``; any
-field given explicitly wins. See ALGORITHM.md section 6 for the table the presets follow.
+A preset (``method="chts"``, ``"chtss"``, ``"set"`` ...) decides every field the user leaves at ``None``; any
+field given explicitly wins. The config keeps what the user set and resolves the preset when a field is read,
+so changing ``method`` later changes every field the user did not set (docs/method.md, section 6, has the
+table the presets follow).
+
+Adding a field: declare it below with ``_help(...)`` and a type hint; the type hint is checked at
+construction (bools are bools, integers are integers, floats are finite, ``Literal`` strings are one of their
+choices). A field a preset decides is declared ``X | None`` with default ``None`` and gets a value in every
+preset or in ``_FALLBACK``.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ._validation import check_choice, check_density, check_fraction, check_positive_int
 
-INIT_METHODS = ("er", "brf", "bsw", "bsf", "csti")
-REMOVAL_METHODS = ("none", "magnitude", "ri", "mest")
-REGROWTH_METHODS = ("none", "random", "gradient", "ch")
-SELECTION_MODES = ("hard", "soft")
-CH_VARIANTS = ("CH2_L3n", "CH3_L3n", "CH3.1_L3n", "CH3_L3p")
-CH_PRECISIONS = ("exact", "tf32", "bf16")
-DENSITY_SCHEDULES = ("constant", "sigmoid", "cubic", "linear", "em_s")
-DENSITY_DISTRIBUTIONS = ("uniform", "erk")
-DECAY_PRUNING = ("ri", "magnitude")
-ZETA_SCHEDULES = ("constant", "cosine")
-REMASK_MODES = ("auto", "every_step", "update_steps")
+Method = Literal["static", "set", "rigl", "mest", "granet", "cht", "chts", "chtss"]
+InitMethod = Literal["er", "brf", "bsw", "bsf", "csti"]
+RemovalMethod = Literal["none", "magnitude", "ri", "mest"]
+RegrowthMethod = Literal["none", "random", "gradient", "ch"]
+SelectionMode = Literal["hard", "soft"]
+CHVariant = Literal["CH2_L3n", "CH3_L3n", "CH3.1_L3n", "CH3_L3p"]
+CHPrecision = Literal["exact", "tf32", "bf16"]
+DensitySchedule = Literal["constant", "sigmoid", "cubic", "linear", "em_s"]
+DensityDistribution = Literal["uniform", "erk"]
+DecayPruning = Literal["ri", "magnitude"]
+ZetaSchedule = Literal["constant", "cosine"]
+DegreeDistribution = Literal["fixed", "uniform"]
+RemaskMode = Literal["auto", "every_step", "update_steps"]
 
-# ALGORITHM.md section 6. Only the fields a preset decides are listed; the rest keep their defaults.
+INIT_METHODS = typing.get_args(InitMethod)
+REMOVAL_METHODS = typing.get_args(RemovalMethod)
+REGROWTH_METHODS = typing.get_args(RegrowthMethod)
+SELECTION_MODES = typing.get_args(SelectionMode)
+CH_VARIANTS = typing.get_args(CHVariant)
+CH_PRECISIONS = typing.get_args(CHPrecision)
+DENSITY_SCHEDULES = typing.get_args(DensitySchedule)
+DENSITY_DISTRIBUTIONS = typing.get_args(DensityDistribution)
+DECAY_PRUNING = typing.get_args(DecayPruning)
+ZETA_SCHEDULES = typing.get_args(ZetaSchedule)
+REMASK_MODES = typing.get_args(RemaskMode)
+
+# docs/method.md section 6. Only the fields a preset decides are listed; the rest keep their defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     "static": dict(
         init="brf", removal="none", regrowth="none", density_schedule="constant", chain_removal=False
@@ -108,7 +134,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         zeta_schedule="cosine",
     ),
 }
-METHODS = tuple(PRESETS)
+METHODS = typing.get_args(Method)
+
+# Values of the preset-decided fields that a preset leaves out. ``initial_density`` falls back to ``density``.
+_FALLBACK: dict[str, Any] = dict(
+    zeta_schedule="constant",
+    ch_variant="CH2_L3n",
+    removal_mode="hard",
+    regrowth_mode="hard",
+    decay_pruning="ri",
+)
 
 
 def _help(text: str, default: Any = None) -> Any:
@@ -127,15 +162,15 @@ class SparseTrainingConfig:
         ('ch', 'sigmoid', 0.5)
     """
 
-    method: str = _help(f"Preset filling the fields left at None: one of {METHODS}.", "chts")
+    method: Method = _help(f"Preset filling the fields left at None: one of {METHODS}.", "chts")
     density: float = _help("Final fraction of links kept in each sparse layer, in (0, 1].", 0.3)
-    density_distribution: str = _help(
+    density_distribution: DensityDistribution = _help(
         "How the global density is spread over layers: 'uniform' or 'erk' (Erdos-Renyi-Kernel).", "uniform"
     )
-    # --- initial topology (ALGORITHM.md section 1)
-    init: str | None = _help(f"Initial topology: one of {INIT_METHODS}.")
+    # --- initial topology (docs/method.md section 1)
+    init: InitMethod | None = _help(f"Initial topology: one of {INIT_METHODS}.")
     brf_r: float = _help("BRF randomness r in [0, 1]: 0 = pure receptive field, 1 = uniform random.", 0.3)
-    brf_degree_dist: str = _help(
+    brf_degree_dist: DegreeDistribution = _help(
         "BRF degree distribution of the smaller side: 'fixed' or 'uniform'.", "uniform"
     )
     bsw_beta: float = _help("BSW rewiring probability beta in [0, 1].", 0.1)
@@ -154,19 +189,21 @@ class SparseTrainingConfig:
     )
     # --- removal (section 2a)
     zeta: float = _help("Fraction of existing links removed at each update (drop fraction), in [0, 1).", 0.1)
-    zeta_schedule: str | None = _help("'constant' or 'cosine' (adaptive zeta, annealed to 0 at t_end).")
-    removal: str | None = _help(f"Removal score: one of {REMOVAL_METHODS}.")
-    removal_mode: str | None = _help("'hard' top-k or 'soft' sampling proportional to score ** T.")
+    zeta_schedule: ZetaSchedule | None = _help(
+        "'constant' or 'cosine' (adaptive zeta, annealed to 0 at t_end)."
+    )
+    removal: RemovalMethod | None = _help(f"Removal score: one of {REMOVAL_METHODS}.")
+    removal_mode: SelectionMode | None = _help("'hard' top-k or 'soft' sampling proportional to score ** T.")
     temperature_start: float = _help("Soft-removal temperature at step 0 (T_start).", 1.0)
     temperature_end: float = _help(
         "Soft-removal temperature at t_end (T_end); higher is closer to top-k.", 9.0
     )
     mest_lambda: float = _help("MEST removal score |W| + lambda * |grad W|.", 0.01)
     # --- regrowth (section 2b, 3)
-    regrowth: str | None = _help(f"Regrowth score: one of {REGROWTH_METHODS}.")
-    regrowth_mode: str | None = _help("'hard' top-k or 'soft' sampling proportional to the score.")
-    ch_variant: str | None = _help(f"Cannistraci-Hebb link predictor: one of {CH_VARIANTS}.")
-    ch_precision: str = _help(
+    regrowth: RegrowthMethod | None = _help(f"Regrowth score: one of {REGROWTH_METHODS}.")
+    regrowth_mode: SelectionMode | None = _help("'hard' top-k or 'soft' sampling proportional to the score.")
+    ch_variant: CHVariant | None = _help(f"Cannistraci-Hebb link predictor: one of {CH_VARIANTS}.")
+    ch_precision: CHPrecision = _help(
         f"Precision of the CH link predictor's products with the node weights: one of {CH_PRECISIONS}. "
         "'exact' (float32) by default; 'tf32' / 'bf16' are faster on GPUs at a small score error, with "
         "counts exact in all (measured in docs/PRECISION.md).",
@@ -177,7 +214,7 @@ class SparseTrainingConfig:
         "Remove links of neurons left without inputs or outputs (percolation)."
     )
     # --- density schedule (section 4)
-    density_schedule: str | None = _help(
+    density_schedule: DensitySchedule | None = _help(
         f"Target-density schedule: one of {DENSITY_SCHEDULES}. 'em_s' holds density + 0.05 until "
         "0.6 x t_end, then density + 0.025, and prunes to `density` at the last update (every update "
         "removes down to `density` and regrows the extra links; `zeta` is unused)."
@@ -189,7 +226,7 @@ class SparseTrainingConfig:
     )
     decay_end_fraction: float = _help("decay_end as a fraction of total steps, when decay_end is None.", 0.8)
     decay_steepness: float = _help("Steepness of the CHTss sigmoid decay (research default 6).", 6.0)
-    decay_pruning: str | None = _help("Score used by density-decay pruning: 'ri' or 'magnitude'.")
+    decay_pruning: DecayPruning | None = _help("Score used by density-decay pruning: 'ri' or 'magnitude'.")
     # --- which layers (used by the Hugging Face integration)
     target_modules: list[str] | None = _help(
         "Regular expressions of module names to sparsify; default: every linear layer inside the blocks."
@@ -203,7 +240,7 @@ class SparseTrainingConfig:
         "Freeze a layer's topology once this fraction of the regrown links were the ones just removed."
     )
     rewarmup_steps: int = _help("Steps of learning-rate re-warmup after each topology update (0 = off).", 0)
-    remask: str = _help(
+    remask: RemaskMode = _help(
         "When masked weights are set to 0.0 again after an optimizer step: 'auto' (after every step only for "
         "optimizers not in hf_chts.masking.ZERO_PRESERVING_OPTIMIZERS, which keep them at 0.0 by themselves; "
         "otherwise at topology updates), 'every_step', or 'update_steps' (trust the optimizer).",
@@ -211,27 +248,52 @@ class SparseTrainingConfig:
     )
 
     def __post_init__(self) -> None:
-        check_choice("method", self.method, METHODS)
-        for key, value in PRESETS[self.method].items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
-        # fields no preset sets but that need a concrete value
-        if self.initial_density is None:
-            self.initial_density = self.density
-        if self.zeta_schedule is None:
-            self.zeta_schedule = "constant"
-        if self.ch_variant is None:
-            self.ch_variant = "CH2_L3n"
-        if self.removal_mode is None:
-            self.removal_mode = "hard"
-        if self.regrowth_mode is None:
-            self.regrowth_mode = "hard"
-        if self.decay_pruning is None:
-            self.decay_pruning = "ri"
+        _check_type("method", self.method, Method)
+        # Which preset-decided fields the user set; the others follow `method` whenever they are read.
+        object.__setattr__(
+            self, "_user_set", {name for name in _PRESET_FIELDS if self.__dict__.get(name) is not None}
+        )
+        self._resolve()
         self.validate()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Setting a preset-decided field to a value pins it; setting it to None hands it back to the preset.
+        # Any assignment re-resolves the fields the user did not set (e.g. a new `method`).
+        user_set = self.__dict__.get("_user_set")
+        if user_set is not None and name == "method":
+            _check_type("method", value, Method)
+        if user_set is not None and name in _PRESET_FIELDS:
+            if value is None:
+                user_set.discard(name)
+            else:
+                user_set.add(name)
+        object.__setattr__(self, name, value)
+        if user_set is not None:
+            self._resolve()
+
+    def _resolve(self) -> None:
+        preset = PRESETS.get(self.__dict__.get("method"), {})
+        for name in _PRESET_FIELDS:
+            if name in self._user_set:
+                continue
+            if name in preset:
+                value = preset[name]
+            elif name == "initial_density":
+                value = self.__dict__.get("density")
+            else:
+                value = _FALLBACK[name]
+            object.__setattr__(self, name, value)
+
+    @property
+    def user_set_fields(self) -> frozenset[str]:
+        """The preset-decided fields given explicitly (the others follow ``method``)."""
+        return frozenset(self._user_set)
 
     def validate(self) -> None:
         """Raise a ``ValueError`` naming the first bad field, its value and what is allowed."""
+        hints = _type_hints()
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), hints[f.name])
         check_density(self.density, "density")
         check_density(self.initial_density, "initial_density")
         check_choice("density_distribution", self.density_distribution, DENSITY_DISTRIBUTIONS)
@@ -354,14 +416,32 @@ class SparseTrainingConfig:
                 )
 
     # ------------------------------------------------------------------ (de)serialisation
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_dict(self, resolved: bool = False) -> dict[str, Any]:
+        """The fields as a JSON-ready dict.
+
+        Args:
+            resolved (`bool`, defaults to `False`): by default, the preset-decided fields the user did not set
+                are ``None`` (so ``from_dict({**cfg.to_dict(), "method": "rigl"})`` gives RigL's settings);
+                ``True`` writes the value every field has now.
+        """
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not resolved and f.name in _PRESET_FIELDS and f.name not in self._user_set:
+                value = None
+            out[f.name] = copy.deepcopy(value)
+        return out
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SparseTrainingConfig:
+        """Build a config from :meth:`to_dict` output (also the fully resolved dicts of older checkpoints)."""
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"`data` must be a dict of SparseTrainingConfig fields, got {type(data).__name__}."
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -369,5 +449,75 @@ class SparseTrainingConfig:
         return cls(**data)
 
     @classmethod
-    def from_preset(cls, method: str, **overrides: Any) -> SparseTrainingConfig:
+    def from_preset(cls, method: Method, **overrides: Any) -> SparseTrainingConfig:
         return cls(method=method, **overrides)
+
+
+_PRESET_FIELDS: frozenset[str] = frozenset(
+    f.name
+    for f in dataclasses.fields(SparseTrainingConfig)
+    if f.name in _FALLBACK or f.name == "initial_density"
+) | frozenset(key for preset in PRESETS.values() for key in preset)
+
+
+def _check_presets() -> None:
+    """Every preset names a known method and only preset-decided fields (``X | None`` defaulting to None)."""
+    if set(PRESETS) != set(METHODS):
+        raise RuntimeError(f"PRESETS {sorted(PRESETS)} and the Method choices {sorted(METHODS)} differ.")
+    defaults = {f.name: f.default for f in dataclasses.fields(SparseTrainingConfig)}
+    for name in _PRESET_FIELDS:
+        if defaults.get(name, "missing") is not None:
+            raise RuntimeError(f"Preset-decided field {name!r} must be declared with default None.")
+    for method, preset in PRESETS.items():
+        for name in _PRESET_FIELDS - {"initial_density"}:
+            if name not in preset and name not in _FALLBACK:
+                raise RuntimeError(f"Preset {method!r} leaves {name!r} undecided and it has no fallback.")
+
+
+_check_presets()
+
+
+@functools.cache
+def _type_hints() -> dict[str, Any]:
+    return typing.get_type_hints(SparseTrainingConfig)
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    """Refuse ``value`` unless it has the type ``hint`` declares, naming the field, the value and the fix."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        (hint,) = [a for a in args if a is not type(None)]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if not isinstance(value, str):
+            raise ValueError(
+                f"`{name}` must be one of {', '.join(map(repr, args))}, got {value!r} ({_type_name(value)})."
+            )
+        check_choice(name, value, args)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"`{name}` must be a string, got {value!r} ({_type_name(value)}).")
+    elif hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"`{name}` must be True or False, got {value!r} ({_type_name(value)}).")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(
+                f"`{name}` must be an integer, got {value!r} ({_type_name(value)}); e.g. {name}=0."
+            )
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"`{name}` must be a finite number, got {value!r} ({_type_name(value)}).")
+    elif origin is list:
+        if (
+            isinstance(value, str)
+            or not isinstance(value, (list, tuple))
+            or not all(isinstance(v, str) for v in value)
+        ):
+            raise ValueError(f"`{name}` must be a list of regular expressions, got {value!r}.")

@@ -166,6 +166,15 @@ class TopologyEngine:
             [self.shapes[n] for n in self.names], config.density, config.density_distribution
         )
         self.final_density = dict(zip(self.names, final, strict=True))
+        empty = [n for n in self.names if link_count(self.shapes[n], self.final_density[n]) == 0]
+        if empty:
+            n_out, n_in = self.shapes[empty[0]]
+            raise ValueError(
+                f"density={config.density} ({config.density_distribution}) leaves {len(empty)} sparse layers "
+                f"with 0 links, e.g. {empty[0]!r} ({n_out} x {n_in}, density {self.final_density[empty[0]]:.3g})"
+                f"; a layer needs at least 1 link, i.e. a density of at least {1 / (n_out * n_in):.3g}. "
+                "Raise `density` or keep such layers dense with `exclude_modules`."
+            )
         self.drop_fraction = DropFraction(config.zeta, max(self.t_end, 1), kind=config.zeta_schedule)
         self.temperature = Temperature(max(self.t_end, 1), config.temperature_start, config.temperature_end)
         self.frozen: set[str] = set()

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .compact import mask_statistics, mlp_active_neurons, read_config, read_masks, summarize_by_layer_type
+from .config import SparseTrainingConfig
 
 TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "sparse_llama.md"
 ARXIV_ID = "2501.19107"
@@ -185,6 +186,11 @@ def card_context(
     if hasattr(sparsity_config, "to_dict"):  # a SparseTrainingConfig
         sparsity_config = sparsity_config.to_dict()
     sparsity = dict(sparsity_config if sparsity_config is not None else config.get("sparsity") or {})
+    if sparsity:
+        try:  # the fields the preset decides are stored as None: show the values that trained the model
+            sparsity = SparseTrainingConfig.from_dict(sparsity).to_dict(resolved=True)
+        except ValueError:
+            pass  # written by another version: show what is recorded
     state_path = folder / "trainer_state.json"
     training = _training_from_state(state_path) if state_path.is_file() else {}
     if training_steps is not None:

@@ -1,4 +1,7 @@
 import dataclasses
+import json
+import re
+import typing
 
 import pytest
 
@@ -95,3 +98,82 @@ def test_derived_properties():
     assert not SparseTrainingConfig(method="chts").needs_dense_gradient
     assert SparseTrainingConfig(method="chts").resolve_t_end(1000) == 750
     assert SparseTrainingConfig(method="chtss").resolve_decay_end(1000) == 800
+
+
+# ---------------------------------------------------------------- presets resolved when read
+def test_preset_fields_follow_a_new_method_unless_set():
+    cfg = SparseTrainingConfig(method="set", init="brf")
+    cfg.method = "rigl"
+    assert (cfg.regrowth, cfg.zeta_schedule, cfg.init) == ("gradient", "cosine", "brf")
+    cfg.init = None  # handed back to the preset
+    assert cfg.init == "er"
+
+
+def test_from_dict_of_a_resolved_config_with_a_new_method_takes_that_preset():
+    data = SparseTrainingConfig(method="set", density=0.2).to_dict()
+    data["method"] = "rigl"
+    cfg = SparseTrainingConfig.from_dict(data)
+    assert (cfg.regrowth, cfg.zeta_schedule, cfg.density) == ("gradient", "cosine", 0.2)
+
+
+def test_callback_kwargs_override_the_method_with_its_preset():
+    from hf_chts import CHTssCallback
+
+    callback = CHTssCallback(SparseTrainingConfig(method="set", density=0.2), method="rigl")
+    assert (callback.config.method, callback.config.regrowth, callback.config.density) == (
+        "rigl",
+        "gradient",
+        0.2,
+    )
+
+
+def test_dicts_written_fully_resolved_still_load_to_the_same_config():
+    # checkpoints written before presets were kept unresolved store every field's value
+    for method in METHODS:
+        cfg = SparseTrainingConfig(method=method, density=0.3)
+        old = cfg.to_dict(resolved=True)
+        assert None not in [old[k] for k in PRESETS[method]]
+        assert SparseTrainingConfig.from_dict(old) == cfg
+        assert SparseTrainingConfig.from_dict(json.loads(json.dumps(old))).to_dict(resolved=True) == old
+
+
+def test_to_dict_keeps_what_the_user_set():
+    cfg = SparseTrainingConfig(method="chtss", ch_variant="CH3_L3n")
+    raw = cfg.to_dict()
+    assert raw["ch_variant"] == "CH3_L3n" and raw["regrowth"] is None and raw["initial_density"] is None
+    assert cfg.to_dict(resolved=True)["initial_density"] == 0.5
+    assert cfg.user_set_fields == {"ch_variant"}
+
+
+def test_string_fields_are_literal_choices():
+    hints = typing.get_type_hints(SparseTrainingConfig)
+    for name in ("method", "init", "removal", "regrowth", "removal_mode", "ch_variant", "density_schedule"):
+        hint = hints[name]
+        if typing.get_origin(hint) is not typing.Literal:  # `Literal[...] | None`
+            (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        assert typing.get_origin(hint) is typing.Literal, name
+
+
+# ---------------------------------------------------------------- strict types
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(chain_removal="no"), "`chain_removal` must be True or False, got 'no'"),
+        (dict(chain_removal=0), "`chain_removal` must be True or False"),
+        (dict(seed=1.9), "`seed` must be an integer, got 1.9"),
+        (dict(seed=True), "`seed` must be an integer, got True"),
+        (dict(temperature_start=float("nan")), "`temperature_start` must be a finite number"),
+        (dict(temperature_end=float("inf")), "`temperature_end` must be a finite number"),
+        (dict(decay_steepness=float("inf")), "`decay_steepness` must be a finite number"),
+        (dict(mest_lambda=float("nan")), "`mest_lambda` must be a finite number"),
+        (dict(update_interval=10.0), "`update_interval` must be an integer"),
+        (dict(t_end=1.5), "`t_end` must be an integer"),
+        (dict(zeta="0.1"), "`zeta` must be a finite number"),
+        (dict(method=3), "`method` must be one of"),
+        (dict(removal_mode=True), "`removal_mode` must be one of"),
+        (dict(early_stop_threshold=float("nan")), "`early_stop_threshold` must be a finite number"),
+    ],
+)
+def test_every_field_is_type_checked_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=re.escape(match) if "`" in match else match):
+        SparseTrainingConfig(**kwargs)

@@ -217,3 +217,9 @@ def test_initial_masks_need_no_valid_run_length():
     engine = TopologyEngine(cfg, SHAPES, max_steps=1)
     masks = engine.init_masks()
     assert all(int(m.sum()) == link_count(SHAPES[n], 0.5) for n, m in masks.items())
+
+
+def test_a_budget_that_gives_a_layer_no_link_is_refused():
+    config = SparseTrainingConfig(method="chts", density=1e-6)
+    with pytest.raises(ValueError, match=r"0 links, e\.g\. 'fc' \(8 x 16.*at least 0\.00781"):
+        TopologyEngine(config, {"fc": (8, 16)}, max_steps=100)
