@@ -66,6 +66,7 @@ from .masking import (
     zero_optimizer_state_,
 )
 from .peft_utils import callback_modules, is_peft_model
+from .stats import global_density
 
 logger = logging.getLogger(__name__)
 
@@ -588,9 +589,8 @@ class CHTssCallback(TrainerCallback, ExportableState):
             buf.copy_(packed.bool())
 
     def _global_density(self) -> float:
-        nnz = sum(int(m._buffers[MASK_NAME].sum()) for m in self.modules.values())
-        numel = sum(m._buffers[MASK_NAME].numel() for m in self.modules.values())
-        return nnz / numel if numel else 1.0
+        masks = [m._buffers[MASK_NAME] for m in self.modules.values()]
+        return global_density((int(mask.sum()), mask.numel()) for mask in masks)
 
     def _move_before_loggers(self) -> None:
         """Run before the reporting integrations so they see the keys added in ``on_log``.

@@ -148,15 +148,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _inspect(folder: str) -> dict:
-    from .compact import (
-        is_compact,
-        is_transposed_config,
-        mask_statistics,
-        mlp_active_neurons,
-        read_config,
-        read_masks,
-        summarize_by_layer_type,
-    )
+    from .compact import is_compact, is_transposed_config, read_config, read_masks
+    from .stats import mask_statistics, mlp_active_neurons, summarize_by_layer_type
 
     masks = read_masks(folder)
     stats = mask_statistics(masks, transposed=is_transposed_config(read_config(folder)))

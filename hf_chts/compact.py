@@ -58,14 +58,14 @@ import numpy as np
 import torch
 
 from .checkpointing import check_safetensors_file, write_atomic
+# re-exported: the statistics live in hf_chts.stats
+from .stats import layer_sort_key, mask_statistics, mlp_active_neurons, summarize_by_layer_type
 
 COMPACT_FILE = "model.compact.safetensors"
 FORMAT_NAME = "hf_chts.compact"
 FORMAT_VERSION = "1"
 MASK_SUFFIX = ".weight_mask"
 _VALUES, _BITMASK, _SHAPE = ".values", ".bitmask", ".shape"
-# display order of LLaMA's sparse layer types; other types follow alphabetically
-LAYER_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # model types whose sparse weights are stored (n_in, n_out) (GPT-2 Conv1D), see DESIGN.md "Masks"
 _TRANSPOSED_MODEL_TYPES = ("gpt2",)
 
@@ -555,125 +555,6 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
 def folder_size(folder: str | os.PathLike, pattern: str = "*.safetensors") -> int:
     """Total bytes of the files matching ``pattern`` in ``folder`` (the weight files by default)."""
     return sum(p.stat().st_size for p in Path(folder).glob(pattern) if p.is_file())
-
-
-# ---------------------------------------------------------------------------------------------- statistics
-def _degree_stats(degrees: torch.Tensor) -> dict[str, float]:
-    degrees = degrees.to(torch.float64)
-    return {
-        "min": float(degrees.min()),
-        "mean": float(degrees.mean()),
-        "max": float(degrees.max()),
-        "std": float(degrees.std(unbiased=False)),
-    }
-
-
-def mask_statistics(
-    masks: Mapping[str, torch.Tensor], *, transposed: bool = False
-) -> dict[str, dict[str, Any]]:
-    """Per-layer figures of a set of masks.
-
-    Args:
-        masks (`Mapping[str, torch.Tensor]`): ``{layer name: bool mask}`` as stored (shaped like the weight).
-        transposed (`bool`, defaults to `False`): the masks are stored ``(n_in, n_out)`` (GPT-2 ``Conv1D``).
-
-    Returns:
-        ``{name: {"shape", "nnz", "density", "in_degree", "out_degree", "active_out", "active_in",
-        "active_neurons"}}`` where
-        the layer is seen as ``(n_out, n_in)``: ``in_degree`` are the row sums (links into each output
-        neuron), ``out_degree`` the column sums (links out of each input neuron), each as
-        ``{min, mean, max, std}``; ``active_out`` / ``active_in`` are the fractions of output / input neurons
-        with at least one link (ALGORITHM.md section 5), ``active_neurons`` their mean (the per-layer figure
-        behind the training log's ``sparsity/active_neurons``).
-    """
-    stats: dict[str, dict[str, Any]] = {}
-    for name, mask in masks.items():
-        view = mask.T if transposed else mask
-        n_out, n_in = view.shape
-        row = view.sum(1)
-        col = view.sum(0)
-        nnz = int(row.sum())
-        stats[name] = {
-            "shape": [n_out, n_in],
-            "nnz": nnz,
-            "density": nnz / (n_out * n_in),
-            "in_degree": _degree_stats(row),
-            "out_degree": _degree_stats(col),
-            "active_out": float((row > 0).double().mean()),
-            "active_in": float((col > 0).double().mean()),
-        }
-        stats[name]["active_neurons"] = (stats[name]["active_out"] + stats[name]["active_in"]) / 2
-    return stats
-
-
-def _type_rank(kind: str) -> tuple:
-    return (0, LAYER_ORDER.index(kind), "") if kind in LAYER_ORDER else (1, 0, kind)
-
-
-def layer_sort_key(name: str) -> tuple:
-    """Order layer names by block number (numerically: ``layers.2`` before ``layers.10``), then layer type
-    (q, k, v, o, gate, up, down), then name."""
-    parts = name.split(".")
-    last_digit = max((i for i, p in enumerate(parts) if p.isdigit()), default=-1)
-    block = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts[: last_digit + 1])
-    return (block, _type_rank(parts[-1]), name)
-
-
-def layer_type(name: str) -> str:
-    """The layer type of a module name: its last component (``model.layers.3.mlp.up_proj`` -> ``up_proj``)."""
-    return name.rsplit(".", 1)[-1]
-
-
-def summarize_by_layer_type(stats: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
-    """Aggregate :func:`mask_statistics` per layer type (q_proj, ..., down_proj) and overall (``"all"``).
-
-    Density is link-weighted (total nnz / total positions); ``active_out`` / ``active_in`` are
-    neuron-weighted; ``active_neurons`` is the plain mean over layers of each layer's ``active_neurons`` (the
-    definition of the training log's ``sparsity/active_neurons``).
-    """
-    groups: dict[str, list[Mapping[str, Any]]] = {}
-    for name, s in stats.items():
-        groups.setdefault(layer_type(name), []).append(s)
-    if stats:
-        groups["all"] = list(stats.values())
-    out: dict[str, dict[str, float]] = {}
-    order = sorted(groups, key=lambda k: (k == "all", _type_rank(k)))
-    for key in order:
-        items = groups[key]
-        positions = sum(s["shape"][0] * s["shape"][1] for s in items)
-        n_out = sum(s["shape"][0] for s in items)
-        n_in = sum(s["shape"][1] for s in items)
-        out[key] = {
-            "layers": len(items),
-            "nnz": sum(s["nnz"] for s in items),
-            "density": sum(s["nnz"] for s in items) / positions,
-            "active_out": sum(s["active_out"] * s["shape"][0] for s in items) / n_out,
-            "active_in": sum(s["active_in"] * s["shape"][1] for s in items) / n_in,
-            "active_neurons": sum(s["active_neurons"] for s in items) / len(items),
-        }
-    return out
-
-
-def mlp_active_neurons(masks: Mapping[str, torch.Tensor]) -> float | None:
-    """Fraction of LLaMA MLP hidden neurons still active (ALGORITHM.md section 5), or None without MLP masks.
-
-    Hidden neuron ``h`` of a block is active when row ``h`` of ``gate_proj`` and of ``up_proj`` and column
-    ``h`` of ``down_proj`` each hold at least one link; layers without a mask count as dense.
-    """
-    blocks: dict[str, dict[str, torch.Tensor]] = {}
-    for name, mask in masks.items():
-        prefix, _, kind = name.rpartition(".")
-        if kind in ("gate_proj", "up_proj", "down_proj"):
-            blocks.setdefault(prefix, {})[kind] = mask
-    active = total = 0
-    for parts in blocks.values():
-        alive = None
-        for kind, mask in parts.items():
-            degree = mask.sum(0) if kind == "down_proj" else mask.sum(1)
-            alive = degree > 0 if alive is None else alive & (degree > 0)
-        active += int(alive.sum())
-        total += alive.numel()
-    return active / total if total else None
 
 
 def is_transposed_config(config: Mapping[str, Any]) -> bool:

@@ -20,6 +20,7 @@ import torch
 
 from ._validation import check_shape_2d, link_count
 from .config import SparseTrainingConfig
+from .stats import global_density, mean_active_neurons
 from .topology.init import allocate_densities, init_mask
 from .topology.percolation import active_neurons, chain_removal
 from .topology.regrowth import regrow_links
@@ -51,6 +52,7 @@ class LayerStats:
     nnz: int
     target_nnz: int
     density: float
+    numel: int = 0
     decay_pruned: int = 0
     removed: int = 0
     chain_removed: int = 0
@@ -75,17 +77,15 @@ class StepStats:
     def to_log_dict(self, prefix: str = "sparsity/", per_layer: bool = True) -> dict[str, float]:
         """Flat ``{key: number}`` for Trainer logs: global figures, then per-layer ones if asked."""
         layers = self.layers.values()
-        nnz = sum(s.nnz for s in layers)
-        numel = sum(s.nnz / s.density if s.density > 0 else 0 for s in layers)
         logs = {
-            f"{prefix}density": nnz / numel if numel else 0.0,
+            f"{prefix}density": global_density((s.nnz, s.numel) for s in layers),
             f"{prefix}links_removed": float(
                 sum(s.removed + s.decay_pruned + s.chain_removed for s in layers)
             ),
             f"{prefix}links_regrown": float(sum(s.regrown for s in layers)),
             f"{prefix}chain_removed": float(sum(s.chain_removed for s in layers)),
             f"{prefix}turnover": _mean(s.turnover for s in layers),
-            f"{prefix}active_neurons": _mean((s.active_out + s.active_in) / 2 for s in layers),
+            f"{prefix}active_neurons": mean_active_neurons((s.active_out, s.active_in) for s in layers),
             f"{prefix}drop_fraction": self.drop_fraction,
             f"{prefix}temperature": self.temperature,
             f"{prefix}update_seconds": self.seconds,
@@ -169,9 +169,10 @@ class TopologyEngine:
         empty = [n for n in self.names if link_count(self.shapes[n], self.final_density[n]) == 0]
         if empty:
             n_out, n_in = self.shapes[empty[0]]
+            density = self.final_density[empty[0]]
             raise ValueError(
                 f"density={config.density} ({config.density_distribution}) leaves {len(empty)} sparse layers "
-                f"with 0 links, e.g. {empty[0]!r} ({n_out} x {n_in}, density {self.final_density[empty[0]]:.3g})"
+                f"with 0 links, e.g. {empty[0]!r} ({n_out} x {n_in}, density {density:.3g})"
                 f"; a layer needs at least 1 link, i.e. a density of at least {1 / (n_out * n_in):.3g}. "
                 "Raise `density` or keep such layers dense with `exclude_modules`."
             )
@@ -339,7 +340,9 @@ class TopologyEngine:
         mask = mask.bool()
         nnz_before = int(mask.sum())
         target = self.target_nnz(name, step)
-        layer = LayerStats(nnz_before=nnz_before, nnz=nnz_before, target_nnz=target, density=0.0)
+        layer = LayerStats(
+            nnz_before=nnz_before, nnz=nnz_before, target_nnz=target, density=0.0, numel=mask.numel()
+        )
         layer.frozen = name in self.frozen
         nnz = nnz_before
         n_remove = math.floor(zeta * nnz)

@@ -31,8 +31,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .compact import mask_statistics, mlp_active_neurons, read_config, read_masks, summarize_by_layer_type
+from .compact import read_config, read_masks
 from .config import SparseTrainingConfig
+from .stats import mask_statistics, mlp_active_neurons, summarize_by_layer_type
 
 TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "sparse_llama.md"
 ARXIV_ID = "2501.19107"
@@ -172,7 +173,7 @@ def card_context(
     """Every figure the card shows, gathered from ``folder`` and the arguments (arguments win).
 
     Returns a dict with ``config``, ``sparsity``, ``layer_types`` (from
-    :func:`~hf_chts.compact.summarize_by_layer_type`), ``mlp_active``, ``training``, ``perplexity``,
+    :func:`~hf_chts.stats.summarize_by_layer_type`), ``mlp_active``, ``training``, ``perplexity``,
     ``eval_results``, ``datasets``, ``model_name``, ``repo_id`` and ``notes``.
     """
     folder = Path(folder)

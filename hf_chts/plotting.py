@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .compact import layer_sort_key
+from .stats import layer_sort_key
 
 _INSTALL_HINT = "Plotting needs matplotlib: pip install 'hf_chts[plot]' (or pip install matplotlib)."
 

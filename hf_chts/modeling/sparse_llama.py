@@ -57,6 +57,7 @@ from .._validation import check_choice
 from ..config import SparseTrainingConfig
 from ..engine import TopologyEngine
 from ..masking import MASK_NAME, apply_masks_, get_masks, is_masked, layer_view, make_masked_, unwrap_model
+from ..stats import density_summary, mask_statistics
 from ..topology.percolation import LlamaBlockChain
 
 logger = logging.getLogger(__name__)
@@ -690,28 +691,12 @@ def sparsity_summary(model: nn.Module) -> dict[str, Any]:
     ```
     """
     model = unwrap_model(model)
-    per_layer: dict[str, dict[str, Any]] = {}
-    per_projection: dict[str, dict[str, Any]] = {}
-    for name, mask in get_masks(model).items():
-        nnz, numel = int(mask.sum()), mask.numel()
-        module = model.get_submodule(name)
-        shape = tuple(layer_view(module)[1].shape) if is_masked(module) else tuple(mask.shape)
-        per_layer[name] = {"density": nnz / numel, "nnz": nnz, "numel": numel, "shape": tuple(shape)}
-        group = per_projection.setdefault(name.rsplit(".", 1)[-1], {"nnz": 0, "numel": 0, "layers": 0})
-        group["nnz"] += nnz
-        group["numel"] += numel
-        group["layers"] += 1
-    for group in per_projection.values():
-        group["density"] = group["nnz"] / group["numel"]
-    nnz = sum(layer["nnz"] for layer in per_layer.values())
-    numel = sum(layer["numel"] for layer in per_layer.values())
-    return {
-        "density": nnz / numel if numel else 1.0,
-        "nnz": nnz,
-        "numel": numel,
-        "per_projection": per_projection,
-        "per_layer": per_layer,
+    masks = {
+        name: layer_view(module)[1] if is_masked(module) else module._buffers[MASK_NAME]
+        for name, module in model.named_modules()
+        if MASK_NAME in module._buffers
     }
+    return density_summary(mask_statistics(masks))
 
 
 def register() -> None:
