@@ -16,7 +16,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ._validation import check_choice, check_density, check_positive_int, check_shape_2d
-from .config import SparseTrainingConfig
+from .config import METHODS, SparseTrainingConfig
 
 __all__ = [
     "SPARSE_INITS",
@@ -115,9 +115,11 @@ def sparse_arguments_class(**defaults: typing.Any) -> type:
         if f.name == "seed":
             continue
         meta = dict(f.metadata)
+        hint = hints[f.name]
         if f.name == "method":
             meta["help"] = meta["help"] + " Or 'dense': no sparsity, no callback."
-        fields.append((f.name, hints[f.name], field(default=defaults.get(f.name, f.default), metadata=meta)))
+            hint = typing.Literal[(*METHODS, "dense")]
+        fields.append((f.name, hint, field(default=defaults.get(f.name, f.default), metadata=meta)))
     return dataclasses.make_dataclass("SparseArguments", fields)
 
 

@@ -159,6 +159,7 @@ def _sparsity_arguments() -> type:
     ``seed`` becomes ``--sparsity_seed`` (``--seed`` is the Trainer's); it defaults to the Trainer's seed.
     """
     hints = typing.get_type_hints(SparseTrainingConfig)
+    hints["method"] = str  # checked by `sparse_config` with a message naming the presets and "dense"
     fields = []
     for f in dataclasses.fields(SparseTrainingConfig):
         name, default, meta = f.name, f.default, dict(f.metadata)
@@ -418,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "zero_shot": zero_shot.get("results", {}),
         "model": model_summary(final_model),
         "data": data.info,
-        "sparse_training": None if sparse_config is None else sparse_config.to_dict(),
+        "sparse_training": None if sparse_config is None else sparse_config.to_dict(resolved=True),
     }
     (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     # the Trainer's own metric files: train_results.json, eval_results.json and all_results.json

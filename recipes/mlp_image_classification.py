@@ -208,7 +208,7 @@ def main(args: MLPArguments, sparse_args, training_args: TrainingArguments) -> d
     callbacks, config = [], None
     if sparse_args.method != "dense":
         from hf_chts.callback import CHTssCallback
-        from hf_chts.masking import sparsify_
+        from hf_chts.sparsify import sparsify_
 
         config = SparseTrainingConfig(**dataclasses.asdict(sparse_args), seed=training_args.seed)
         # Draw the step-0 masks now (the same ones the callback would draw: seeded by config.seed and the
@@ -251,7 +251,7 @@ def main(args: MLPArguments, sparse_args, training_args: TrainingArguments) -> d
         "num_train_samples": len(train_dataset),
         "num_test_samples": len(test_dataset),
         "model": {"in_features": train_dataset.images.shape[1], "hidden_sizes": list(args.hidden_sizes)},
-        "sparse_config": config.to_dict() if config is not None else None,
+        "sparse_config": config.to_dict(resolved=True) if config is not None else None,
         "training_args": json.loads(training_args.to_json_string()),
         "metrics": {
             "test_accuracy": metrics["test_accuracy"],

@@ -299,7 +299,7 @@ def main(args: TranslationArguments, sparse_args, training_args: Seq2SeqTraining
     callbacks, config = [], None
     if sparse_args.method != "dense":
         from hf_chts.callback import CHTssCallback
-        from hf_chts.masking import sparsify_
+        from hf_chts.sparsify import sparsify_
 
         config = SparseTrainingConfig(**dataclasses.asdict(sparse_args), seed=training_args.seed)
         # Draw the step-0 masks now (the same ones the callback would draw: seeded by config.seed and the
@@ -350,7 +350,7 @@ def main(args: TranslationArguments, sparse_args, training_args: Seq2SeqTraining
             "num_parameters": n_params,
         },
         "translation_args": dataclasses.asdict(args),
-        "sparse_config": config.to_dict() if config is not None else None,
+        "sparse_config": config.to_dict(resolved=True) if config is not None else None,
         "training_args": json.loads(training_args.to_json_string()),
         "metrics": {
             "test_bleu": bleu.score,

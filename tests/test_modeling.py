@@ -99,7 +99,7 @@ def assert_masked_zero(model) -> None:
 def test_config_defaults_and_serialisation():
     config = tiny_config()
     assert config.model_type == "sparse_llama"
-    assert config.sparsity == SparseTrainingConfig(**SPARSITY).to_dict()
+    assert config.sparsity == SparseTrainingConfig(**SPARSITY).to_dict(resolved=True)
     assert config.sparse_projections == list(SPARSE_PROJECTIONS)
     assert config.sparse_layer_names() == layer_names()
     data = config.to_dict()
@@ -110,7 +110,7 @@ def test_config_defaults_and_serialisation():
     assert from_object.sparsity["initial_density"] == 0.5
     assert from_object.sparse_training_config == SparseTrainingConfig(method="chtss", density=0.1)
     # the default is a full SparseTrainingConfig
-    assert SparseLlamaConfig(**TINY).sparsity == SparseTrainingConfig().to_dict()
+    assert SparseLlamaConfig(**TINY).sparsity == SparseTrainingConfig().to_dict(resolved=True)
 
 
 def test_config_rejects_bad_values():
