@@ -39,6 +39,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler, ExportableState
 
+from .chains import chains_for, chains_from_json, chains_to_json
 from .checkpointing import (
     FORMAT_VERSION,
     STATE_DIR,
@@ -61,11 +62,11 @@ from .masking import (
     layer_view_shape,
     make_masked_,
     set_grad_capture_,
-    sparsify_,
     unwrap_model,
     zero_optimizer_state_,
 )
 from .peft_utils import callback_modules, is_peft_model
+from .sparsify import sparsify_
 from .stats import global_density
 
 logger = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ class CHTssCallback(TrainerCallback, ExportableState):
             and chains
             and isinstance(chains[0], Mapping)
         ):
-            chains = _chains_from_json(chains)  # rebuilt from `state()` by transformers on resume
+            chains = chains_from_json(chains)  # rebuilt from `state()` by transformers on resume
         self.chains = chains
         self.resume_from = resume_from
         self.csti_inputs = csti_inputs  # calibration inputs of init="csti" (samples x n_features)
@@ -185,7 +186,7 @@ class CHTssCallback(TrainerCallback, ExportableState):
                 "config": self.config.to_dict(),
                 "log_per_layer": self.log_per_layer,
                 # the resolved chain specs, so a callback rebuilt from this state keeps chain removal
-                "chains": _chains_to_json(chains),
+                "chains": chains_to_json(chains),
             },
             "attributes": {"_exported": self._scalar_state(step)},
         }
@@ -487,13 +488,14 @@ class CHTssCallback(TrainerCallback, ExportableState):
             return ()
         if self.chains is not None:
             return self.chains(model, names) if callable(self.chains) else list(self.chains)
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type in ("llama", "sparse_llama"):
-            return _llama_chains(model, names)
+        chains = chains_for(model, names)
+        if chains is not None:
+            return chains
         logger.warning(
-            "hf_chts: chain_removal is on but no chains are known for model_type=%r; pass "
-            "`chains=[LayerChain([...]), ...]` to CHTssCallback to enable it. Training continues without it.",
-            model_type,
+            "hf_chts: chain_removal is on but %s declares no chains; pass `chains=[LayerChain([...]), ...]` "
+            "to CHTssCallback, or `hf_chts.chains.register_chains(%s, factory)`. Training continues without.",
+            type(model).__name__,
+            type(model).__name__,
         )
         return ()
 
@@ -622,40 +624,6 @@ class CHTssCallback(TrainerCallback, ExportableState):
         return self
 
 
-def _chains_to_json(chains) -> list[dict[str, Any]] | None:
-    """JSON form of concrete chain specs; None for a callable or unknown specs (not exported then)."""
-    from dataclasses import asdict
-
-    from .topology.percolation import LayerChain, LlamaBlockChain
-
-    if chains is None or callable(chains):
-        return None
-    out = []
-    for chain in chains:
-        if not isinstance(chain, (LayerChain, LlamaBlockChain)):
-            return None
-        out.append({"kind": type(chain).__name__, **asdict(chain)})
-    return out
-
-
-def _chains_from_json(items: Sequence[Mapping[str, Any]]) -> list[Any]:
-    from .topology.percolation import LayerChain, LlamaBlockChain
-
-    kinds = {"LayerChain": LayerChain, "LlamaBlockChain": LlamaBlockChain}
-    chains = []
-    for item in items:
-        data = dict(item)
-        kind = data.pop("kind", None)
-        if kind not in kinds:
-            raise ValueError(
-                f"Unknown chain kind {kind!r} in the callback state; expected one of {sorted(kinds)}."
-            )
-        if kind == "LayerChain":
-            data["layers"] = tuple(data["layers"])
-        chains.append(kinds[kind](**data))
-    return chains
-
-
 def _resolved(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """Every field of a saved config dict as its value (older checkpoints saved them resolved already)."""
     if not config:
@@ -692,27 +660,3 @@ def _trainer_resume_path() -> str | None:
                 return value
         frame = frame.f_back
     return None
-
-
-def _llama_chains(model: nn.Module, names: list[str]) -> list[Any]:
-    """``LlamaBlockChain`` for every LLaMA block whose seven projections are all sparse."""
-    try:
-        from .modeling import llama_chains
-    except ImportError:
-        llama_chains = None
-    if llama_chains is not None:
-        return list(llama_chains(model, names))
-    from .topology.percolation import LlamaBlockChain
-
-    cfg = model.config
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    present = set(names)
-    chains = []
-    prefixes = dict.fromkeys(n.rsplit(".self_attn.", 1)[0] for n in names if ".self_attn.q_proj" in n)
-    for prefix in prefixes:
-        chain = LlamaBlockChain.from_prefix(prefix, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim)
-        if all(n in present for n in chain.names):
-            chains.append(chain)
-    return chains

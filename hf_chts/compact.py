@@ -48,6 +48,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Mapping
@@ -58,6 +59,8 @@ import numpy as np
 import torch
 
 from .checkpointing import check_safetensors_file, write_atomic
+from .masking import unmask_
+
 # re-exported: the statistics live in hf_chts.stats
 from .stats import layer_sort_key, mask_statistics, mlp_active_neurons, summarize_by_layer_type
 
@@ -227,13 +230,6 @@ def _read_compact_metadata(path: Path) -> dict[str, str]:
     return metadata
 
 
-def _register_sparse_models() -> None:
-    """Make the Auto classes know ``sparse_llama`` (idempotent; ``import hf_chts`` does it too)."""
-    from .modeling import register
-
-    register()
-
-
 def _attach_masks_(model: torch.nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """Copy ``masks`` ({module name: mask}) into ``weight_mask`` buffers, creating the missing ones."""
     modules = dict(model.named_modules())
@@ -282,7 +278,6 @@ def load_compact(
         )
     metadata = _read_compact_metadata(path)
     tied = _parse_tied(metadata.get("tied", "{}"), path)
-    _register_sparse_models()
     config = AutoConfig.from_pretrained(folder)
     if model_class is None:
         try:
@@ -397,7 +392,6 @@ def load_sparse_model(
         return model.to(dtype) if dtype is not None else model
     from transformers import AutoModelForCausalLM
 
-    _register_sparse_models()
     files = _safetensors_files(folder)
     for file in files:
         check_safetensors_file(str(file), fix="Save the model again, or use another checkpoint.")
@@ -564,16 +558,15 @@ def is_transposed_config(config: Mapping[str, Any]) -> bool:
 
 # ---------------------------------------------------------------------------------------------- dense export
 def to_dense_model(model: torch.nn.Module) -> torch.nn.Module:
-    """A plain model without masks: ``model.to_dense()`` when the class has it, else the same model with its
-    ``weight_mask`` buffers removed (in place; masked weights are already 0.0 by the masking contract)."""
-    if hasattr(model, "to_dense"):
-        return model.to_dense()
-    for module in model.modules():
-        mask = module._buffers.pop("weight_mask", None)
-        if mask is not None:
-            with torch.no_grad():
-                module.weight.mul_(mask.to(module.weight.dtype))
-    return model
+    """A plain copy of ``model`` without masks; ``model`` itself is left as it is.
+
+    ``model.to_dense()`` when the class has it (e.g. ``SparseLlamaForCausalLM``), else a deep copy turned
+    back into plain layers by :func:`hf_chts.masking.unmask_` (effective weights kept, masks removed).
+    """
+    to_dense = getattr(model, "to_dense", None)
+    if callable(to_dense):
+        return to_dense()
+    return unmask_(copy.deepcopy(model))
 
 
 def save_dense(model: torch.nn.Module, folder: str | os.PathLike, *, tokenizer: Any = None) -> Path:

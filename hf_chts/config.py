@@ -380,6 +380,10 @@ class SparseTrainingConfig:
         """RigL/GraNet regrowth and MEST removal read the dense gradient at update steps."""
         return self.regrowth == "gradient" or self.removal == "mest"
 
+    def resolve_steps(self, max_steps: int) -> tuple[int, int]:
+        """``(t_end, decay_end)`` of a run of ``max_steps`` optimizer steps."""
+        return self.resolve_t_end(max_steps), self.resolve_decay_end(max_steps)
+
     def resolve_t_end(self, max_steps: int) -> int:
         """The last step with a topology update, given the total number of optimizer steps."""
         if self.t_end is not None:
@@ -394,7 +398,7 @@ class SparseTrainingConfig:
 
     def check_against_steps(self, max_steps: int) -> None:
         """Refuse schedules that cannot work over ``max_steps`` optimizer steps, naming the fix."""
-        t_end = self.resolve_t_end(max_steps)
+        t_end, decay_end = self.resolve_steps(max_steps)
         if self.is_dynamic and self.update_interval > max(t_end, 1):
             raise ValueError(
                 f"update_interval={self.update_interval} is larger than t_end={t_end} "
@@ -402,7 +406,6 @@ class SparseTrainingConfig:
                 "raise `t_end` / the number of steps, or use method='static'."
             )
         if self.density_schedule not in ("constant", "em_s"):
-            decay_end = self.resolve_decay_end(max_steps)
             if decay_end > max_steps:
                 raise ValueError(
                     f"Density decay ends at step {decay_end}, after the last step ({max_steps}); the final "

@@ -21,15 +21,16 @@ import torch
 from ._validation import check_shape_2d, link_count
 from .config import SparseTrainingConfig
 from .stats import global_density, mean_active_neurons
+from .topology.csti import abs_correlation, load_calibration_inputs
 from .topology.init import allocate_densities, init_mask
 from .topology.percolation import active_neurons, chain_removal
 from .topology.regrowth import regrow_links
 from .topology.removal import remove_links
 from .topology.rng import stream_key
-from .topology.schedules import DropFraction, Temperature, make_density_schedule
+from .topology.schedules import DropFraction, EMSDensity, Temperature, make_density_schedule
 from .topology.scores import removal_scores
 
-__all__ = ["LayerStats", "StepStats", "TopologyEngine", "derive_generator"]
+__all__ = ["LayerStats", "StepStats", "TopologyEngine", "derive_generator", "init_params", "initial_masks"]
 
 
 def derive_generator(seed: int, *keys: Any, device: torch.device | str | None = None) -> torch.Generator:
@@ -42,6 +43,89 @@ def derive_generator(seed: int, *keys: Any, device: torch.device | str | None = 
     generator = torch.Generator(device=torch.device(device) if device is not None else "cpu")
     generator.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
     return generator
+
+
+def init_params(config: SparseTrainingConfig, csti_inputs: Any = None) -> dict[str, Any]:
+    """The keyword arguments of :func:`~hf_chts.topology.init.init_mask` that ``config.init`` reads.
+
+    For ``init="csti"`` that is the absolute input correlation (one for every layer) of ``csti_inputs``, or
+    of the file named by ``config.csti_inputs``.
+    """
+    if config.init == "brf":
+        return {"r": config.brf_r, "degree_dist": config.brf_degree_dist}
+    if config.init == "bsw":
+        return {"beta": config.bsw_beta}
+    if config.init == "csti":
+        inputs = csti_inputs if csti_inputs is not None else config.csti_inputs
+        return {"correlation": abs_correlation(load_calibration_inputs(inputs))}
+    return {}
+
+
+def _final_densities(config: SparseTrainingConfig, shapes: Mapping[str, tuple[int, int]]) -> dict[str, float]:
+    """Each layer's final density (``density`` spread by ``density_distribution``); refuses 0-link layers."""
+    names = list(shapes)
+    final = allocate_densities([shapes[n] for n in names], config.density, config.density_distribution)
+    densities = dict(zip(names, final, strict=True))
+    empty = [n for n in names if link_count(shapes[n], densities[n]) == 0]
+    if empty:
+        n_out, n_in = shapes[empty[0]]
+        raise ValueError(
+            f"density={config.density} ({config.density_distribution}) leaves {len(empty)} sparse layers "
+            f"with 0 links, e.g. {empty[0]!r} ({n_out} x {n_in}, density {densities[empty[0]]:.3g}); a layer "
+            f"needs at least 1 link, i.e. a density of at least {1 / (n_out * n_in):.3g}. Raise `density` "
+            "or keep such layers dense with `exclude_modules`."
+        )
+    return densities
+
+
+def _scaled(final_density: float, config: SparseTrainingConfig, density: float) -> float:
+    """A layer's density when the global target is ``density`` (ERK layers scale alike, capped at 1)."""
+    return min(1.0, final_density * density / config.density)
+
+
+def _step0_density(final_density: float, config: SparseTrainingConfig) -> float:
+    """A layer's density before the first update: ``initial_density`` scaled, or EM_S's first extra links."""
+    if config.density_schedule == "em_s":
+        return min(1.0, final_density + EMSDensity.__dataclass_fields__["first_extra"].default)
+    return _scaled(final_density, config, config.initial_density)
+
+
+def initial_masks(
+    config: SparseTrainingConfig,
+    shapes: Mapping[str, Sequence[int]],
+    *,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+    csti_inputs: Any = None,
+) -> dict[str, torch.Tensor]:
+    """The initial ``(n_out, n_in)`` masks of a set of layers: the one place masks are drawn.
+
+    Each layer holds exactly ``round(d * n_out * n_in)`` links at its step-0 density ``d``
+    (``initial_density`` spread over the layers by ``density_distribution``), drawn by ``config.init``. The
+    callback, :func:`hf_chts.sparsify.sparsify_` and ``SparseLlamaForCausalLM`` all draw through here.
+
+    Args:
+        config (`SparseTrainingConfig`): the method and its knobs.
+        shapes (`Mapping[str, tuple[int, int]]`): ``(n_out, n_in)`` of every layer, by name.
+        device (`torch.device`, *optional*): where the masks are made.
+        generator (`torch.Generator`, *optional*): draw every layer in turn from this generator; by
+            default each layer draws from the counter-based stream ``stream_key(config.seed, "init",
+            layer name)``, so every rank, run and device draws the same masks (docs/DESIGN.md, Randomness).
+        csti_inputs (*optional*): calibration inputs (samples x n_features) of ``init="csti"``.
+    """
+    shapes = {name: check_shape_2d(shape) for name, shape in shapes.items()}
+    final = _final_densities(config, shapes)
+    params = init_params(config, csti_inputs)
+    masks = {}
+    for name, shape in shapes.items():
+        density = _step0_density(final[name], config)
+        # A counter-based stream key, not a device generator: the same masks on every device.
+        if generator is not None:
+            source = {"generator": generator}
+        else:
+            source = {"key": stream_key(config.seed, "init", name)}
+        masks[name] = init_mask(shape, density, config.init, device=device, **source, **params)
+    return masks
 
 
 @dataclass
@@ -148,7 +232,7 @@ class TopologyEngine:
         self.shapes = {name: check_shape_2d(shape) for name, shape in shapes.items()}
         self.names = list(self.shapes)
         self.max_steps = max_steps
-        self.t_end = config.resolve_t_end(max_steps)
+        self.t_end, self.decay_end = config.resolve_steps(max_steps)
         self.chains = list(chains)
         self._chain_of: dict[str, int] = {}
         for index, chain in enumerate(self.chains):
@@ -162,20 +246,7 @@ class TopologyEngine:
                         f"Layer {name!r} belongs to two chains ({self._chain_of[name]} and {index})."
                     )
                 self._chain_of[name] = index
-        final = allocate_densities(
-            [self.shapes[n] for n in self.names], config.density, config.density_distribution
-        )
-        self.final_density = dict(zip(self.names, final, strict=True))
-        empty = [n for n in self.names if link_count(self.shapes[n], self.final_density[n]) == 0]
-        if empty:
-            n_out, n_in = self.shapes[empty[0]]
-            density = self.final_density[empty[0]]
-            raise ValueError(
-                f"density={config.density} ({config.density_distribution}) leaves {len(empty)} sparse layers "
-                f"with 0 links, e.g. {empty[0]!r} ({n_out} x {n_in}, density {density:.3g})"
-                f"; a layer needs at least 1 link, i.e. a density of at least {1 / (n_out * n_in):.3g}. "
-                "Raise `density` or keep such layers dense with `exclude_modules`."
-            )
+        self.final_density = _final_densities(config, self.shapes)
         self.drop_fraction = DropFraction(config.zeta, max(self.t_end, 1), kind=config.zeta_schedule)
         self.temperature = Temperature(max(self.t_end, 1), config.temperature_start, config.temperature_end)
         self.frozen: set[str] = set()
@@ -191,7 +262,7 @@ class TopologyEngine:
             cfg.density,
             initial_density=cfg.initial_density,
             decay_start=cfg.decay_start,
-            decay_end=cfg.resolve_decay_end(self.max_steps),
+            decay_end=self.decay_end,
             update_interval=cfg.update_interval,
             steepness=cfg.decay_steepness,
             t_end=max(self.t_end, cfg.update_interval),
@@ -212,7 +283,7 @@ class TopologyEngine:
         cfg = self.config
         if cfg.density_schedule in ("constant", "em_s"):
             return self.t_end
-        return max(self.t_end, cfg.resolve_decay_end(self.max_steps))
+        return max(self.t_end, self.decay_end)
 
     def should_update(self, step: int) -> bool:
         """Whether optimizer step ``step`` (counted from 1) ends with a topology update."""
@@ -229,8 +300,7 @@ class TopologyEngine:
         if self._em_s:  # extra links on top of the layer's own final density
             return min(1.0, self.final_density[name] + self.density_schedule.extra(step))
         density = cfg.initial_density if step <= cfg.decay_start else self.density_schedule(step)
-        scale = density / cfg.density
-        return min(1.0, self.final_density[name] * scale)
+        return _scaled(self.final_density[name], cfg, density)
 
     def target_nnz(self, name: str, step: int) -> int:
         """Exact number of links layer ``name`` holds after the update at ``step``."""
@@ -244,33 +314,8 @@ class TopologyEngine:
 
     # ------------------------------------------------------------------ masks
     def init_masks(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        """Initial masks of every layer at the step-0 density, seeded by ``config.seed`` and the layer.
-
-        The masks are the same whatever ``device`` they are drawn on (docs/DESIGN.md, Randomness).
-        """
-        cfg = self.config
-        params: dict[str, Any] = {}
-        if cfg.init == "brf":
-            params = {"r": cfg.brf_r, "degree_dist": cfg.brf_degree_dist}
-        elif cfg.init == "bsw":
-            params = {"beta": cfg.bsw_beta}
-        elif cfg.init == "csti":  # one input correlation, shared by every layer
-            from .topology.csti import abs_correlation, load_calibration_inputs
-
-            inputs = self.csti_inputs if self.csti_inputs is not None else cfg.csti_inputs
-            params = {"correlation": abs_correlation(load_calibration_inputs(inputs))}
-        masks = {}
-        for name in self.names:
-            # A counter-based stream key, not a device generator: the same masks on every device.
-            masks[name] = init_mask(
-                self.shapes[name],
-                self.layer_density(name, 0),
-                cfg.init,
-                key=stream_key(cfg.seed, "init", name),
-                device=device,
-                **params,
-            )
-        return masks
+        """Initial masks of every layer at the step-0 density (:func:`initial_masks`)."""
+        return initial_masks(self.config, self.shapes, device=device, csti_inputs=self.csti_inputs)
 
     def step(
         self,

@@ -48,14 +48,11 @@ import logging
 import re
 import weakref
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
-
-from .config import SparseTrainingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +83,7 @@ __all__ = [
     "masked_weight",
     "set_grad_capture_",
     "set_masks_",
-    "sparsify_",
+    "unmask_",
     "unwrap_model",
     "zero_optimizer_state_",
 ]
@@ -771,103 +768,36 @@ def set_grad_capture_(modules, store: dict[str, torch.Tensor] | None) -> None:
             module.__dict__[_GRAD_HANDLE_ATTR] = weight.register_hook(hook)
 
 
-# ------------------------------------------------------------------------------ sparsify_
-def _init_masks(
-    config: SparseTrainingConfig,
-    shapes: dict[str, tuple[int, int]],
-    generator: torch.Generator | None,
-    device: torch.device | str | None,
-    csti_inputs: Any = None,
-) -> dict[str, torch.Tensor]:
-    """Initial ``(n_out, n_in)`` masks at step 0 of the schedule, with the engine's per-layer densities."""
-    from .engine import TopologyEngine
-
-    engine = TopologyEngine(config, shapes, max_steps=max(config.update_interval, 1), csti_inputs=csti_inputs)
-    if generator is None:
-        # The engine seeds every layer from (config.seed, layer name): the same masks on every rank and run.
-        return engine.init_masks(device)
-    from .topology.init import init_mask
-
-    params = {}
-    if config.init == "brf":
-        params = {"r": config.brf_r, "degree_dist": config.brf_degree_dist}
-    elif config.init == "bsw":
-        params = {"beta": config.bsw_beta}
-    elif config.init == "csti":
-        from .topology.csti import load_calibration_inputs
-
-        params = {
-            "inputs": load_calibration_inputs(csti_inputs if csti_inputs is not None else config.csti_inputs)
-        }
-    return {
-        name: init_mask(
-            shape, engine.layer_density(name, 0), config.init, generator=generator, device=device, **params
-        )
-        for name, shape in shapes.items()
-    }
+# ------------------------------------------------------------------------------ unmask_
+_PLAIN = {MaskedLinear: nn.Linear, MaskedConv1D: Conv1D}
 
 
-def sparsify_(
-    model: nn.Module,
-    config: SparseTrainingConfig,
-    *,
-    generator: torch.Generator | None = None,
-    masks: Mapping[str, torch.Tensor] | None = None,
-    csti_inputs: Any = None,
-) -> dict[str, nn.Module]:
-    """Make ``model``'s selected linear layers sparse, in place.
+@torch.no_grad()
+def unmask_(model: nn.Module) -> nn.Module:
+    """Turn every masked module of ``model`` back into its plain class, in place, keeping effective weights.
 
-    Selects modules with :func:`find_sparse_modules` (``config.target_modules`` / ``config.exclude_modules``),
-    swaps them to the masked forward, attaches ``weight_mask`` buffers initialised by ``config.init`` at the
-    step-0 density of each layer (``config.initial_density`` spread by ``config.density_distribution``), and
-    sets masked weights to 0.0. Modules that already carry ``weight_mask`` keep it.
-
-    Args:
-        model (`nn.Module`): the model.
-        config (`SparseTrainingConfig`): the sparse-training settings.
-        generator (`torch.Generator`, *optional*): draws every layer's mask in turn from this generator; by
-            default each layer gets its own generator seeded from ``(config.seed, layer name)`` by the engine.
-        masks (`dict[str, torch.Tensor]`, *optional*): masks to use instead of drawing them (layout of
-            ``weight``), e.g. the ones a ``TopologyEngine`` produced.
-        csti_inputs (*optional*): calibration inputs (samples x n_features) of ``config.init == "csti"``.
+    Each weight becomes ``weight * weight_mask`` (already so by the masking contract; multiplied again to be
+    certain), the ``weight_mask`` buffer is removed and the module's class is restored (``MaskedLinear`` ->
+    ``nn.Linear``, ``MaskedConv1D`` -> ``Conv1D``, a derived masked class -> the class it was made from), so
+    no module is left with the masked forward but without its mask. Copy the model first to keep it.
 
     Returns:
-        `dict[str, nn.Module]`: the sparse modules by name.
-
-    Example:
-
-    ```python
-    >>> from hf_chts import SparseTrainingConfig
-    >>> modules = sparsify_(model, SparseTrainingConfig(method="chts", density=0.3))  # doctest: +SKIP
-    ```
+        The same model object.
     """
-    if not isinstance(config, SparseTrainingConfig):
-        raise ValueError(f"`config` must be a SparseTrainingConfig, got {type(config).__name__}.")
     model = unwrap_model(model)
-    modules = find_sparse_modules(model, config.target_modules, config.exclude_modules)
-    todo = {name: m for name, m in modules.items() if MASK_NAME not in m._buffers}
-    if masks is not None:
-        missing = sorted(set(todo) - set(masks))
-        if missing:
-            raise ValueError(
-                f"`masks` lacks {len(missing)} selected layers, e.g. {missing[:4]}; pass one mask per layer "
-                "returned by `find_sparse_modules`."
-            )
-        drawn = {name: masks[name] for name in todo}
-    elif todo:
-        shapes = {name: tuple(layer_view_shape(m)) for name, m in modules.items()}
-        device = _local(next(iter(todo.values())).weight).device
-        init = _init_masks(config, shapes, generator, device, csti_inputs)
-        drawn = {name: from_layer_view(m, init[name]) for name, m in todo.items()}
-    else:
-        drawn = {}
-    for name, module in todo.items():
-        make_masked_(module, drawn[name].to(_local(module.weight).device), name=name)
-    for name, module in modules.items():
-        if not is_masked(module):  # carried a buffer but a plain forward: switch to the masked forward
-            make_masked_(module, name=name)
-    apply_masks_(modules)
-    return modules
+    originals = {derived: cls for cls, derived in _DERIVED.items()}
+    for module in model.modules():
+        mask = module._buffers.get(MASK_NAME)
+        if mask is None:
+            continue
+        _local(module.weight).mul_(_local_mask(mask, module.weight).to(module.weight.dtype)).add_(0.0)
+        del module._buffers[MASK_NAME]
+        module.__dict__.pop(_GRAD_HOOK_ATTR, None)
+        cls = type(module)
+        plain = _PLAIN.get(cls) or originals.get(cls)
+        if plain is not None:
+            module.__class__ = plain
+    return model
 
 
 def layer_view_shape(module: nn.Module) -> tuple[int, int]:

@@ -13,7 +13,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from hf_chts.callback import STATE_DIR, CHTssCallback
 from hf_chts.checkpointing import load_sparse_state, save_sparse_state
 from hf_chts.config import SparseTrainingConfig
-from hf_chts.masking import MASK_NAME, get_masks, sparsify_
+from hf_chts.masking import MASK_NAME, get_masks
+from hf_chts.sparsify import sparsify_
 
 VOCAB, SEQ = 100, 16
 

@@ -23,9 +23,9 @@ from hf_chts.masking import (
     make_masked_,
     set_grad_capture_,
     set_masks_,
-    sparsify_,
     zero_optimizer_state_,
 )
+from hf_chts.sparsify import sparsify_
 
 # ------------------------------------------------------------------------------------------ tiny models
 

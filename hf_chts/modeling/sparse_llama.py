@@ -10,8 +10,8 @@ How masks come to exist (transformers 5 builds models on the ``meta`` device, th
 
 - a fresh ``SparseLlamaForCausalLM(config)`` draws its masks in ``_initialize_weights`` (its call on the
   root module, the last of the weight initialisation ``post_init`` runs) with
-  :class:`~hf_chts.engine.TopologyEngine` ``.init_masks()``, seeded by ``config.sparsity["seed"]``, and
-  zeroes the masked weights;
+  :func:`hf_chts.engine.initial_masks` (through :func:`hf_chts.sparsify.draw_masks`), seeded by
+  ``config.sparsity["seed"]``, and zeroes the masked weights;
 - ``from_pretrained`` of a sparse checkpoint loads the masks; before any weight is read, the checkpoint's
   masks are checked (shape, ``torch.bool`` dtype, none missing) so a bad file fails with a ``ValueError``
   naming the layer instead of being silently cast;
@@ -42,7 +42,6 @@ import contextvars
 import copy
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -52,11 +51,13 @@ import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
 from .._validation import check_choice
+from ..chains import register_chains
 from ..config import SparseTrainingConfig
-from ..engine import TopologyEngine
 from ..masking import MASK_NAME, apply_masks_, get_masks, is_masked, layer_view, make_masked_, unwrap_model
+from ..sparsify import draw_masks
 from ..stats import density_summary, mask_statistics
 from ..topology.percolation import LlamaBlockChain
 
@@ -105,11 +106,14 @@ _SAFETENSORS_DTYPES = {
 
 # ------------------------------------------------------------------------------------------ configuration
 def _normalise_sparsity(value: Any) -> dict[str, Any]:
-    """A full, validated ``SparseTrainingConfig.to_dict()`` from a config object or a (partial) dict."""
+    """Every field's value (``to_dict(resolved=True)``), validated, from a config object or a (partial) dict.
+
+    The checkpoint then records the settings that trained it, whatever later versions make of the presets.
+    """
     if isinstance(value, SparseTrainingConfig):
-        return SparseTrainingConfig.from_dict(value.to_dict()).to_dict()
+        return SparseTrainingConfig.from_dict(value.to_dict()).to_dict(resolved=True)
     if isinstance(value, Mapping):
-        return SparseTrainingConfig.from_dict(dict(value)).to_dict()
+        return SparseTrainingConfig.from_dict(dict(value)).to_dict(resolved=True)
     raise ValueError(
         f"`sparsity` must be a SparseTrainingConfig or a dict of its fields, got {type(value).__name__}; "
         "e.g. sparsity={'method': 'chts', 'density': 0.3}."
@@ -188,7 +192,7 @@ class SparseLlamaConfig(LlamaConfig):
         # model type (it is what `to_dict` / `config.json` write), so drop the stale instance attribute.
         kwargs.pop("model_type", None)
         if self.sparsity is None:
-            self.sparsity = SparseTrainingConfig().to_dict()
+            self.sparsity = SparseTrainingConfig().to_dict(resolved=True)
         if self.sparse_projections is None:
             self.sparse_projections = list(SPARSE_PROJECTIONS)
         super().__post_init__(**kwargs)
@@ -327,10 +331,7 @@ class SparseLlamaForCausalLM(LlamaForCausalLM):
         ]
         if missing:
             cfg = self.config.sparse_training_config
-            shapes = {name: tuple(layer_view(m)[1].shape) for name, m in modules.items()}
-            device = modules[missing[0]].weight.device
-            engine = TopologyEngine(cfg, shapes, max_steps=_init_horizon(cfg))
-            masks = engine.init_masks(device=device)
+            masks = draw_masks(modules, cfg)
             for name in missing:
                 buffer = modules[name]._buffers[MASK_NAME]
                 buffer.copy_(masks[name].to(buffer.device))
@@ -518,17 +519,6 @@ class SparseLlamaForCausalLM(LlamaForCausalLM):
         return dense
 
 
-def _init_horizon(config: SparseTrainingConfig) -> int:
-    """A run length for building the engine that draws the initial masks.
-
-    The step-0 density (``initial_density``, spread over layers) does not depend on the run length, but the
-    engine validates its schedules over one: a decaying schedule needs an update inside
-    ``[decay_start, decay_end_fraction * max_steps]``, so pick a horizon long enough for that.
-    """
-    window = config.decay_start + config.update_interval
-    return max(config.update_interval, math.ceil(window / config.decay_end_fraction) + 1)
-
-
 # -------------------------------------------------------------------------------- checkpoint inspection
 def _checkpoint_mask_specs(
     state_dict: Mapping[str, Any] | None, checkpoint_files: list[str] | None
@@ -697,6 +687,9 @@ def sparsity_summary(model: nn.Module) -> dict[str, Any]:
         if MASK_NAME in module._buffers
     }
     return density_summary(mask_statistics(masks))
+
+
+register_chains(LlamaPreTrainedModel, lambda model, names: llama_chains(model, names))
 
 
 def register() -> None:

@@ -1,0 +1,181 @@
+"""The package's structure: imports only downward, masks drawn in one place, exports that leave the model."""
+
+from __future__ import annotations
+
+import ast
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import hf_chts
+from hf_chts.config import SparseTrainingConfig
+
+# Each module may import only modules of a lower layer (at the top or inside a function alike). A new module
+# goes into the lowest layer above everything it imports.
+LAYERS: list[set[str]] = [
+    {"_validation"},
+    {"stats", "data", "datasets_paper", "data.tasks.local.hellaswag_utils", "distributed", "topology.rng"},
+    {
+        "config",
+        "topology.init",
+        "topology.link_prediction",
+        "topology.percolation",
+        "topology.sampling",
+        "topology.schedules",
+        "topology.scores",
+    },
+    {"topology.removal", "topology.regrowth"},
+    {"topology"},
+    {"engine"},
+    {"masking"},
+    {"sparsify", "checkpointing", "chains"},
+    {"callback"},  # knows no model class: chains come from `chains.chains_for`
+    {"compact"},  # knows no model class either
+    {"modeling.sparse_llama"},
+    {"modeling"},
+    {"evaluation"},
+    {"plotting", "hub", "recipe_utils"},
+    {"cli"},
+    {""},  # the package itself: `import hf_chts` registers the models and re-exports the API
+]
+RANK = {name: rank for rank, layer in enumerate(LAYERS) for name in layer}
+PACKAGE = Path(hf_chts.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> list[tuple[str, int]]:
+    """Every ``hf_chts`` module imported anywhere in the file, as a name relative to the package."""
+    name = _module_name(path)
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    package = [p for p in package if p]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = []
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+                module = ".".join(base + ([node.module] if node.module else []))
+            elif (node.module or "").split(".")[0] == "hf_chts":
+                module = node.module[len("hf_chts") :].lstrip(".")
+            else:
+                continue
+            targets = [module] if node.module else [f"{module}.{a.name}".lstrip(".") for a in node.names]
+        elif isinstance(node, ast.Import):
+            targets = [
+                a.name[len("hf_chts") :].lstrip(".") for a in node.names if a.name.split(".")[0] == "hf_chts"
+            ]
+        for target in targets:
+            while target not in RANK and "." in target:  # `from .modeling import x` names module `modeling`
+                target = target.rsplit(".", 1)[0]
+            found.append((target, node.lineno))
+    return found
+
+
+def test_every_module_has_a_layer():
+    modules = {_module_name(p) for p in PACKAGE.rglob("*.py")}
+    missing = sorted(modules - set(RANK))
+    assert not missing, f"modules without a layer: {missing}; add them to LAYERS in {__file__}"
+
+
+def test_imports_only_go_down():
+    upward = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        importer = _module_name(path)
+        for target, line in _imports(path):
+            if target not in RANK:
+                upward.append(f"{importer}:{line} imports unknown hf_chts module {target!r}")
+            elif target != importer and RANK[target] >= RANK.get(importer, -1):
+                upward.append(
+                    f"{importer}:{line} imports {target!r} (layer {RANK[target]} >= {RANK[importer]})"
+                )
+    assert not upward, "\n".join(upward)
+
+
+def test_the_check_sees_function_level_imports(tmp_path):
+    (tmp_path / "x.py").write_text("def f():\n    from .callback import CHTssCallback\n")
+    global PACKAGE
+    saved, PACKAGE = PACKAGE, tmp_path
+    try:
+        assert _imports(tmp_path / "x.py") == [("callback", 2)]
+    finally:
+        PACKAGE = saved
+
+
+# ---------------------------------------------------------------- one place draws masks
+def test_callback_sparsify_and_sparse_llama_draw_the_same_masks():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_chts.engine import TopologyEngine
+    from hf_chts.masking import get_masks
+    from hf_chts.modeling import SparseLlamaConfig, SparseLlamaForCausalLM
+    from hf_chts.sparsify import sparsify_
+
+    arch = dict(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    sparsity = SparseTrainingConfig(method="chtss", density=0.2, density_distribution="erk", seed=5)
+    sparse = SparseLlamaForCausalLM(SparseLlamaConfig(**arch, sparsity=sparsity.to_dict()))
+    plain = LlamaForCausalLM(LlamaConfig(**arch))
+    sparsify_(plain, sparsity)
+    shapes = {name: tuple(mask.shape) for name, mask in get_masks(plain).items()}
+    engine = TopologyEngine(sparsity, shapes, max_steps=1000).init_masks()
+    a, b = get_masks(sparse), get_masks(plain)
+    assert a.keys() == b.keys() == engine.keys()
+    assert all(torch.equal(a[n], b[n]) and torch.equal(b[n], engine[n]) for n in a)
+
+
+# ---------------------------------------------------------------- dense export leaves the model as it is
+def test_to_dense_model_and_save_dense_leave_the_callers_model_masked(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hf_chts.compact import save_dense, to_dense_model
+    from hf_chts.masking import MaskedConv1D, get_masks
+    from hf_chts.sparsify import sparsify_
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16))
+    sparsify_(model, SparseTrainingConfig(method="chts", density=0.3))
+    model.eval()
+    before = {n: m.clone() for n, m in get_masks(model).items()}
+    ids = torch.randint(0, 64, (1, 8))
+    logits = model(ids).logits
+    dense = to_dense_model(model)
+    save_dense(model, tmp_path / "dense")
+    assert get_masks(dense) == {} and not any(isinstance(m, MaskedConv1D) for m in dense.modules())
+    now = get_masks(model)
+    assert now.keys() == before.keys() and all(torch.equal(now[n], before[n]) for n in now)
+    torch.testing.assert_close(model(ids).logits, logits)  # the masked forward still finds its mask
+    torch.testing.assert_close(dense(ids).logits, logits)
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path / "dense")
+    torch.testing.assert_close(reloaded(ids).logits, logits)
+
+
+def test_unmask_restores_plain_layers_in_place():
+    from hf_chts.masking import MaskedLinear, make_masked_, unmask_
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    mask = torch.tensor([[True, False, True, False]] * 3)
+    make_masked_(model[0], mask)
+    assert isinstance(model[0], MaskedLinear)
+    unmask_(model)
+    assert type(model[0]) is nn.Linear and "weight_mask" not in model[0]._buffers
+    assert torch.all(model[0].weight[~mask] == 0)
+
+
+@pytest.mark.parametrize("model_factory", [lambda: copy.deepcopy(nn.Linear(2, 2))])
+def test_unmask_of_an_unmasked_model_changes_nothing(model_factory):
+    from hf_chts.masking import unmask_
+
+    model = model_factory()
+    weight = model.weight.detach().clone()
+    unmask_(model)
+    assert torch.equal(model.weight, weight)
