@@ -163,7 +163,7 @@ def save_compact(
     if not sparse:
         raise ValueError(
             "The model has no `weight_mask` buffers, so there is nothing to compact. Sparsify it first "
-            "(hf_chts.masking.sparsify_) or save it with save_pretrained."
+            "(hf_chts.sparsify_) or save it with save_pretrained."
         )
     tensors: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}

@@ -31,7 +31,7 @@ LAYERS: list[set[str]] = [
     {"topology"},
     {"engine"},
     {"masking"},
-    {"sparsify", "checkpointing", "chains"},
+    {"sparsify", "checkpointing", "chains", "peft_utils"},
     {"callback"},  # knows no model class: chains come from `chains.chains_for`
     {"compact"},  # knows no model class either
     {"modeling.sparse_llama"},
