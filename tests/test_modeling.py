@@ -104,7 +104,12 @@ def test_config_defaults_and_serialisation():
     assert config.sparse_layer_names() == layer_names()
     data = config.to_dict()
     assert data["model_type"] == "sparse_llama" and data["sparsity"]["density"] == 0.3
-    assert SparseLlamaConfig.from_dict(data).to_dict() == data
+    # whatever the base LlamaConfig of this transformers version does not round-trip itself is left out
+    base = LlamaConfig().to_dict()
+    unstable = set(base) ^ set(LlamaConfig.from_dict(base).to_dict())
+    stable = {k: v for k, v in data.items() if k not in unstable}
+    again = SparseLlamaConfig.from_dict(data).to_dict()
+    assert {k: v for k, v in again.items() if k not in unstable} == stable
     # a SparseTrainingConfig object is accepted and stored as its dict
     from_object = SparseLlamaConfig(**TINY, sparsity=SparseTrainingConfig(method="chtss", density=0.1))
     assert from_object.sparsity["initial_density"] == 0.5

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -71,6 +72,9 @@ __all__ = [
     "register",
     "sparsity_summary",
 ]
+
+# transformers >= 5.? declares configs as strict dataclasses; earlier releases take fields in `__init__`.
+_DATACLASS_CONFIGS = dataclasses.is_dataclass(LlamaConfig)
 
 # Projection name -> the sub-module of a LlamaDecoderLayer that holds it.
 _PROJECTION_PARENT = {
@@ -152,7 +156,6 @@ def _compile_patterns(patterns: list[str] | None, field: str) -> list[re.Pattern
     return compiled
 
 
-@strict
 class SparseLlamaConfig(LlamaConfig):
     r"""Configuration of a [`SparseLlamaForCausalLM`]: a `LlamaConfig` plus the sparse-training settings.
 
@@ -184,18 +187,30 @@ class SparseLlamaConfig(LlamaConfig):
 
     model_type = "sparse_llama"
 
-    sparsity: dict[str, Any] | None = None
-    sparse_projections: list[str] | None = None
+    if _DATACLASS_CONFIGS:  # transformers whose configs are (strict) dataclasses
+        sparsity: dict[str, Any] | None = None
+        sparse_projections: list[str] | None = None
 
-    def __post_init__(self, **kwargs):
-        # A dense LLaMA config.json loaded into this class carries `model_type: llama`; the class decides the
-        # model type (it is what `to_dict` / `config.json` write), so drop the stale instance attribute.
-        kwargs.pop("model_type", None)
+        def __post_init__(self, **kwargs):
+            # A dense LLaMA config.json loaded into this class carries `model_type: llama`; the class decides
+            # the model type (it is what `to_dict` / `config.json` write), so drop the stale attribute.
+            kwargs.pop("model_type", None)
+            self._default_sparsity()
+            super().__post_init__(**kwargs)
+
+    else:  # transformers whose configs take their fields in `__init__`
+
+        def __init__(self, sparsity: Any = None, sparse_projections: Any = None, **kwargs):
+            kwargs.pop("model_type", None)
+            self.sparsity, self.sparse_projections = sparsity, sparse_projections
+            self._default_sparsity()
+            super().__init__(**kwargs)
+
+    def _default_sparsity(self) -> None:
         if self.sparsity is None:
             self.sparsity = SparseTrainingConfig().to_dict(resolved=True)
         if self.sparse_projections is None:
             self.sparse_projections = list(SPARSE_PROJECTIONS)
-        super().__post_init__(**kwargs)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Normalise and validate on every assignment, including the ones `from_pretrained(..., sparsity=...)`
@@ -249,6 +264,10 @@ class SparseLlamaConfig(LlamaConfig):
         config = LlamaConfig.from_dict(data)
         config._attn_implementation = self._attn_implementation
         return config
+
+
+if _DATACLASS_CONFIGS:
+    SparseLlamaConfig = strict(SparseLlamaConfig)
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -307,12 +326,13 @@ class SparseLlamaForCausalLM(LlamaForCausalLM):
         return {name: self.get_submodule(name) for name in self.config.sparse_layer_names()}
 
     @torch.no_grad()
-    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+    def _initialize_weights(self, module: nn.Module, *args: Any, **kwargs: Any) -> None:
+        # `is_custom_code` (transformers >= 5.16) or `is_remote_code` (earlier): passed on as given
         if module is self and getattr(self, "_is_hf_initialized", False):
             # Initialised once already (a later `init_weights()` call): never redraw masks. Buffers lose
             # their `_is_hf_initialized` flag on `.to()`, so the flag of the root is the one to trust.
             return
-        super()._initialize_weights(module, is_custom_code)
+        super()._initialize_weights(module, *args, **kwargs)
         # `initialize_weights` visits children before their parent, so the root comes last: every weight is
         # initialised or loaded by now. The hook is this one rather than `_init_weights` because transformers
         # skips `_init_weights` on a module of custom code that holds no tensor of its own (our root). Masks
@@ -377,7 +397,8 @@ class SparseLlamaForCausalLM(LlamaForCausalLM):
             _INIT_MISSING_MASKS.reset(token)
 
     @staticmethod
-    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
+        # `expected_keys` exists from transformers 5.5 on: passed on as given
         # The one point of `from_pretrained` that sees both the model skeleton (on meta) and the raw
         # checkpoint before anything is read into the model: masks are validated here because the loader
         # would otherwise cast a float mask to bool and report a shape mismatch as a generic RuntimeError.
@@ -385,7 +406,7 @@ class SparseLlamaForCausalLM(LlamaForCausalLM):
         if isinstance(model, SparseLlamaForCausalLM):
             loaded = model._check_checkpoint_masks(state_dict, checkpoint_files, load_config)
         result = LlamaForCausalLM._load_pretrained_model(
-            model, state_dict, checkpoint_files, load_config, expected_keys=expected_keys
+            model, state_dict, checkpoint_files, load_config, *args, **kwargs
         )
         if loaded:
             model._refuse_masked_nonzero(loaded, load_config)
@@ -595,7 +616,7 @@ def llama_chains(
 ) -> list[LlamaBlockChain]:
     """The :class:`~hf_chts.topology.percolation.LlamaBlockChain` of every fully sparse decoder block.
 
-    Chain removal (ALGORITHM.md section 5) needs all seven projections of a block; blocks with a dense
+    Chain removal (docs/method.md section 5) needs all seven projections of a block; blocks with a dense
     projection get no chain (their sparse layers are still evolved, one by one).
 
     Args:
