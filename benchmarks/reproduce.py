@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Reproduce the paper's headline comparisons (arXiv 2501.19107, ALGORITHM.md section 7) at a small scale.
+"""Reproduce the paper's headline comparisons (arXiv 2501.19107, docs/method.md section 7) at a small scale.
 
 Four named experiments, each a grid of (variant, seed) runs that share one budget of steps / tokens:
 
@@ -106,7 +106,7 @@ class Experiment:
         )
 
 
-# The per-variant knobs follow ALGORITHM.md section 6 (the presets) and the recipes' paper defaults; only the
+# The per-variant knobs follow docs/method.md section 6 (the presets) and the recipes' paper defaults; only the
 # schedule lengths are shortened to the CPU budget (same for every method of an experiment).
 _MLP_CPU = dict(
     hidden_sizes=[1000, 1000, 1000],

@@ -302,8 +302,8 @@ class CHTssCallback(TrainerCallback, ExportableState):
             return
         since = state.global_step + 1 - self.last_update_step
         if 1 <= since <= k:
-            # Iterative warmup (ALGORITHM.md section 8): freshly grown zero weights and reset optimizer state
-            # meet a learning rate growing linearly from ~0; restored right after optimizer.step().
+            # Iterative warmup (docs/method.md section 8): freshly grown zero weights and reset optimizer
+            # state meet a learning rate growing linearly from ~0; restored right after optimizer.step().
             factor = since / (k + 1)
             self._saved_lrs = [group["lr"] for group in optimizer.param_groups]
             for group in optimizer.param_groups:

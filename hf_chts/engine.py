@@ -1,4 +1,4 @@
-"""One topology-evolution step over a set of sparse layers (ALGORITHM.md section 2), with no Trainer import.
+"""One topology-evolution step over a set of sparse layers (docs/method.md section 2), with no Trainer import.
 
 The engine owns the schedules and the per-layer bookkeeping; the tensor work is done by the pure functions of
 :mod:`hf_chts.topology`. It sees every layer as an ``(n_out, n_in)`` mask plus the matching weight (and, for
@@ -325,7 +325,7 @@ class TopologyEngine:
         grads: Mapping[str, torch.Tensor] | None = None,
         groups: Sequence[Sequence[str]] | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], StepStats]:
-        """Run one evolution step (ALGORITHM.md section 2) on ``groups`` (default: all layers).
+        """Run one evolution step (docs/method.md section 2) on ``groups`` (default: all layers).
 
         Args:
             step (`int`): the optimizer step the update belongs to; seeds every random draw.

@@ -85,7 +85,7 @@ METRICS_FILE = "metrics.json"
 # ------------------------------------------------------------------------------------------------ arguments
 @dataclass
 class ModelArguments:
-    """Shape of the LLaMA (ALGORITHM.md section 8 lists the research sizes; see recipes/configs/)."""
+    """Shape of the LLaMA (docs/method.md section 8 lists the research sizes; see recipes/configs/)."""
 
     hidden_size: int = field(default=128, metadata={"help": "Model width."})
     intermediate_size: int = field(default=352, metadata={"help": "Width of the MLP (gate/up/down)."})

@@ -1,7 +1,7 @@
 """Sparse MLP 784-1000-1000-1000-10 on MNIST with dynamic sparse training (arXiv 2501.19107, MLP experiments).
 
 The three hidden linear layers (784->1000, 1000->1000, 1000->1000) are sparse, exactly as in the authors'
-MLP code; the 1000->10 output layer stays dense. Chain removal (node percolation, ALGORITHM.md section 5)
+MLP code; the 1000->10 output layer stays dense. Chain removal (node percolation, docs/method.md section 5)
 runs along the hidden layers in forward order. Trained with Hugging Face ``Trainer`` + ``CHTssCallback``.
 The initial weights of the sparse layers are the sparse Kaiming normal ``swi`` of the authors' MLP code (std
 ``sqrt(2 / (density * n_out))``, ``--sparse_init swi``; ``scaled`` divides PyTorch's init by sqrt(density)).

@@ -179,3 +179,39 @@ def test_unmask_of_an_unmasked_model_changes_nothing(model_factory):
     weight = model.weight.detach().clone()
     unmask_(model)
     assert torch.equal(model.weight, weight)
+
+
+# ---------------------------------------------------------------- the dependency floor
+def test_pyproject_lower_bounds_are_the_tested_floor():
+    root = PACKAGE.parent
+    floor = {}
+    for line in (root / ".ci" / "floor.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            floor[name.lower().replace("-", "_")] = version
+    text = (root / "pyproject.toml").read_text()
+    deps = text.split("dependencies = [", 1)[1].split("]", 1)[0]
+    bounds = {}
+    for item in deps.split(","):
+        item = item.strip().strip('"')
+        if ">=" in item:
+            name, version = item.split(">=")
+            bounds[name.lower().replace("-", "_")] = version
+    for name, version in floor.items():
+        # `torch>=2.13` is the floor `torch==2.13.0`
+        assert bounds.get(name, "").split(".")[:2] == version.split(".")[:2] and (
+            bounds[name].count(".") < 2 or bounds[name] == version
+        ), f"pyproject.toml says {name}>={bounds.get(name)}, .ci/floor.txt tests {name}=={version}"
+
+
+def test_docstrings_cite_the_projects_own_method_page():
+    method = (PACKAGE.parent / "docs" / "method.md").read_text()
+    sections = {line.split(".")[0][3:] for line in method.splitlines() if line.startswith("## ")}
+    sections |= {line.split(" ")[1][:-1] for line in method.splitlines() if line.startswith("### ")}
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        assert "ALGORITHM.md" not in text, path
+        for cited in text.split("docs/method.md section ")[1:]:
+            number = cited.split(")")[0].split(",")[0].split(" ")[0].rstrip(".:;")
+            assert number in sections, f"{path} cites section {number!r}, which docs/method.md lacks"

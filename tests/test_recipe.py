@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "llama_pretrain.py"
 CONFIGS = REPO / "recipes" / "configs"
 
-# hidden / intermediate / layers / heads of the research LLaMA sizes (ALGORITHM.md section 8)
+# hidden / intermediate / layers / heads of the research LLaMA sizes (docs/method.md section 8)
 RESEARCH_SHAPES = {
     "9m": (128, 352, 4, 4),
     "20m": (256, 688, 4, 4),

@@ -1,4 +1,4 @@
-"""Initial sparse topologies (ALGORITHM.md section 1) and the per-layer density allocation.
+"""Initial sparse topologies (docs/method.md section 1) and the per-layer density allocation.
 
 Every model returns a boolean mask of shape ``(n_out, n_in)`` with exactly ``link_count(shape, density)``
 links, ``mask[a, j] = True`` being a link from input neuron ``j`` to output neuron ``a``. All random choices
@@ -54,7 +54,7 @@ def init_mask(
 ) -> torch.Tensor:
     """Build an initial sparse topology with exactly ``round(density * n_out * n_in)`` links.
 
-    Methods (ALGORITHM.md section 1):
+    Methods (docs/method.md section 1):
 
     - ``"er"``: a uniformly random subset of the positions (Erdos-Renyi).
     - ``"brf"``: bipartite receptive field. The smaller side's neurons sit on a ring over the larger side,
@@ -140,7 +140,7 @@ def allocate_densities(
     density: float,
     distribution: str = "uniform",
 ) -> list[float] | dict[str, float]:
-    """Split a global density over layers (ALGORITHM.md section 4, per-layer allocation).
+    """Split a global density over layers (docs/method.md section 4, per-layer allocation).
 
     ``"uniform"`` gives every layer ``density``. ``"erk"`` (Erdos-Renyi-Kernel) gives layer ``l`` a density
     proportional to ``(n_in + n_out) / (n_in * n_out)``, scaled so that the layers together hold
@@ -369,7 +369,7 @@ def _brf(n_out: int, n_in: int, n_links: int, r: float, degree_dist: str, stream
         profile, mode = None, "uniform"
     elif alpha * math.log1p(n_l // 2) <= 60.0:
         # Exponential race in linear form: target j fires at E_j / w_j = E_j * (1 + delta)^alpha, E ~ Exp(1);
-        # the K_i earliest are an exact weighted sample without replacement (ALGORITHM.md section 2c).
+        # the K_i earliest are an exact weighted sample without replacement (docs/method.md section 2c).
         # As keys: E * (1 + delta)^alpha = E / w, smallest first (the weight ratio fits float32).
         profile, mode = dist.log1p().mul_(alpha).exp_(), "race"
     else:

@@ -1,4 +1,4 @@
-"""Cannistraci-Hebb link prediction on one bipartite layer (ALGORITHM.md section 3).
+"""Cannistraci-Hebb link prediction on one bipartite layer (docs/method.md section 3).
 
 For a mask ``M`` (n_out x n_in, ``M[a, j] = 1`` a link from input ``j`` to output ``a``) the node-based L3
 predictors score every candidate position (``M = 0``) as
