@@ -129,6 +129,8 @@ class CHTssCallback(TrainerCallback, ExportableState):
         csti_inputs: Any = None,
         **config_kwargs: Any,
     ) -> None:
+        # One sparsity config per run: without one, the model's `config.sparsity` is adopted at train begin.
+        self._config_given = config is not None or bool(config_kwargs)
         if config is None:
             config = SparseTrainingConfig(**config_kwargs)
         elif isinstance(config, Mapping):
@@ -214,6 +216,7 @@ class CHTssCallback(TrainerCallback, ExportableState):
         # every rank gets here; the collectives' own process group honours ddp_timeout
         self._collectives = Collectives(getattr(args, "ddp_timeout", None))
         model = unwrap_model(model)
+        self._one_config_per_run(model)
         max_steps = int(state.max_steps)
         if max_steps <= 0:
             raise ValueError(
@@ -499,26 +502,48 @@ class CHTssCallback(TrainerCallback, ExportableState):
         )
         return ()
 
+    def _one_config_per_run(self, model: nn.Module) -> None:
+        """Adopt the model's ``config.sparsity`` when given no config; else write this one into the model.
+
+        A model that records its sparse-training settings (``SparseLlamaForCausalLM``) and the callback then
+        never disagree, and the saved checkpoint records the settings that trained it.
+        """
+        base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+        model_config = getattr(base, "config", None)
+        if model_config is None or not hasattr(model_config, "sparsity"):
+            return
+        if not self._config_given and model_config.sparsity:
+            self.config = SparseTrainingConfig.from_dict(dict(model_config.sparsity))
+            logger.info("hf_chts: training with the model's config.sparsity (method=%s).", self.config.method)
+        else:
+            model_config.sparsity = self.config.to_dict(resolved=True)
+
     def _check_carried_masks(self, device) -> None:
-        """A fresh run on a model that already has masks: they must match the schedule at step 0."""
+        """A fresh run (step 0) on a model that already has masks: redraw them unless they fit the schedule.
+
+        A model that has not trained under this run yet carries masks drawn for another setting (its own
+        ``config.sparsity``, or a dense all-True start); the run's schedule decides the step-0 topology.
+        """
+        mismatch = []
         for name, module in self.modules.items():
-            mask = module._buffers[MASK_NAME]
-            nnz, target = int(mask.sum()), self.engine.target_nnz(name, 0)
-            if nnz == target:
-                continue
-            if nnz == mask.numel():
-                # All-True masks (e.g. a freshly constructed sparse model): draw the initial topology.
-                init = self.engine.init_masks(device)
-                for n, m in self.modules.items():
-                    m._buffers[MASK_NAME].copy_(from_layer_view(m, init[n]))
-                logger.info("hf_chts: the model's masks were all-True (dense); drew the initial topology.")
-                return
-            raise ValueError(
-                f"The model already carries masks, but layer {name!r} has {nnz} links where the schedule of "
-                f"{self.config.method!r} expects {target} at step 0 (initial density "
-                f"{self.engine.layer_density(name, 0):.4f}). Use the density the masks were drawn with, or "
-                "start from a model without `weight_mask` buffers so the callback draws them."
-            )
+            nnz, target = int(module._buffers[MASK_NAME].sum()), self.engine.target_nnz(name, 0)
+            if nnz != target:
+                mismatch.append((name, nnz, target))
+        if not mismatch:
+            return
+        init = self.engine.init_masks(device)
+        for n, m in self.modules.items():
+            m._buffers[MASK_NAME].copy_(from_layer_view(m, init[n]))
+        name, nnz, target = mismatch[0]
+        logger.warning(
+            "hf_chts: the model's masks do not fit the step-0 schedule of %r (layer %r has %d links, "
+            "expected %d); drew the initial topology of this run for %d layers.",
+            self.config.method,
+            name,
+            nnz,
+            target,
+            len(self.modules),
+        )
 
     def _load_resume_state(self, args, state, carried: bool):
         """Resuming at ``state.global_step``: the checkpoint's masks (validated) and scalar state, or None."""

@@ -334,11 +334,55 @@ def test_bad_inputs_fail_clearly(tmp_path):
         train(tmp_path, config_for("set", update_interval=50), probe=False, max_steps=4)
 
 
-def test_carried_masks_with_wrong_density_are_refused(tmp_path):
+def test_carried_masks_of_another_density_are_redrawn_at_step_0(tmp_path):
     model = tiny_llama()
     sparsify_(model, SparseTrainingConfig(method="set", density=0.5))
-    with pytest.raises(ValueError, match="expects"):
-        train(tmp_path, config_for("set"), model=model, probe=False, max_steps=4)
+    config = config_for("set")
+    _, _, probe = train(tmp_path, config, model=model, max_steps=4)
+    assert probe.violations == []
+    for name, mask in probe.masks[1].items():
+        assert int(mask.sum()) == round(config.density * mask.numel()), name
+
+
+def tiny_sparse_llama(sparsity=None):
+    from hf_chts.modeling import SparseLlamaConfig, SparseLlamaForCausalLM
+
+    arch = {k: v for k, v in tiny_llama().config.to_dict().items() if k in TINY_ARCH}
+    return SparseLlamaForCausalLM(SparseLlamaConfig(**arch, **({"sparsity": sparsity} if sparsity else {})))
+
+
+TINY_ARCH = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+)
+
+
+def test_sparse_llama_trains_with_the_callbacks_config_and_records_it(tmp_path):
+    # the model's own config.sparsity (chts, 0.3: 307 links in q_proj) differs from the run's chtss (0.5 at
+    # step 0): the run's config wins, the masks are redrawn and the model's config records it
+    model = tiny_sparse_llama()
+    config = config_for("chtss")
+    _, _, probe = train(tmp_path, config, model=model, max_steps=6)
+    assert probe.violations == []
+    assert model.config.sparsity == config.to_dict(resolved=True)
+    assert model.config.sparse_training_config.method == "chtss"
+
+
+def test_callback_without_a_config_adopts_the_models(tmp_path):
+    model = tiny_sparse_llama({"method": "static", "density": 0.4})
+    before = {n: m.clone() for n, m in get_masks(model).items()}
+    callback = CHTssCallback()
+    trainer = Trainer(
+        model=model, args=make_args(tmp_path, max_steps=4), train_dataset=RandomTokens(), callbacks=[callback]
+    )
+    trainer.train()
+    assert (callback.config.method, callback.config.density) == ("static", 0.4)
+    assert all(torch.equal(before[n], m) for n, m in get_masks(model).items())  # kept: they fit the schedule
 
 
 def test_carried_masks_are_kept(tmp_path):
