@@ -790,9 +790,19 @@ def unmask_(model: nn.Module) -> nn.Module:
         mask = module._buffers.get(MASK_NAME)
         if mask is None:
             continue
-        _local(module.weight).mul_(_local_mask(mask, module.weight).to(module.weight.dtype)).add_(0.0)
-        del module._buffers[MASK_NAME]
+        weight = module.weight
+        _local(weight).mul_(_local_mask(mask, weight).to(weight.dtype)).add_(0.0)
+        # the gradient hooks read the mask: they go with it
+        mark = module.__dict__.pop(_MASK_HOOK_ATTR, None)
+        if mark is not None:
+            mark.remove()
+        if getattr(weight, _MASK_HOOK_ATTR, None) is mark and mark is not None:
+            delattr(weight, _MASK_HOOK_ATTR)
+        handle = module.__dict__.pop(_GRAD_HANDLE_ATTR, None)
+        if handle is not None:
+            handle.remove()
         module.__dict__.pop(_GRAD_HOOK_ATTR, None)
+        del module._buffers[MASK_NAME]
         cls = type(module)
         plain = _PLAIN.get(cls) or originals.get(cls)
         if plain is not None:

@@ -16,7 +16,7 @@ from hf_chts.config import SparseTrainingConfig
 # Each module may import only modules of a lower layer (at the top or inside a function alike). A new module
 # goes into the lowest layer above everything it imports.
 LAYERS: list[set[str]] = [
-    {"_validation"},
+    {"_validation", "_step_cost"},
     {"stats", "data", "datasets_paper", "data.tasks.local.hellaswag_utils", "distributed", "topology.rng"},
     {
         "config",
@@ -169,6 +169,8 @@ def test_unmask_restores_plain_layers_in_place():
     unmask_(model)
     assert type(model[0]) is nn.Linear and "weight_mask" not in model[0]._buffers
     assert torch.all(model[0].weight[~mask] == 0)
+    model(torch.ones(2, 4)).sum().backward()  # no gradient hook is left that would read the mask
+    assert torch.all(model[0].weight.grad != 0)
 
 
 @pytest.mark.parametrize("model_factory", [lambda: copy.deepcopy(nn.Linear(2, 2))])
