@@ -87,9 +87,11 @@ class CHTssCallback(TrainerCallback, ExportableState):
             active-neuron fractions at update steps (global figures are always logged).
         chains (`Sequence` or `Callable`, *optional*): chain specs for chain removal
             (``LayerChain`` / ``LlamaBlockChain``), or a function ``(model, layer_names) -> chains``. Default:
-            LLaMA blocks are chained automatically; other architectures get no chains (a warning says so).
-        resume_from (`str`, *optional*): checkpoint folder to restore the sparse state from. By default the
-            callback finds the folder the Trainer resumes from.
+            the chains the model declares (:mod:`hf_chts.chains`; LLaMA blocks are registered), else none
+            (a warning says so).
+        resume_from (`str`, *optional*): checkpoint folder to restore the sparse state from. By default it is
+            found from the Trainer's public surface: ``args.resume_from_checkpoint`` when it is a path, else
+            ``<args.output_dir>/checkpoint-<state.global_step>``.
         csti_inputs (*optional*): calibration inputs (samples x n_features, e.g. flattened training
             images) for ``init="csti"``; default: the file named by ``config.csti_inputs``.
         **config_kwargs: fields of ``SparseTrainingConfig`` (``method="chtss", density=0.3, ...``); with
@@ -597,9 +599,6 @@ class CHTssCallback(TrainerCallback, ExportableState):
         candidates = []
         if self.resume_from:
             candidates.append(self.resume_from)
-        path = _trainer_resume_path()
-        if path:
-            candidates.append(path)
         if isinstance(getattr(args, "resume_from_checkpoint", None), str):
             candidates.append(args.resume_from_checkpoint)
         candidates.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
@@ -665,23 +664,3 @@ def _mask_device(module: nn.Module) -> torch.device:
         return buf.device
     weight = module.weight
     return weight.to_local().device if _is_dtensor(weight) else weight.device
-
-
-def _trainer_resume_path() -> str | None:
-    """The checkpoint folder the running ``Trainer.train`` resumes from, read from its training-loop frame.
-
-    ``on_train_begin`` is not told the folder; ``Trainer._inner_training_loop`` holds it in its
-    ``resume_from_checkpoint`` argument (already resolved from ``True`` to a path by ``Trainer.train``).
-    """
-    from transformers import Trainer
-
-    frame = sys._getframe(1)
-    for _ in range(12):
-        if frame is None:
-            break
-        if isinstance(frame.f_locals.get("self"), Trainer) and "resume_from_checkpoint" in frame.f_locals:
-            value = frame.f_locals["resume_from_checkpoint"]
-            if isinstance(value, str) and os.path.isdir(value):
-                return value
-        frame = frame.f_back
-    return None
