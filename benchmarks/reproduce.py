@@ -106,7 +106,7 @@ class Experiment:
         )
 
 
-# The per-variant knobs follow docs/method.md section 6 (the presets) and the recipes' paper defaults; only the
+# The per-variant knobs follow docs/method.md section 6 (the presets) and the recipes' defaults; only the
 # schedule lengths are shortened to the CPU budget (same for every method of an experiment).
 _MLP_CPU = dict(
     hidden_sizes=[1000, 1000, 1000],
