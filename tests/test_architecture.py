@@ -17,9 +17,18 @@ from hf_chts.config import SparseTrainingConfig
 # goes into the lowest layer above everything it imports.
 LAYERS: list[set[str]] = [
     {"_validation", "_step_cost"},
-    {"stats", "data", "datasets_paper", "data.tasks.local.hellaswag_utils", "distributed", "topology.rng"},
+    {
+        "stats",
+        "distributed",
+        "topology.rng",
+        "data.corpus",
+        "datasets_paper",
+        "data.tasks.local.hellaswag_utils",
+    },
     {
         "config",
+        "data.loading",
+        "data.tokenizer",
         "topology.ch3_l3p",
         "topology.csti",
         "topology.link_prediction",
@@ -28,8 +37,8 @@ LAYERS: list[set[str]] = [
         "topology.schedules",
         "topology.scores",
     },
-    {"topology.init", "topology.removal", "topology.regrowth"},
-    {"topology"},
+    {"data.packing", "topology.init", "topology.removal", "topology.regrowth"},
+    {"data", "topology"},
     {"engine"},
     {"masking"},
     {"sparsify", "checkpointing", "chains", "peft_utils"},
