@@ -341,7 +341,9 @@ _register(
         "Every sparse variant starts from swi weights; SET and CHTs (BRF) keep their presets otherwise "
         "(ER / BRF init, zeta 0.3, CHTs: soft removal T 1 -> 3, CH2-L3n soft, cosine zeta). Test accuracy "
         "on the 10,000 test images after each epoch; 'best after t_end' is what the research code reports "
-        "for EM_S runs (the best once the density is final).",
+        "for EM_S runs (the best once the density is final). The runs used this code before it was rebased "
+        "onto the counter-based random streams (commit da4baeb in each JSON): a re-run now draws other, "
+        "equally distributed ER / BRF masks and CSTI tie-breaks.",
     )
 )
 _register(
