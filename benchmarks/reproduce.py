@@ -1284,7 +1284,7 @@ def report(results_dir: Path, scale: str = "cpu") -> dict[str, list[dict[str, An
         lines = [
             f"# {exp.title}",
             "",
-            f"Paper claim (arXiv 2501.19107): {exp.claim}",
+            f"Paper claim (docs/method.md section 7): {exp.claim}",
             "",
             *([exp.notes, ""] if exp.notes else []),
             table,
