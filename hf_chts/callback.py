@@ -381,22 +381,12 @@ class CHTssCallback(TrainerCallback, ExportableState):
                 continue
             # from_layer_view is a transpose for Conv1D, so it also maps the weight layout to (n_out, n_in)
             weights2d[name] = from_layer_view(module, weight.detach())
-            masks2d[name] = layer_view(module)[1].clone()  # the engine must not see later buffer writes
+            masks2d[name] = layer_view(module)[1]  # the engine copies what it reads
         new_masks, grown, stats = self.engine.step(step, masks2d, weights2d, grads, groups=mine)
         self.owned_layers = [name for group in mine for name in group]
-        new_w, grown_w = {}, {}
-        for name, module in self.modules.items():
-            mask_buf = module._buffers[MASK_NAME]
-            if owner[name] == rank:
-                packed = from_layer_view(
-                    module, new_masks[name].to(torch.uint8) + 2 * grown[name].to(torch.uint8)
-                )
-                packed = packed.to(mask_buf.device).contiguous()
-            else:
-                packed = torch.empty(mask_buf.shape, dtype=torch.uint8, device=mask_buf.device)
-            self._collectives.broadcast(packed, src=owner[name], what=f"mask broadcast of {name}")
-            new_w[name] = (packed & 1).bool()
-            grown_w[name] = (packed >> 1).bool()
+        new_w, grown_w = self._share_masks(new_masks, grown, owner, rank, world)
+        # Nothing was written before the engine returned: a link removed and regrown in this update still
+        # holds its weight, and only the positions in `grown` (absent before the update) are zeroed.
         for name, module in self.modules.items():
             module._buffers[MASK_NAME].copy_(new_w[name])
         apply_masks_(self.modules, extra_positions=grown_w)  # removed links and new links start at 0.0
@@ -405,7 +395,7 @@ class CHTssCallback(TrainerCallback, ExportableState):
         stats = self._merge_across_ranks(stats, world)
         self.last_update_step = step
         self.last_stats = stats
-        self._density = self._global_density()
+        self._density = self._density_from(stats)
         seconds = time.perf_counter() - start
         self.update_seconds_total += seconds
         logs = stats.to_log_dict(prefix=LOG_PREFIX, per_layer=self.log_per_layer)
@@ -415,6 +405,56 @@ class CHTssCallback(TrainerCallback, ExportableState):
         logs[f"{LOG_PREFIX}update_step"] = float(step)
         logs[f"{LOG_PREFIX}density"] = self._density
         self._pending_logs = logs
+
+    def _share_masks(self, new_masks, grown, owner, rank, world):
+        """Every rank's copy of the new masks and grown positions, in the modules' layouts.
+
+        Under DDP each rank packs the masks of the layers it owns (bit 0: link, bit 1: grown) into one
+        flat uint8 buffer, and one broadcast per rank shares them: ``world`` collectives per update, not
+        one per layer.
+        """
+        if world == 1:
+            new_w = {name: from_layer_view(m, new_masks[name]) for name, m in self.modules.items()}
+            grown_w = {name: from_layer_view(m, grown[name]) for name, m in self.modules.items()}
+            return new_w, grown_w
+        new_w, grown_w = {}, {}
+        for src in range(world):
+            names = [name for name in self.modules if owner[name] == src]
+            if not names:
+                continue
+            bufs = [self.modules[name]._buffers[MASK_NAME] for name in names]
+            device = bufs[0].device
+            if src == rank:
+                packed = torch.cat(
+                    [
+                        from_layer_view(
+                            self.modules[name],
+                            new_masks[name].to(torch.uint8) + 2 * grown[name].to(torch.uint8),
+                        )
+                        .to(device)
+                        .reshape(-1)
+                        for name in names
+                    ]
+                )
+            else:
+                packed = torch.empty(sum(b.numel() for b in bufs), dtype=torch.uint8, device=device)
+            self._collectives.broadcast(packed, src=src, what=f"mask broadcast of rank {src}'s layers")
+            offset = 0
+            for name, buf in zip(names, bufs, strict=True):
+                part = packed[offset : offset + buf.numel()].view(buf.shape)
+                offset += buf.numel()
+                new_w[name] = (part & 1).bool()
+                grown_w[name] = (part >> 1).bool()
+        return new_w, grown_w
+
+    def _density_from(self, stats) -> float:
+        """Global density after an update, from the engine's link counts (no read of the masks)."""
+        layers = stats.layers
+        if set(layers) != set(self.modules):
+            return self._global_density()
+        nnz = sum(layers[name].nnz for name in self.modules)
+        numel = sum(m._buffers[MASK_NAME].numel() for m in self.modules.values())
+        return nnz / numel if numel else 1.0
 
     def _take_grads(self, owner: dict[str, int], rank: int, world: int) -> dict[str, torch.Tensor] | None:
         """The dense gradients captured since ``on_step_begin``, summed over ranks onto each layer's owner."""

@@ -239,6 +239,12 @@ class SparseTrainingConfig:
     early_stop_threshold: float | None = _help(
         "Freeze a layer's topology once this fraction of the regrown links were the ones just removed."
     )
+    reset_returning_links: bool = _help(
+        "Treat a link removed and regrown in the same update as new: weight 0.0 and optimizer state zeroed. "
+        "Off by default: such a link keeps its weight and optimizer state, as in the research code; only "
+        "links absent before the update start from zero.",
+        False,
+    )
     rewarmup_steps: int = _help("Steps of learning-rate re-warmup after each topology update (0 = off).", 0)
     remask: RemaskMode = _help(
         "When masked weights are set to 0.0 again after an optimizer step: 'auto' (after every step only for "
@@ -334,6 +340,10 @@ class SparseTrainingConfig:
         if self.mest_lambda < 0:
             raise ValueError(f"`mest_lambda` must be >= 0, got {self.mest_lambda}.")
         check_positive_int(self.rewarmup_steps, "rewarmup_steps", allow_zero=True)
+        if not isinstance(self.reset_returning_links, bool):
+            raise ValueError(
+                f"`reset_returning_links` must be True or False, got {self.reset_returning_links!r}."
+            )
         if self.early_stop_threshold is not None:
             check_fraction(self.early_stop_threshold, "early_stop_threshold", low_open=True)
         if self.density_schedule == "em_s" and self.density > 0.95:

@@ -496,3 +496,73 @@ def test_position_mixing_optimizer_is_remasked_every_step(tmp_path, remask):
         assert sparse._remask_every_step and probe.violations == []
     else:  # trusting it is wrong for this optimizer: masked weights drift between updates
         assert not sparse._remask_every_step and weight_violations
+
+
+# ------------------------------------------------------------------------------------------ returning links
+def _one_update_without_trainer(reset: bool, update: bool = True):
+    """A tiny LLaMA, AdamW with non-zero moments, then the callback's update at step 2 (hard CH regrowth
+    on fresh masks brings back many of the links it just removed)."""
+    from transformers import TrainerControl, TrainerState
+
+    model = tiny_llama()
+    cfg = config_for("chts", removal_mode="hard", regrowth_mode="hard", reset_returning_links=reset)
+    callback = CHTssCallback(cfg)
+    state, control = TrainerState(max_steps=10, global_step=0), TrainerControl()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    callback.on_train_begin(None, state, control, model=model, optimizer=optimizer)
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    callback.on_optimizer_step(None, state, control, optimizer=optimizer)  # step 1: no update
+    before = {}
+    for name, module in callback.modules.items():
+        st = optimizer.state[module.weight]
+        before[name] = (
+            module._buffers[MASK_NAME].clone(),
+            module.weight.detach().clone(),
+            st["exp_avg"].clone(),
+            st["exp_avg_sq"].clone(),
+        )
+    if update:
+        callback._update(2, optimizer)
+    return callback, optimizer, before
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_returning_links_keep_weight_and_adam_moments(reset):
+    callback, optimizer, before = _one_update_without_trainer(reset)
+    returned = sum(layer.returned for layer in callback.last_stats.layers.values())
+    assert returned > 0
+    changed_links = 0
+    for name, module in callback.modules.items():
+        old_mask, old_w, old_m, old_v = before[name]
+        mask = module._buffers[MASK_NAME]
+        st = optimizer.state[module.weight]
+        kept = mask & old_mask  # links before and after the update: kept ones and returners
+        new = mask & ~old_mask
+        for now, then in ((module.weight.detach(), old_w), (st["exp_avg"], old_m), (st["exp_avg_sq"], old_v)):
+            assert bool((now[~mask] == 0).all()) and bool((now[new] == 0).all())
+            if not reset:
+                assert torch.equal(now[kept], then[kept])  # bit-exact
+            else:
+                assert bool((now[kept] == then[kept]).sum() + (now[kept] == 0).sum() >= kept.sum())
+        changed_links += int((module.weight.detach()[kept] != old_w[kept]).sum())
+    # with the switch, exactly the returners start again from 0.0 (their weights were non-zero)
+    assert changed_links == (returned if reset else 0)
+
+
+def test_callback_update_adds_no_host_syncs():
+    # The callback's update path (gather, engine, masks written, weights and optimizer state zeroed) reads
+    # nothing back from the device beyond what the engine itself reads, and dispatches O(layers) ops.
+    from hf_chts.masking import layer_view
+    from hf_chts.profiling import OpCounter
+
+    callback, optimizer, _ = _one_update_without_trainer(False, update=False)
+    masks = {n: layer_view(m)[1].clone() for n, m in callback.modules.items()}
+    weights = {n: layer_view(m)[0].detach().clone() for n, m in callback.modules.items()}
+    with OpCounter() as engine_only:
+        callback.engine.step(2, masks, weights)
+    with OpCounter() as update:
+        callback._update(2, optimizer)
+    assert update.syncs == engine_only.syncs, (dict(update.sync_ops), dict(engine_only.sync_ops))
+    assert update.ops - engine_only.ops <= 20 * len(callback.modules)

@@ -78,9 +78,9 @@ def test_one_step_keeps_exact_counts_and_only_grows_on_empty_positions(method):
         assert int(new[name].sum()) == engine.target_nnz(name, 10)
         layer = stats.layers[name]
         assert layer.nnz == int(new[name].sum())
-        # grown links are new positions of the final mask
-        assert not (grown[name] & ~new[name]).any()
-        assert int(grown[name].sum()) == layer.regrown
+        # grown links are the positions of the final mask that were empty before the update
+        assert torch.equal(grown[name], new[name] & ~masks[name])
+        assert int(grown[name].sum()) == layer.regrown - layer.returned
     assert stats.drop_fraction > 0
     assert any(not torch.equal(masks[n], new[n]) for n in SHAPES)
 
@@ -223,3 +223,122 @@ def test_a_budget_that_gives_a_layer_no_link_is_refused():
     config = SparseTrainingConfig(method="chts", density=1e-6)
     with pytest.raises(ValueError, match=r"0 links, e\.g\. 'fc' \(8 x 16.*at least 0\.00781"):
         TopologyEngine(config, {"fc": (8, 16)}, max_steps=100)
+
+
+# ------------------------------------------------------------------------------- stacks: batching invariance
+STACK_SHAPES = {"a": (24, 16), "b": (24, 16), "c": (24, 16), "d": (16, 24), "e": (24, 16)}
+
+
+@pytest.mark.parametrize("method", ["chts", "set", "rigl", "chtss"])
+def test_layer_alone_or_in_a_stack_gets_the_same_mask(method, monkeypatch):
+    # Random streams are keyed by (seed, step, layer, phase): evolving a layer alone, in a stack of its
+    # shape, or in stacks split by the memory budget gives the same mask, so DDP shares and resumes agree.
+    import hf_chts.engine as engine_module
+
+    cfg = SparseTrainingConfig(method=method, density=0.3, update_interval=10)
+    engine = TopologyEngine(cfg, STACK_SHAPES, max_steps=100)
+    masks = engine.init_masks()
+    weights, grads = fake_training_state(masks)
+    full, grown, stats = engine.step(20, masks, weights, grads)
+    for name in STACK_SHAPES:
+        alone, alone_grown, _ = TopologyEngine(cfg, STACK_SHAPES, max_steps=100).step(
+            20, masks, weights, grads, groups=[[name]]
+        )
+        assert torch.equal(alone[name], full[name]) and torch.equal(alone_grown[name], grown[name])
+    monkeypatch.setitem(engine_module._STACK_ENTRIES, "cpu", 2 * 24 * 16)  # stacks of at most 2 layers
+    split, _, _ = TopologyEngine(cfg, STACK_SHAPES, max_steps=100).step(20, masks, weights, grads)
+    assert all(torch.equal(split[n], full[n]) for n in STACK_SHAPES)
+    assert any(not torch.equal(full[n], masks[n]) for n in STACK_SHAPES)
+
+
+def test_stacks_group_by_shape_and_device():
+    import hf_chts.engine as engine_module
+
+    masks = {
+        "a": torch.zeros(4, 3, dtype=torch.bool),
+        "b": torch.zeros(4, 3, dtype=torch.bool, device="meta"),
+        "c": torch.zeros(3, 4, dtype=torch.bool),
+        "d": torch.zeros(4, 3, dtype=torch.bool),
+    }
+    shapes = {name: tuple(m.shape) for name, m in masks.items()}
+    stacks = engine_module._make_stacks(list(masks), masks, shapes)
+    assert [(s.names, s.device.type) for s in stacks] == [
+        (["a", "d"], "cpu"),
+        (["b"], "meta"),
+        (["c"], "cpu"),
+    ]
+
+
+def test_grown_are_only_new_links_and_returners_are_counted():
+    # Hard CH regrowth on fresh masks brings back many of the links just removed: they are not "grown".
+    for reset in (False, True):
+        engine = make_engine("chts", regrowth_mode="hard", removal_mode="hard", reset_returning_links=reset)
+        masks = engine.init_masks()
+        weights, _ = fake_training_state(masks)
+        new, grown, stats = engine.step(10, masks, weights)
+        returned = sum(layer.returned for layer in stats.layers.values())
+        assert returned > 0
+        for name, layer in stats.layers.items():
+            truly_new = new[name] & ~masks[name]
+            if reset:
+                # every regrown link, returners included, is reported (and so reset by the callback)
+                assert torch.equal(grown[name] & truly_new, truly_new)
+                assert int(grown[name].sum()) == layer.regrown
+                assert int((grown[name] & masks[name]).sum()) == layer.returned
+            else:
+                assert torch.equal(grown[name], truly_new)
+                assert int(grown[name].sum()) == layer.regrown - layer.returned
+
+
+# ----------------------------------------------------------------------------- host synchronisations (GPU)
+# A full update of the 84 sparse layers of LLaMA-130M read data back to the host 2,856 times before the
+# engine worked on stacks (34 per layer); on a GPU each read stalls the device. The bound: one per layer.
+MAX_SYNCS_130M = 84
+
+
+def llama_layer_set(hidden=768, intermediate=2048, layers=12, heads=12):
+    """Shapes and chains of the sparse layers of a LLaMA model, from its config (no weights built)."""
+    from transformers import LlamaConfig
+
+    from hf_chts.topology.percolation import LlamaBlockChain
+
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+    )
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    kv = cfg.num_key_value_heads * head_dim
+    shapes, chains = {}, []
+    for i in range(cfg.num_hidden_layers):
+        chain = LlamaBlockChain.from_prefix(
+            f"model.layers.{i}", num_heads=heads, num_kv_heads=cfg.num_key_value_heads, head_dim=head_dim
+        )
+        chains.append(chain)
+        d, m = cfg.hidden_size, cfg.intermediate_size
+        shapes.update({chain.q: (d, d), chain.k: (kv, d), chain.v: (kv, d), chain.o: (d, d)})
+        shapes.update({chain.gate: (m, d), chain.up: (m, d), chain.down: (d, m)})
+    return shapes, chains
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_full_llama_130m_update_host_syncs():
+    from hf_chts.profiling import OpCounter
+
+    shapes, chains = llama_layer_set()
+    assert len(shapes) == 84
+    cfg = SparseTrainingConfig(method="chtss", density=0.3, update_interval=10, init="er")
+    engine = TopologyEngine(cfg, shapes, chains=chains, max_steps=100)
+    masks = engine.init_masks()
+    g = torch.Generator().manual_seed(0)
+    weights = {n: torch.randn(m.shape, generator=g) * m for n, m in masks.items()}
+    with OpCounter() as counter:
+        new, _, stats = engine.step(50, masks, weights)
+    assert counter.syncs <= MAX_SYNCS_130M, dict(counter.sync_ops)
+    # the update did its work: decay, removal, chain removal's bookkeeping and regrowth to exact counts
+    for name in shapes:
+        assert int(new[name].sum()) == engine.target_nnz(name, 50) == stats.layers[name].nnz
+    assert sum(s.removed for s in stats.layers.values()) > 0
+    assert sum(s.decay_pruned for s in stats.layers.values()) > 0

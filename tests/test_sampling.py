@@ -281,3 +281,89 @@ def test_select_indices_soft_and_bad_mode():
         select_indices(weights, 1, mode="top")
     with pytest.raises(ValueError, match="non-negative"):
         select_indices(torch.tensor([1.0, -1.0]), 1, mode="hard")
+
+
+# ---------------------------------------------------------------------------- stacked selection (select_rows)
+
+
+def _rows_as_indices(chosen: torch.Tensor) -> list[list[int]]:
+    return [row.nonzero().squeeze(1).tolist() for row in chosen]
+
+
+def test_select_rows_chi_square_on_a_stack():
+    # Every row of a stack is an independent exact draw: 6000 draws of a 3-row stack, one chi-square per row.
+    weights = torch.tensor([[1.0, 2.0, 3.0, 4.0, 10.0], [5.0, 1.0, 1.0, 1.0, 2.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    n = 6000
+    gens = [torch.Generator().manual_seed(100 + b) for b in range(3)]
+    counts: list[dict] = [{}, {}, {}]
+    for _ in range(n):
+        chosen = sampling.select_rows(weights, [2, 2, 2], mode="soft", generators=gens)
+        for b, idx in enumerate(_rows_as_indices(chosen)):
+            counts[b][tuple(idx)] = counts[b].get(tuple(idx), 0) + 1
+    for b in range(3):
+        exact = _exact_subset_probabilities(weights[b].tolist(), 2)
+        assert set(counts[b]) <= set(exact)
+        assert _chi2(counts[b], {key: p * n for key, p in exact.items()}) < CHI2_9999[9]
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_select_rows_equals_select_indices_row_by_row(mode):
+    # Row b of a stack is exactly select_indices on row b alone, with the same generator: ragged lengths,
+    # exclusions, the zero fill, k = 0 and k = all, small rows (kthvalue) and long ones (bracket).
+    g = torch.Generator().manual_seed(0)
+    for n in (50, 300_000):
+        rows = 5
+        scores = torch.rand(rows, n, generator=g) ** 3
+        scores[1, : n // 2] = 0.0  # scarce positive scores: the zero fill
+        scores[2] = torch.round(scores[2] * 4) / 4  # heavy ties
+        exclude = torch.rand(rows, n, generator=g) < 0.3
+        lengths = [n, n - 7, n, n // 3, n]
+        ks = [n // 5, (n - 7) // 2 + 3, 0, n // 6, 1]
+        for excl in (None, exclude) if n < 1000 else (exclude,):
+            seeds = [7, 8, 9, 10, 11]
+            chosen = sampling.select_rows(
+                scores,
+                ks,
+                mode=mode,
+                temperature=2.0,
+                exclude=excl,
+                lengths=lengths,
+                generators=[torch.Generator().manual_seed(s) for s in seeds],
+            )
+            for b in range(rows):
+                length = lengths[b]
+                ref = select_indices(
+                    scores[b, :length],
+                    ks[b],
+                    mode=mode,
+                    temperature=2.0,
+                    exclude=None if excl is None else excl[b, :length],
+                    generator=torch.Generator().manual_seed(seeds[b]),
+                )
+                got = chosen[b].nonzero().squeeze(1)
+                assert torch.equal(got, ref), (n, b, excl is None)
+                assert not chosen[b, length:].any()
+
+
+def test_select_rows_uniform_when_scores_are_none():
+    exclude = torch.tensor([[True, False, False, True], [False, False, False, False]])
+    chosen = sampling.select_rows(None, [2, 4], exclude=exclude, shape=(2, 4), device="cpu")
+    assert torch.equal(chosen[0], ~exclude[0]) and bool(chosen[1].all())
+
+
+@pytest.mark.parametrize(
+    "scores, k, kwargs, match",
+    [
+        (torch.ones(2, 3), [1], {}, "one per row"),
+        (torch.ones(2, 3), [4, 1], {}, "lower `k`"),
+        (torch.tensor([[1.0, float("nan"), 1.0]]), [1], {}, "NaN"),
+        (torch.tensor([[1.0, -1.0, 1.0]]), [1], {}, "non-negative"),
+        (torch.ones(3), [1], {}, "2-D"),
+        (torch.ones(2, 3), [1, 1], {"mode": "top"}, "mode"),
+        (torch.ones(2, 3), [1, 1], {"exclude": torch.ones(3, dtype=torch.bool)}, "exclude"),
+        (None, [1], {}, "shape"),
+    ],
+)
+def test_select_rows_bad_inputs(scores, k, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sampling.select_rows(scores, k, **kwargs)

@@ -108,6 +108,22 @@ class LayerChain:
             changed |= _clear_cols_(b, has_out & ~active)
         return changed
 
+    def structure(self) -> tuple:
+        """Chains with equal structures (and layer shapes) can be processed as one stack."""
+        return ("layer_chain", len(self.layers))
+
+    def apply_stacked_(self, stacks: list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`apply_` on a stack of chains of this structure: ``stacks[i]`` is ``(B, n_out, n_in)``, the
+        masks of ``names[i]`` of every chain. Returns a device bool: whether anything changed (no host read).
+        """
+        changed = torch.zeros((), dtype=torch.bool, device=stacks[0].device)
+        for a, b in zip(stacks[:-1], stacks[1:], strict=True):
+            has_in, has_out = a.amax(dim=2), b.amax(dim=1)
+            active = has_in & has_out
+            changed |= _clear_rows_stacked_(a, has_in & ~active)
+            changed |= _clear_cols_stacked_(b, has_out & ~active)
+        return changed
+
 
 @dataclass(frozen=True)
 class LlamaBlockChain:
@@ -251,6 +267,48 @@ class LlamaBlockChain:
         changed |= _clear_cols_(down, down_cols & ~mlp_active)
         return changed
 
+    def structure(self) -> tuple:
+        """Chains with equal structures (and layer shapes) can be processed as one stack."""
+        return ("llama_block", self.num_heads, self.num_kv_heads, self.head_dim, self.rotary)
+
+    def _pair_stacked(self, rows: torch.Tensor) -> torch.Tensor:
+        if not self.rotary:
+            return rows
+        b, heads = rows.shape[:2]
+        halves = rows.view(b, heads, 2, self.head_dim // 2)
+        return rows | halves.flip(2).reshape(rows.shape)
+
+    def apply_stacked_(self, stacks: list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`apply_` on a stack of blocks of this structure: ``stacks`` holds the ``(B, n_out, n_in)``
+        masks of q, k, v, o, gate, up, down (the order of ``names``) of every block. Returns a device bool:
+        whether anything changed (no host read).
+        """
+        h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        group = h // hkv
+        q, k, v, o, gate, up, down = stacks
+        n = q.shape[0]
+        # amax over a bool dimension is any(), ~5x faster on a CPU
+        changed = torch.zeros((), dtype=torch.bool, device=q.device)
+
+        q_rows, k_rows = q.amax(dim=2).view(n, h, hd), k.amax(dim=2).view(n, hkv, hd)
+        q_active = q_rows & self._pair_stacked(k_rows).repeat_interleave(group, dim=1)
+        k_active = k_rows & self._pair_stacked(q_active).view(n, hkv, group, hd).any(dim=2)
+        changed |= _clear_rows_stacked_(q, (q_rows & ~q_active).view(n, -1))
+        changed |= _clear_rows_stacked_(k, (k_rows & ~k_active).view(n, -1))
+
+        v_rows, o_cols = v.amax(dim=2).view(n, hkv, hd), o.amax(dim=1).view(n, h, hd)
+        o_active = o_cols & v_rows.repeat_interleave(group, dim=1)
+        v_active = o_active.view(n, hkv, group, hd).any(dim=2)
+        changed |= _clear_cols_stacked_(o, (o_cols & ~o_active).view(n, -1))
+        changed |= _clear_rows_stacked_(v, (v_rows & ~v_active).view(n, -1))
+
+        gate_rows, up_rows, down_cols = gate.amax(dim=2), up.amax(dim=2), down.amax(dim=1)
+        mlp_active = gate_rows & up_rows & down_cols
+        changed |= _clear_rows_stacked_(gate, gate_rows & ~mlp_active)
+        changed |= _clear_rows_stacked_(up, up_rows & ~mlp_active)
+        changed |= _clear_cols_stacked_(down, down_cols & ~mlp_active)
+        return changed
+
 
 def _clear_rows_(mask: torch.Tensor, rows: torch.Tensor) -> bool:
     if not bool(rows.any()):
@@ -264,6 +322,17 @@ def _clear_cols_(mask: torch.Tensor, cols: torch.Tensor) -> bool:
         return False
     mask.masked_fill_(cols.unsqueeze(0), False)
     return True
+
+
+def _clear_rows_stacked_(masks: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Clear rows ``rows[b]`` of every ``masks[b]``; a device bool says whether any row was cleared."""
+    masks.masked_fill_(rows.unsqueeze(2), False)
+    return rows.any()
+
+
+def _clear_cols_stacked_(masks: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    masks.masked_fill_(cols.unsqueeze(1), False)
+    return cols.any()
 
 
 Chain = LayerChain | LlamaBlockChain

@@ -43,7 +43,8 @@ def removal_scores(
     - ``"mest"``: ``|W| + mest_lambda * |grad|``, with ``grad`` the dense gradient of the weight.
 
     Args:
-        weight (`torch.Tensor`): the masked weight, shape ``(n_out, n_in)``, any floating dtype and device.
+        weight (`torch.Tensor`): the masked weight, shape ``(n_out, n_in)``, or a stack
+            ``(B, n_out, n_in)`` of layers of one shape (each scored on its own); any float dtype, any device.
         method (`str`, defaults to ``"magnitude"``): one of ``"magnitude"``, ``"ri"``, ``"mest"``.
         grad (`torch.Tensor`, *optional*): dense gradient of ``weight`` (same shape); required for ``"mest"``.
         mest_lambda (`float`, defaults to 0.01): weight of the gradient term of MEST, ``>= 0``.
@@ -58,14 +59,15 @@ def removal_scores(
                 [0.0000, 1.4000]])
     """
     check_choice("removal method", method, REMOVAL_METHODS)
-    check_mask_2d(weight, "weight")
+    if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 3):
+        check_mask_2d(weight, "weight")  # raises, naming what was passed
     magnitude = weight.detach().float().abs()
     if method == "magnitude":
         return magnitude
     if method == "ri":
         eps = _check_nonnegative_number(eps, "eps", strict=True)
-        col_total = magnitude.sum(dim=0, keepdim=True)  # 1 x n_in: strength of each input neuron
-        row_total = magnitude.sum(dim=1, keepdim=True)  # n_out x 1: strength of each output neuron
+        col_total = magnitude.sum(dim=-2, keepdim=True)  # 1 x n_in: strength of each input neuron
+        row_total = magnitude.sum(dim=-1, keepdim=True)  # n_out x 1: strength of each output neuron
         return magnitude / (col_total + eps) + magnitude / (row_total + eps)
     mest_lambda = _check_nonnegative_number(mest_lambda, "mest_lambda", strict=False)
     if grad is None:
