@@ -438,7 +438,8 @@ class CHTssCallback(TrainerCallback, ExportableState):
                 )
             else:
                 packed = torch.empty(sum(b.numel() for b in bufs), dtype=torch.uint8, device=device)
-            self._collectives.broadcast(packed, src=src, what=f"mask broadcast of rank {src}'s layers")
+            what = f"mask broadcast of {names[0]} and the {len(names) - 1} other layers of rank {src}"
+            self._collectives.broadcast(packed, src=src, what=what)
             offset = 0
             for name, buf in zip(names, bufs, strict=True):
                 part = packed[offset : offset + buf.numel()].view(buf.shape)
