@@ -7,12 +7,20 @@ more than 2**24 categories). Both run in the same process, interleaved, so the r
 Usage::
 
     python benchmarks/bench_topology.py       # all shapes and densities, CPU (+ CUDA if present)
+    python benchmarks/bench_topology.py --full-model 130M --out benchmarks/results/topology_update_cpu.md
     python benchmarks/bench_topology.py --shapes 11008x4096 --densities 0.3 --ops ch2 --repeats 3
     python benchmarks/bench_topology.py --out benchmarks/results/topology_cpu.md
     python benchmarks/bench_topology.py --ch-precision-table --out benchmarks/results/ch_precision_cpu.md
 
 Peak memory is the peak resident-set growth during the call on CPU (sampled every 2 ms from /proc), and
 ``torch.cuda.max_memory_allocated`` growth on CUDA.
+
+``--full-model 130M 7B`` measures one whole topology update of a LLaMA layer set instead (CHTss settings,
+the update at step 50 of 100, density 0.3): the engine of this checkout against the per-layer engine of
+``--reference`` (a git revision; its ``hf_chts/engine.py`` is loaded beside this one), run alternately in
+one process: wall and CPU time, peak memory, host synchronisations and dispatched ops per update (counted by
+:class:`hf_chts.profiling.OpCounter`), and whether both give the same masks. ``--blocks N`` keeps the first
+N decoder blocks (the 7B set needs ~60 GB on a CPU in float32; on CUDA the weights are bf16).
 """
 
 from __future__ import annotations
@@ -31,8 +39,12 @@ from collections.abc import Callable
 
 import torch
 
+from hf_chts.config import SparseTrainingConfig
+from hf_chts.engine import TopologyEngine
+from hf_chts.profiling import OpCounter
 from hf_chts.topology.init import init_mask
 from hf_chts.topology.link_prediction import ch_scores
+from hf_chts.topology.percolation import LlamaBlockChain
 from hf_chts.topology.regrowth import regrow_links
 from hf_chts.topology.removal import remove_links
 
@@ -212,6 +224,141 @@ def make_ops(shape, density, device, seed):
     ]
 
 
+# ------------------------------------------------------------------------------------ full-model updates
+LAYER_SETS = {
+    # hidden, intermediate, decoder blocks, heads (key-value heads = heads)
+    "130M": (768, 2048, 12, 12),
+    "7B": (4096, 11008, 32, 32),
+}
+
+
+def llama_layer_set(name: str, blocks: int | None = None):
+    """Shapes and chains of the 7 sparse layers of every decoder block of a LLaMA size."""
+    hidden, inter, n_blocks, heads = LAYER_SETS[name]
+    shapes, chains = {}, []
+    for i in range(n_blocks if blocks is None else min(blocks, n_blocks)):
+        chain = LlamaBlockChain.from_prefix(
+            f"model.layers.{i}", num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads
+        )
+        chains.append(chain)
+        for role in ("q", "k", "v", "o"):
+            shapes[getattr(chain, role)] = (hidden, hidden)
+        shapes.update({chain.gate: (inter, hidden), chain.up: (inter, hidden), chain.down: (hidden, inter)})
+    return shapes, chains
+
+
+def reference_engine_module(revision: str):
+    """The ``hf_chts/engine.py`` of a git revision, importable beside this checkout's package."""
+    import importlib.util
+    import tempfile
+
+    source = subprocess.run(
+        ["git", "show", f"{revision}:hf_chts/engine.py"], capture_output=True, text=True, check=True
+    ).stdout
+    source = source.replace("from .", "from hf_chts.")
+    path = os.path.join(tempfile.mkdtemp(), "reference_engine.py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location("reference_engine", path)
+    module = importlib.util.module_from_spec(spec)
+    os.sys.modules["reference_engine"] = module  # dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+def full_update_rows(set_name, device, reference, repeats, blocks, seed):
+    """Time, CPU time, peak memory, host syncs and ops of one full update, ours and the reference's."""
+    shapes, chains = llama_layer_set(set_name, blocks)
+    cfg = SparseTrainingConfig(method="chtss", density=0.3, update_interval=10, init="er", seed=seed)
+    ours = TopologyEngine(cfg, shapes, chains=chains, max_steps=100)
+    masks = ours.init_masks(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(seed)
+    weights = {n: (torch.randn(m.shape, generator=g, device=device) * m).to(dtype) for n, m in masks.items()}
+    engines = {"ours": ours}
+    if reference is not None:
+        engines["reference"] = reference.TopologyEngine(cfg, shapes, chains=chains, max_steps=100)
+    results = {label: {"seconds": [], "cpu_seconds": [], "peak_mb": None} for label in engines}
+    outputs = {}
+    for _ in range(repeats):
+        for label, engine in engines.items():
+            with PeakMemory(device) as mem:
+                t0, c0 = time.perf_counter(), time.process_time()
+                new, _, _ = engine.step(50, masks, weights)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                results[label]["seconds"].append(time.perf_counter() - t0)
+                results[label]["cpu_seconds"].append(time.process_time() - c0)
+            outputs[label] = new
+            if results[label]["peak_mb"] is None:
+                results[label]["peak_mb"] = mem.peak / 2**20
+            del new
+    for label, engine in engines.items():
+        with OpCounter() as counter:
+            engine.step(50, masks, weights)
+        results[label].update(ops=counter.ops, syncs=counter.syncs, sync_ops=dict(counter.sync_ops))
+        results[label]["seconds"] = statistics.median(results[label]["seconds"])
+        results[label]["cpu_seconds"] = statistics.median(results[label]["cpu_seconds"])
+    row = dict(
+        measured=time.strftime("%H:%M UTC", time.gmtime()),
+        device=device.type,
+        hardware=hardware(device),
+        layer_set=set_name,
+        layers=len(shapes),
+        blocks=len(chains),
+        ours=results["ours"],
+        reference=results.get("reference"),
+    )
+    if reference is not None:
+        row["same_masks"] = all(torch.equal(outputs["ours"][n], outputs["reference"][n]) for n in shapes)
+        row["cpu_time_ratio"] = results["ours"]["cpu_seconds"] / results["reference"]["cpu_seconds"]
+        row["wall_time_ratio"] = results["ours"]["seconds"] / results["reference"]["seconds"]
+    return row
+
+
+def write_update_markdown(rows, args, path):
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+    lines = [
+        "# One full topology update of a LLaMA layer set: stacked engine vs per-layer engine",
+        "",
+        f"Command: `python benchmarks/bench_topology.py {' '.join(os.sys.argv[1:])}`",
+        f"Commit: {commit.strip()}; reference: `{args.reference}`; torch {torch.__version__}; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        "CHTss (RI density decay, soft magnitude removal, chain removal, soft CH2-L3n regrowth), the update",
+        "at step 50 of 100 (update_interval 10), final density 0.3 (0.336 at step 50). Medians; CPU",
+        "time is the process's CPU time (stable on a shared machine, where wall time is not); host syncs are",
+        "reads of device data by the host and ops are dispatched aten ops, both per update (OpCounter).",
+        "",
+        "| device | hardware | layer set | layers | engine | wall s | CPU s | peak MB | host syncs | ops "
+        "| same masks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        for label in ("reference", "ours"):
+            r = row.get(label)
+            if r is None:
+                continue
+            name = "per-layer (reference)" if label == "reference" else "stacked (this commit)"
+            lines.append(
+                f"| {row['device']} | {row['hardware']} | {row['layer_set']} ({row['blocks']} blocks) | "
+                f"{row['layers']} | {name} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | "
+                f"{r['peak_mb']:.0f} | {r['syncs']} | {r['ops']} | {row.get('same_masks', '-')} |"
+            )
+    lines.append("")
+    for row in rows:
+        if "cpu_time_ratio" in row:
+            lines.append(
+                f"- {row['device']} {row['layer_set']}: CPU time stacked / per-layer = "
+                f"{row['cpu_time_ratio']:.2f}, wall time {row['wall_time_ratio']:.2f}."
+            )
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"wrote {path}")
+
+
 def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -246,10 +393,36 @@ def main(argv=None):
         action="store_true",
         help="replace only the measured rows of an existing --out JSON (re-runs)",
     )
+    parser.add_argument(
+        "--full-model",
+        nargs="+",
+        default=None,
+        choices=list(LAYER_SETS),
+        help="measure one full update of these LLaMA layer sets instead of the single-layer ops",
+    )
+    parser.add_argument("--blocks", type=int, default=None, help="decoder blocks kept (--full-model)")
+    parser.add_argument(
+        "--reference",
+        default="2f232e3",
+        help="git revision whose per-layer engine is measured beside ours ('none' to skip)",
+    )
     args = parser.parse_args(argv)
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     if args.ch_precision_table:
         return run_precision_table(args, devices)
+    if args.full_model:
+        reference = None if args.reference == "none" else reference_engine_module(args.reference)
+        rows = []
+        for device_name in devices:
+            for set_name in args.full_model:
+                row = full_update_rows(
+                    set_name, torch.device(device_name), reference, args.repeats, args.blocks, args.seed
+                )
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        if args.out:
+            write_update_markdown(rows, args, args.out)
+        return
     rows = []
     for device_name in devices:
         device = torch.device(device_name)
