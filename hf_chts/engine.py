@@ -475,7 +475,8 @@ class TopologyEngine:
         elif cfg.regrowth == "gradient":
             scores, mode = _stack_of(grads, s, float_dtype=True).abs_().view(rows, -1), cfg.regrowth_mode
         else:
-            scores, mode = _ch_scores_stack(s.mask, cfg.ch_variant, s.nnz).view(rows, -1), cfg.regrowth_mode
+            scores = _ch_scores_stack(s.mask, cfg.ch_variant, cfg.ch_precision, s.nnz)
+            scores, mode = scores.view(rows, -1), cfg.regrowth_mode
         gens = [derive_generator(cfg.seed, step, name, "regrow", device=s.device) for name in s.names]
         grown = select_rows(
             scores,
@@ -664,27 +665,28 @@ def _keep_links(mask, scores_at, nnz, keep, mode, temperature, generators) -> to
     return _scatter_rows(rows, n, picked, mask.device).view(mask.shape)
 
 
-def _ch_scores_stack(masks: torch.Tensor, variant: str, nnz: Sequence[int]) -> torch.Tensor:
-    """CH link-prediction scores of a ``(B, n_out, n_in)`` stack of masks, written into one stacked output.
+def _ch_scores_stack(masks: torch.Tensor, variant: str, precision: str, nnz: Sequence[int]) -> torch.Tensor:
+    """CH link-prediction scores of a ``(B, n_out, n_in)`` stack of masks.
 
-    Each layer goes through the kernels of :func:`hf_chts.topology.link_prediction.ch_scores` (chosen by
-    its density, known here from the link counts ``nnz``, so no count is read back from the device).
+    Off the CPU: one stacked :func:`~hf_chts.topology.link_prediction.ch_scores` call (batched GEMMs, no
+    host read). On a CPU each layer goes through the kernels its density picks (neighbour lists at low
+    density, int8 / fp32 GEMMs above), with the density taken from the host-side link counts ``nnz``, so
+    that no count is read back either.
     """
     from .topology import link_prediction as lp
 
+    if masks.device.type != "cpu":
+        return lp.ch_scores(masks, variant, precision=precision)
     kind = lp._variant_kind(variant)
     out = torch.empty(masks.shape, dtype=torch.float32, device=masks.device)
     for b, m in enumerate(masks.unbind(0)):
         if nnz[b] == 0:
             out[b].zero_()
             continue
-        layer = lp._Layer.__new__(lp._Layer)
-        layer.m, layer.shape, layer.device = m, tuple(m.shape), m.device
-        layer.k_row = m.sum(1, dtype=torch.int64).to(torch.float32)
-        layer.k_col = m.view(torch.uint8).sum(0, dtype=torch.int32).to(torch.float32)
-        layer.nnz, layer.density = nnz[b], nnz[b] / m.numel()
+        layer = lp._Layer(m)
+        layer.__dict__["nnz"] = nnz[b]  # known on the host: the plan reads no count from the device
         counts, products = lp._plan("auto", layer)
-        lp._add_row_part(out[b], layer, kind, counts, products, None)
-        lp._add_col_part(out[b], layer, kind, counts, products, None)
+        lp._add_row_part(out[b], layer, kind, counts, products, precision, None)
+        lp._add_col_part(out[b], layer, kind, counts, products, precision, None)
         out[b].masked_fill_(m, 0.0)
     return out
