@@ -329,8 +329,9 @@ class TopologyEngine:
         Layers of one shape on one device evolve as one stacked ``(B, n_out, n_in)`` tensor: scores,
         selections, chain removal and statistics are computed for the whole stack at once, and the host reads
         data back a constant number of times per stack, never once per layer. Every random draw comes from the
-        layer's own stream, keyed by ``(seed, step, layer, phase)``, so a layer gets the same mask whether it
-        is evolved alone, in a stack, on another rank or after a resume.
+        layer's own counter-based stream (:mod:`hf_chts.topology.rng`), keyed by ``(seed, step, layer,
+        phase)`` and drawn for a whole stack in one op, so a layer gets the same mask whether it is evolved
+        alone or in a stack, on another rank, on a CPU or a GPU, or after a resume.
 
         Args:
             step (`int`): the optimizer step the update belongs to; seeds every random draw.
@@ -399,7 +400,7 @@ class TopologyEngine:
         if any(decay):
             scores = removal_scores(_stack_of(weights, s), cfg.decay_pruning)
             keep = [n - d for n, d in zip(s.nnz, decay, strict=True)]
-            gens = [derive_generator(cfg.seed, step, name, "decay", device=s.device) for name in s.names]
+            gens = [stream_key(cfg.seed, step, name, "decay") for name in s.names]
             full = scores.view(-1)
             s.mask = _keep_links(s.mask, lambda pos: full[pos], s.nnz, keep, "hard", 1.0, gens)
             s.nnz = keep
@@ -425,7 +426,7 @@ class TopologyEngine:
             return removal_scores(weight, cfg.removal, grad=grad, mest_lambda=cfg.mest_lambda)
 
         keep = [n - r for n, r in zip(s.nnz, remove, strict=True)]
-        gens = [derive_generator(cfg.seed, step, name, "remove", device=s.device) for name in s.names]
+        gens = [stream_key(cfg.seed, step, name, "remove") for name in s.names]
         s.mask = _keep_links(s.mask, scores_at, s.nnz, keep, cfg.removal_mode, temperature, gens)
         s.nnz, s.removed = keep, remove
         s.cache.clear()
@@ -477,13 +478,13 @@ class TopologyEngine:
         else:
             scores = _ch_scores_stack(s.mask, cfg.ch_variant, cfg.ch_precision, s.nnz)
             scores, mode = scores.view(rows, -1), cfg.regrowth_mode
-        gens = [derive_generator(cfg.seed, step, name, "regrow", device=s.device) for name in s.names]
+        gens = [stream_key(cfg.seed, step, name, "regrow") for name in s.names]
         grown = select_rows(
             scores,
             grow,
             mode=mode,
             exclude=flat,
-            generators=gens,
+            streams=gens,
             n_excluded=s.nnz,
             shape=tuple(flat.shape),
             device=s.device,
@@ -648,19 +649,19 @@ def _gather_rows(where, slot: Sequence[str]) -> torch.Tensor:
     return torch.stack([where[name][0].mask[where[name][1]] for name in slot])
 
 
-def _keep_links(mask, scores_at, nnz, keep, mode, temperature, generators) -> torch.Tensor:
+def _keep_links(mask, scores_at, nnz, keep, mode, temperature, streams) -> torch.Tensor:
     """Keep ``keep[b]`` of the ``nnz[b]`` existing links of every layer, selected by score among the links.
 
     ``scores_at(positions)`` gives the scores at flat positions of the stack. The links of each layer are
-    listed in ascending position order, so a layer's selection (and its random
-    draws, one per link) is the same as :func:`hf_chts.topology.removal.remove_links` on that layer alone.
+    listed in ascending position order and draw ``i`` of a layer's stream goes to its ``i``-th link, so a
+    layer's selection depends on nothing but the layer and its stream.
     """
     rows = mask.shape[0]
     flat = mask.view(rows, -1)
     n = flat.shape[1]
     link_pos = row_positions(flat, nnz)  # padded with position 0; ``lengths`` keeps the padding out
     values = scores_at(link_pos)
-    chosen = select_rows(values, keep, mode=mode, temperature=temperature, lengths=nnz, generators=generators)
+    chosen = select_rows(values, keep, mode=mode, temperature=temperature, lengths=nnz, streams=streams)
     picked = torch.where(chosen, link_pos, rows * n)
     return _scatter_rows(rows, n, picked, mask.device).view(mask.shape)
 

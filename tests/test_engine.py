@@ -342,3 +342,19 @@ def test_full_llama_130m_update_host_syncs():
         assert int(new[name].sum()) == engine.target_nnz(name, 50) == stats.layers[name].nnz
     assert sum(s.removed for s in stats.layers.values()) > 0
     assert sum(s.decay_pruned for s in stats.layers.values()) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["set", "mest"])
+def test_update_identical_on_cpu_and_cuda(method):
+    # Counter-based streams: the same uniforms on both devices; hard magnitude removal and uniform regrowth
+    # involve no floating-point function whose rounding differs between devices, so the masks agree.
+    cpu_engine, cuda_engine = make_engine(method), make_engine(method)
+    masks = cpu_engine.init_masks()
+    weights, grads = fake_training_state(masks)
+    cpu, _, _ = cpu_engine.step(10, masks, weights, grads)
+    to = lambda d: {n: t.cuda() for n, t in d.items()}  # noqa: E731
+    cuda, _, _ = cuda_engine.step(10, to(masks), to(weights), to(grads))
+    for name in cpu:
+        assert torch.equal(cuda[name].cpu(), cpu[name]), name

@@ -290,20 +290,64 @@ def _rows_as_indices(chosen: torch.Tensor) -> list[list[int]]:
     return [row.nonzero().squeeze(1).tolist() for row in chosen]
 
 
-def test_select_rows_chi_square_on_a_stack():
-    # Every row of a stack is an independent exact draw: 6000 draws of a 3-row stack, one chi-square per row.
+@pytest.mark.parametrize("source", ["generators", "streams"])
+def test_select_rows_chi_square_on_a_stack(source):
+    # Every row of a stack is an independent exact draw: 6000 draws of a 3-row stack, one chi-square per row,
+    # with torch generators and with counter-based streams (a fresh stream key per draw and row).
+    from hf_chts.topology.rng import stream_key
+
     weights = torch.tensor([[1.0, 2.0, 3.0, 4.0, 10.0], [5.0, 1.0, 1.0, 1.0, 2.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
     n = 6000
     gens = [torch.Generator().manual_seed(100 + b) for b in range(3)]
     counts: list[dict] = [{}, {}, {}]
-    for _ in range(n):
-        chosen = sampling.select_rows(weights, [2, 2, 2], mode="soft", generators=gens)
+    for i in range(n):
+        if source == "generators":
+            chosen = sampling.select_rows(weights, [2, 2, 2], mode="soft", generators=gens)
+        else:
+            streams = [stream_key(0, i, b) for b in range(3)]
+            chosen = sampling.select_rows(weights, [2, 2, 2], mode="soft", streams=streams)
         for b, idx in enumerate(_rows_as_indices(chosen)):
             counts[b][tuple(idx)] = counts[b].get(tuple(idx), 0) + 1
     for b in range(3):
         exact = _exact_subset_probabilities(weights[b].tolist(), 2)
         assert set(counts[b]) <= set(exact)
         assert _chi2(counts[b], {key: p * n for key, p in exact.items()}) < CHI2_9999[9]
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_select_rows_with_streams_row_alone_equals_row_in_stack(mode):
+    # A row's result depends only on the row and its stream key: alone, in any stack, in any position.
+    from hf_chts.topology.rng import stream_key
+
+    g = torch.Generator().manual_seed(3)
+    for n in (40, 300_000):
+        scores = torch.rand(4, n, generator=g) ** 2
+        scores[1, : n // 2] = 0.0  # the zero fill
+        exclude = torch.rand(4, n, generator=g) < 0.2
+        ks, lengths = [n // 4, n // 3, 1, 0], [n, n - 3, n // 2, n]
+        streams = [stream_key(1, "row", b) for b in range(4)]
+        kw = dict(mode=mode, temperature=3.0)
+        stacked = sampling.select_rows(scores, ks, exclude=exclude, lengths=lengths, streams=streams, **kw)
+        order = [2, 0, 3, 1]
+        shuffled = sampling.select_rows(
+            scores[order],
+            [ks[b] for b in order],
+            exclude=exclude[order],
+            lengths=[lengths[b] for b in order],
+            streams=[streams[b] for b in order],
+            **kw,
+        )
+        for j, b in enumerate(order):
+            alone = sampling.select_rows(
+                scores[b : b + 1],
+                [ks[b]],
+                exclude=exclude[b : b + 1],
+                lengths=[lengths[b]],
+                streams=[streams[b]],
+                **kw,
+            )
+            assert torch.equal(alone[0], stacked[b]) and torch.equal(shuffled[j], stacked[b])
+            assert int(stacked[b].sum()) == ks[b] and not (stacked[b] & exclude[b]).any()
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])

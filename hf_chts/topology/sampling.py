@@ -555,6 +555,7 @@ def select_rows(
     exclude: torch.Tensor | None = None,
     lengths: Sequence[int] | None = None,
     generators: Sequence[torch.Generator | None] | None = None,
+    streams: Sequence[int] | None = None,
     n_excluded: Sequence[int] | None = None,
     shape: tuple[int, int] | None = None,
     device: torch.device | str | None = None,
@@ -568,6 +569,10 @@ def select_rows(
     drawn only for the rows that need them (soft rows, and hard rows with fewer positive scores than
     ``k[b]``), ``lengths[b]`` of them from ``generators[b]``, as :func:`select_indices` draws them.
 
+    With ``streams`` (one counter-based stream key per row, :func:`hf_chts.topology.rng.stream_key`) instead
+    of generators, row ``b`` draws the first ``lengths[b]`` values of its stream, all rows in one op, and
+    the result is the same on every device and whatever the other rows are.
+
     The number of host synchronisations is a small constant per call: one read of the per-row counts
     (positive, available, invalid entries), and on a CPU one more for rows longer than 262,144 entries.
 
@@ -580,6 +585,8 @@ def select_rows(
         exclude (`torch.Tensor`, *optional*): ``(B, N)`` bool; True entries are never chosen.
         lengths (`Sequence[int]`, *optional*): valid prefix length of each row (padded stacks).
         generators (`Sequence[torch.Generator | None]`, *optional*): one per row.
+        streams (`Sequence[int]`, *optional*): one counter-based stream key per row (instead of
+            ``generators``).
         n_excluded (`Sequence[int]`, *optional*): the number of True entries of ``exclude`` in each row's
             valid prefix, when the caller knows it (saves a pass over ``exclude``).
 
@@ -613,6 +620,12 @@ def select_rows(
     lengths = [n] * rows if lengths is None else [int(v) for v in lengths]
     if len(lengths) != rows or any(not 0 <= v <= n for v in lengths):
         raise ValueError(f"`lengths` must give one length in [0, {n}] per row, got {lengths}.")
+    if streams is not None:
+        if generators is not None:
+            raise ValueError("Pass `generators` or `streams`, not both.")
+        streams = [int(v) for v in streams]
+        if len(streams) != rows:
+            raise ValueError(f"`streams` has {len(streams)} keys for {rows} rows; give one per row.")
     generators = [None] * rows if generators is None else list(generators)
     if len(generators) != rows:
         raise ValueError(f"`generators` has {len(generators)} entries for {rows} rows; give one per row.")
@@ -662,7 +675,17 @@ def select_rows(
     ranked = [b for b in active if n_positive[b] >= ks[b]]
     draw = fill + ranked if mode == "soft" else fill
     uniforms = None
-    if draw:
+    if draw and streams is not None:
+        from .rng import uniform  # the prefix of each row's stream; padding draws are never read
+
+        draw = sorted(draw)
+        drawn = uniform(_index_tensor([streams[b] for b in draw], device), (n,), device=device)
+        if len(draw) == rows:
+            uniforms = drawn
+        else:
+            uniforms = torch.zeros(rows, n, dtype=torch.float32, device=device)
+            uniforms[_index_tensor(draw, device)] = drawn
+    elif draw:
         uniforms = torch.zeros(rows, n, dtype=torch.float32, device=device)
         for b in sorted(draw):
             row = uniforms[b, : lengths[b]]
