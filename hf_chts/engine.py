@@ -676,6 +676,10 @@ def _ch_scores_stack(masks: torch.Tensor, variant: str, precision: str, nnz: Seq
     """
     from .topology import link_prediction as lp
 
+    if variant == "CH3_L3p":  # the path-based predictor scores one layer at a time
+        from .topology.ch3_l3p import ch3_l3p_scores
+
+        return torch.stack([ch3_l3p_scores(m) for m in masks.unbind(0)]).to(torch.float32)
     if masks.device.type != "cpu":
         return lp.ch_scores(masks, variant, precision=precision)
     kind = lp._variant_kind(variant)
