@@ -446,7 +446,10 @@ class TopologyEngine:
         role_stacks = []
         for chains in kinds.values():
             slots = list(zip(*(_chain_layers(chain) for chain in chains), strict=True))
-            role_stacks.append((chains[0], slots, [_gather_rows(where, slot) for slot in slots]))
+            # A block whose layers live on several devices is processed on its first layer's device.
+            device = where[slots[0][0]][0].device
+            tensors = [_gather_rows(where, slot).to(device) for slot in slots]
+            role_stacks.append((chains[0], slots, tensors))
         # Every pass that changes something removes a link, so this ends; one host read per pass and device.
         while _any_true([chain.apply_stacked_(tensors) for chain, _, tensors in role_stacks]):
             pass
