@@ -42,6 +42,19 @@ def random_mask(shape, density: float, generator: torch.Generator) -> torch.Tens
     return mask.view(shape)
 
 
+def tiny_llama_arch(vocab_size: int = 100) -> dict:
+    """``LlamaConfig`` kwargs of the 2-layer, 32-wide LLaMA the unit tests share (4 heads, 2 kv heads)."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+
+
 def make_sparse_llama(
     *,
     hidden: int = 32,

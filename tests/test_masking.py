@@ -7,6 +7,7 @@ import io
 
 import pytest
 import torch
+from _io_helpers import tiny_llama_arch
 from safetensors.torch import load_file
 from torch import nn
 
@@ -37,16 +38,7 @@ def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(LlamaConfig(**tiny_llama_arch(100)))
 
 
 def tiny_gpt2():
