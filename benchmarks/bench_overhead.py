@@ -38,6 +38,9 @@ import torch
 SHAPE = dict(
     vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12
 )
+SHAPE_1B = dict(
+    vocab_size=32000, hidden_size=2048, intermediate_size=5461, num_hidden_layers=24, num_attention_heads=32
+)
 TINY = dict(
     vocab_size=2000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4
 )
@@ -116,7 +119,7 @@ def train_round(model, sparse: bool, device: str, args, count_step: int | None, 
 
 
 def run(device: str, args) -> dict:
-    shape = TINY if args.tiny else SHAPE
+    shape = TINY if args.tiny else {"130M": SHAPE, "1B": SHAPE_1B}[args.model]
     dense_model = build_model(shape, device)
     sparse_model = build_model(shape, device)
     times = {"dense": [], "sparse": []}
@@ -160,7 +163,7 @@ def run(device: str, args) -> dict:
 
 
 def to_markdown(results: list[dict], args, command: str) -> str:
-    shape = "tiny LLaMA (hidden 256, 4 layers)" if args.tiny else "LLaMA-130M shape"
+    shape = "tiny LLaMA (hidden 256, 4 layers)" if args.tiny else f"LLaMA-{args.model} shape"
     lines = [
         f"## {args.label}" if args.label else "## Steady-step cost",
         "",
@@ -200,7 +203,12 @@ def to_markdown(results: list[dict], args, command: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--devices", default="cpu,cuda", help="comma-separated; cuda is skipped when absent")
-    parser.add_argument("--batch", type=int, default=None, help="default: 1 on CPU, 32 on CUDA")
+    parser.add_argument(
+        "--model", default="130M", choices=["130M", "1B"], help="LLaMA shape (1B: hidden 2048, 24 layers)"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=None, help="default: 1 on CPU; on CUDA 32 (130M) or 16 (1B)"
+    )
     parser.add_argument("--seq", type=int, default=None, help="default: 64 on CPU, 256 on CUDA")
     parser.add_argument("--steps", type=int, default=None, help="steps per round and arm (CPU 8, CUDA 30)")
     parser.add_argument("--warmup", type=int, default=None, help="discarded steps per round (CPU 2, CUDA 5)")
@@ -230,7 +238,7 @@ def main() -> None:
             print("cuda: skipped (no CUDA device)")
             continue
         defaults = (
-            {"batch": 32, "seq": 256, "steps": 30, "warmup": 5}
+            {"batch": 16 if args.model == "1B" else 32, "seq": 256, "steps": 30, "warmup": 5}
             if device.startswith("cuda")
             else {"batch": 1, "seq": 64, "steps": 8, "warmup": 2}
         )

@@ -228,6 +228,7 @@ def make_ops(shape, density, device, seed):
 LAYER_SETS = {
     # hidden, intermediate, decoder blocks, heads (key-value heads = heads)
     "130M": (768, 2048, 12, 12),
+    "1B": (2048, 5461, 24, 32),
     "7B": (4096, 11008, 32, 32),
 }
 
@@ -248,13 +249,18 @@ def llama_layer_set(name: str, blocks: int | None = None):
 
 
 def reference_engine_module(revision: str):
-    """The ``hf_chts/engine.py`` of a git revision, importable beside this checkout's package."""
+    """The ``hf_chts/engine.py`` of a git revision (or a copy of it in a file, for machines without the
+    repository's history), importable beside this checkout's package."""
     import importlib.util
     import tempfile
 
-    source = subprocess.run(
-        ["git", "show", f"{revision}:hf_chts/engine.py"], capture_output=True, text=True, check=True
-    ).stdout
+    if os.path.isfile(revision):
+        with open(revision, encoding="utf-8") as f:
+            source = f.read()
+    else:
+        source = subprocess.run(
+            ["git", "show", f"{revision}:hf_chts/engine.py"], capture_output=True, text=True, check=True
+        ).stdout
     source = source.replace("from .", "from hf_chts.")
     path = os.path.join(tempfile.mkdtemp(), "reference_engine.py")
     with open(path, "w") as f:
@@ -325,6 +331,8 @@ def _peak_mb_of_update(engine, masks, weights, device) -> float:
     import multiprocessing
 
     def child(conn):
+        # OpenMP's thread pool does not survive a fork: a parallel region in the child would hang.
+        torch.set_num_threads(1)
         with PeakMemory(device) as mem:
             engine.step(50, masks, weights)
         conn.send(mem.peak / 2**20)
@@ -428,7 +436,8 @@ def main(argv=None):
     parser.add_argument(
         "--reference",
         default="2f232e3",
-        help="git revision whose per-layer engine is measured beside ours ('none' to skip)",
+        help="git revision (or a file holding its hf_chts/engine.py) whose per-layer engine is measured beside "
+        "ours ('none' to skip)",
     )
     args = parser.parse_args(argv)
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
