@@ -436,8 +436,8 @@ def main(argv=None):
     parser.add_argument(
         "--reference",
         default="2f232e3",
-        help="git revision (or a file holding its hf_chts/engine.py) whose per-layer engine is measured beside "
-        "ours ('none' to skip)",
+        help="git revision (or a file holding its hf_chts/engine.py) whose per-layer engine is measured "
+        "beside ours ('none' to skip)",
     )
     args = parser.parse_args(argv)
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
