@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -76,6 +77,7 @@ from hf_chts.modeling import SparseLlamaConfig, SparseLlamaForCausalLM, sparsity
 from hf_chts.recipe_utils import apply_yaml_defaults, resolve_resume_checkpoint
 
 logger = logging.getLogger("llama_pretrain")
+DEFAULT_ZERO_SHOT_TASKS = ("hf_chts_tiny_mc",)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 DENSE = "dense"
@@ -188,7 +190,7 @@ class EvaluationArguments:
     """Zero-shot evaluation after training (lm-eval, see hf_chts.evaluation)."""
 
     zero_shot_tasks: list[str] = field(
-        default_factory=lambda: ["hf_chts_tiny_mc"],
+        default_factory=lambda: list(DEFAULT_ZERO_SHOT_TASKS),
         metadata={
             "help": "lm-eval tasks run after training; default: the offline tiny task. The paper: "
             "arc_easy arc_challenge piqa boolq hellaswag winogrande openbookqa (data from the Hub, or local "
@@ -301,6 +303,17 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, tokenizer,
 def check_zero_shot_tasks(eval_args: EvaluationArguments) -> None:
     """Fail on unknown task names now rather than after training (lm-eval resolves names offline)."""
     if not eval_args.tasks:
+        return
+    default = tuple(eval_args.zero_shot_tasks) == DEFAULT_ZERO_SHOT_TASKS
+    if default and importlib.util.find_spec("lm_eval") is None:
+        # The default evaluation is a bonus: without the optional lm-eval the run goes on without it. Tasks
+        # the user named still fail here, with the install hint.
+        logger.warning(
+            "lm-eval is not installed, so the default zero-shot evaluation (%s) is skipped; "
+            "pip install 'hf_chts[eval]' to run it, or pass --zero_shot_tasks none to silence this.",
+            ", ".join(DEFAULT_ZERO_SHOT_TASKS),
+        )
+        eval_args.zero_shot_tasks = ["none"]
         return
     with tempfile.TemporaryDirectory(prefix="hf_chts_tasks_") as task_dir:
         resolve_tasks(

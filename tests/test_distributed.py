@@ -27,6 +27,7 @@ def launch(out: Path, mode: str, method: str, steps: int = 6) -> list[dict]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["OMP_NUM_THREADS"] = "1"
+    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU ranks (gloo), also on a machine with fewer GPUs than ranks
     cmd = [
         sys.executable,
         "-m",
@@ -100,6 +101,7 @@ def test_frozen_rank_makes_the_other_fail_within_the_timeout(tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["OMP_NUM_THREADS"] = "1"
+    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU ranks (gloo), also on a machine with fewer GPUs than ranks
     cmd = [
         sys.executable,
         "-m",

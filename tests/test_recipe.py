@@ -23,6 +23,7 @@ from hf_chts.data import build_stdlib_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "llama_pretrain.py"
+HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
 CONFIGS = REPO / "recipes" / "configs"
 
 # hidden / intermediate / layers / heads of the research LLaMA sizes (docs/method.md section 8)
@@ -199,15 +200,20 @@ def _check_outputs(out: Path, method: str) -> dict:
     assert metrics["method"] == method
     ppl, loss = metrics["eval"]["eval_perplexity"], metrics["eval"]["eval_loss"]
     assert math.isclose(ppl, math.exp(loss), rel_tol=1e-6) and ppl < 300  # below uniform over 300 tokens
-    assert 0.0 <= metrics["zero_shot"]["hf_chts_tiny_mc"]["acc"] <= 1.0
+    if HAS_LM_EVAL:  # without the optional lm-eval the default zero-shot evaluation is skipped
+        assert 0.0 <= metrics["zero_shot"]["hf_chts_tiny_mc"]["acc"] <= 1.0
+    else:
+        assert metrics["zero_shot"] == {}
     history = TrainerState.load_from_json(str(out / "trainer_state.json")).log_history
     assert any("eval_perplexity" in entry for entry in history)
     saved = json.loads((out / "all_results.json").read_text())  # trainer.save_metrics
     assert saved["eval_loss"] == loss and saved["train_loss"] == metrics["train"]["train_loss"]
     card = (out / "README.md").read_text()
-    assert "hf_chts_tiny_mc" in card and "library_name: transformers" in card
-    index = ModelCard(card).data.eval_results  # model-index: the Hub shows these
-    assert any(r.dataset_name == "hf_chts_tiny_mc" and r.metric_type == "acc" for r in index)
+    assert "library_name: transformers" in card
+    if HAS_LM_EVAL:
+        assert "hf_chts_tiny_mc" in card
+        index = ModelCard(card).data.eval_results  # model-index: the Hub shows these
+        assert any(r.dataset_name == "hf_chts_tiny_mc" and r.metric_type == "acc" for r in index)
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = tokenizer("Return the JSON encoding of the object.", return_tensors="pt")["input_ids"]
@@ -277,3 +283,18 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, corpus_file, data_cache):
     assert metrics["world_size"] == 2 and metrics["method"] == "chtss"
     assert abs(metrics["model"]["sparse_layer_density"] - 0.3) < 0.01
     _check_outputs(out, "chtss")
+
+
+def test_default_zero_shot_is_skipped_without_lm_eval(recipe, monkeypatch, caplog):
+    # Without the optional lm-eval, the default evaluation is dropped with a warning; named tasks still fail.
+    real = importlib.util.find_spec
+    missing = lambda name, *a: None if name == "lm_eval" else real(name)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", missing)
+    eval_args = recipe.EvaluationArguments()
+    with caplog.at_level("WARNING", logger="llama_pretrain"):
+        recipe.check_zero_shot_tasks(eval_args)
+    assert eval_args.tasks == [] and "lm-eval is not installed" in caplog.text
+    named = recipe.EvaluationArguments(zero_shot_tasks=["arc_easy"])
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    with pytest.raises(ImportError, match="lm-eval"):
+        recipe.check_zero_shot_tasks(named)

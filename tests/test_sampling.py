@@ -411,3 +411,24 @@ def test_select_rows_uniform_when_scores_are_none():
 def test_select_rows_bad_inputs(scores, k, kwargs, match):
     with pytest.raises(ValueError, match=match):
         sampling.select_rows(scores, k, **kwargs)
+
+
+def test_kth_largest_by_topk_equals_kthvalue_with_ties():
+    # The GPU path (topk) and the CPU path (kthvalue) give the same k-th value, ties included.
+    from hf_chts.topology.sampling import _kth_largest, _row_ranks
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 7, (5, 301), generator=g).float()  # heavy ties
+    for k in (1, 2, 150, 151, 300, 301):
+        assert torch.equal(_kth_largest(values, k, by_topk=True), _kth_largest(values, k, by_topk=False)), k
+    flags = torch.rand(4, 1000, generator=g) < 0.3
+    assert torch.equal(_row_ranks(flags), flags.cumsum(dim=1, dtype=torch.int32))
+
+
+def test_sortable_orders_negative_zero_as_zero():
+    # An exponential variate of 0 can be -0.0; it must sort as the smallest key, not overflow.
+    from hf_chts.topology.init import _sortable
+
+    keys = torch.tensor([0.5, -0.0, 0.25, 2.0])
+    order = torch.sort(_sortable(keys, torch.arange(4), smallest=True, signed=False), descending=True)
+    assert order.indices.tolist() == [1, 2, 0, 3]

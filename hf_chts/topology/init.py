@@ -283,6 +283,11 @@ def _sortable(
     bits = keys.contiguous().view(torch.int32)
     if signed:
         bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # IEEE order as integers (negatives reversed)
+    else:
+        # -0.0 is the one negative bit pattern of keys >= 0 (an exponential variate of 0 is -log(1) = -0.0):
+        # it sorts as +0.0. Left negative, `bits * -2**32` below would overflow int64, which devices resolve
+        # differently.
+        bits = bits.clamp(min=0)
     return torch.add(tiebreak, bits.to(torch.int64), alpha=-(1 << 32) if smallest else 1 << 32)
 
 
