@@ -381,8 +381,11 @@ class TopologyEngine:
         chain_removed = dict.fromkeys(names, 0)
         if cfg.chain_removal and evolve:
             chain_removed = self._chain_removal(stacks, names)
+        final_prune = self._em_s and not self.density_schedule.regrows(step)
         for s in stacks:
             s.nnz = [n - chain_removed[name] for n, name in zip(s.nnz, s.names, strict=True)]
+            if final_prune:  # chain removal went below the target: keep back the best removed links
+                self._keep_back_stack(s, step, weights, nnz_before, chain_removed)
             self._regrow_stack(s, step, grads)
         new_masks, grown_masks = self._finish(stacks, stats, nnz_before, chain_removed)
         stats.seconds = time.perf_counter() - start
@@ -461,6 +464,43 @@ class TopologyEngine:
         counts = _read_counts(stacks, lambda s: count_true(s.mask))
         before = {name: n for s in stacks for name, n in zip(s.names, s.nnz, strict=True)}
         return {name: before[name] - counts[name] for name in names}
+
+    def _keep_back_stack(self, s: _Stack, step, weights, nnz_before, chain_removed) -> None:
+        """EM_S's final prune ends at exactly the target: links it removed come back to fill what chain
+        removal took on top of the magnitude prune.
+
+        Candidates are the links of the mask before the update that are no longer in it; those whose two
+        neurons are still active (a non-empty row and a non-empty column, so chain removal stays at its fixed
+        point) come first, each tier by weight magnitude. They keep their weights: nothing new is grown.
+        """
+        missing = [max(t - n, 0) for t, n in zip(s.target, s.nnz, strict=True)]
+        if not any(missing):
+            return
+        rows = len(s.names)
+        pool = s.old & ~s.mask
+        active = s.mask.amax(dim=2, keepdim=True) & s.mask.amax(dim=1, keepdim=True)
+        magnitude = _stack_of(weights, s, float_dtype=True).abs()
+        scale = magnitude.amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(magnitude.dtype).tiny)
+        # active candidates score in [2, 3], the others in [0, 1]: the tiers never mix
+        scores = (magnitude / scale + 2.0 * active).masked_fill_(~pool, 0.0)
+        numel = s.shape[0] * s.shape[1]
+        excluded = [numel - (nnz_before[name] - n) for name, n in zip(s.names, s.nnz, strict=True)]
+        gens = [stream_key(self.config.seed, step, name, "keep_back") for name in s.names]
+        kept = select_rows(
+            scores.view(rows, -1),
+            missing,
+            mode="hard",
+            exclude=(~pool).view(rows, -1),
+            streams=gens,
+            n_excluded=excluded,
+        ).view(s.mask.shape)
+        s.mask = s.mask | kept
+        s.nnz = [n + k for n, k in zip(s.nnz, missing, strict=True)]
+        # the statistics count net removals: kept-back links come off the magnitude prune's count first
+        for b, (name, k) in enumerate(zip(s.names, missing, strict=True)):
+            chain_removed[name] -= max(k - s.removed[b], 0)
+            s.removed[b] = max(s.removed[b] - k, 0)
+        s.cache.clear()
 
     def _regrow_stack(self, s: _Stack, step, grads) -> None:
         """Grow every layer of a stack back to its target."""

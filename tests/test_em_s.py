@@ -76,3 +76,42 @@ def test_final_prune_keeps_the_strongest_links():
     new, _, _ = engine.step(10, {"fc": mask}, {"fc": weights})
     strongest = weights.flatten().topk(40).indices
     assert int(new["fc"].sum()) == 40 and bool(new["fc"].flatten()[strongest].all())
+
+
+@pytest.mark.parametrize("n_out2", [30, 10])
+def test_final_prune_with_chain_removal_ends_at_exactly_the_target(n_out2):
+    # fc1 (30 x 20) -> fc2 (n_out2 x 30): the final prune empties the rows of 6 hidden neurons of fc1 (their
+    # links are the weakest), so chain removal also clears their columns of fc2 (and, with n_out2 = 10, the
+    # prune of the small fc2 leaves many more hidden neurons without an outgoing link). The layers must still
+    # end at exactly the target link count, keeping only links they had.
+    from hf_chts.topology.percolation import LayerChain, chain_removal
+
+    shapes = {"fc1": (30, 20), "fc2": (n_out2, 30)}
+    cfg = SparseTrainingConfig(
+        method="set", density=0.1, density_schedule="em_s", update_interval=10, chain_removal=True
+    )
+    engine = TopologyEngine(cfg, shapes, chains=[LayerChain(["fc1", "fc2"])], max_steps=20)
+    assert engine.density_schedule.last_update == 10  # t_end 15: the update at 10 is the final prune
+    masks = engine.init_masks()
+    g = torch.Generator().manual_seed(3)
+    weights = {name: (torch.rand(shape, generator=g) + 1.0) * masks[name] for name, shape in shapes.items()}
+    alive = masks["fc1"].any(1) & masks["fc2"].any(0)
+    hidden = alive.nonzero().flatten()[:6]
+    assert len(hidden) == 6
+    weights["fc1"][hidden] *= 1e-3  # these hidden neurons lose every incoming link to the magnitude prune
+    weights["fc2"][:, hidden] *= 10.0  # ... while their outgoing links are the strongest of fc2
+    new, grown, stats = engine.step(10, masks, weights)
+    for name, shape in shapes.items():
+        layer = stats.layers[name]
+        assert int(new[name].sum()) == layer.nnz == layer.target_nnz == round(0.1 * shape[0] * shape[1])
+        assert layer.nnz_before - layer.removed - layer.chain_removed + layer.regrown == layer.nnz
+        assert min(layer.removed, layer.chain_removed) >= 0
+        assert layer.regrown == 0 and not grown[name].any()  # the final prune grows nothing new ...
+        assert not (new[name] & ~masks[name]).any()  # ... it only keeps links the layer already had
+    assert stats.layers["fc1"].chain_removed > 0  # the case under test happened
+    if n_out2 == 30:
+        # enough removed links between active neurons: those come back, and no link is left on an
+        # inactive neuron (chain removal finds nothing more to remove)
+        assert not new["fc1"][hidden].any() and not new["fc2"][:, hidden].any()
+        again, _ = chain_removal(dict(new), LayerChain(["fc1", "fc2"]))
+        assert all(torch.equal(again[name], new[name]) for name in shapes)

@@ -211,7 +211,9 @@ class EMSDensity:
     score; ``zeta`` is not used) and regrows the extra ones, so an update in the first phase swaps
     ``first_extra * n_out * n_in`` links and one in the second phase ``second_extra * n_out * n_in``
     (the first update of the second phase removes ``first_extra`` and regrows ``second_extra``). With chain
-    removal on, the final prune can end below ``density`` (the links of inactive neurons are not refilled).
+    removal on, the final prune still ends at exactly ``density``: the links chain removal takes on top of the
+    prune are made up by keeping back the strongest links the prune removed, between neurons that are still
+    active first (docs/method.md section 4).
 
     Example:
         >>> schedule = EMSDensity(0.01, t_end=100, update_interval=10)
