@@ -90,10 +90,6 @@ class Experiment:
     claim: str = ""
     # (variant, rivals): the paper says `variant` beats every rival; report() checks it against our numbers
     comparisons: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    # Re-warm the learning rate at every multiple of update_interval for every method, dense included, over
-    # min(10, update_interval // 10) steps (the authors' LLaMA schedule), instead of the sparse callback's
-    # re-warmup after topology updates.
-    cyclic_rewarmup: bool = False
     notes: str = ""  # shown under the claim: what the budget is and how it departs from the paper's
 
     def variant(self, name: str) -> Variant:
@@ -153,7 +149,11 @@ _LLAMA_CPU = dict(
     zeta=0.1,
     density=0.3,
     brf_r=0.3,
+    # the earlier harness's schedule (llama_lm, brf_ablation): cosine to 0, re-warm-up after topology updates
+    lr_scheduler_type="cosine",
+    lr_scheduler_kwargs="{}",
     rewarmup_steps=5,
+    cyclic_rewarmup_steps=0,
 )
 _LLAMA_SMOKE = dict(
     _LLAMA_CPU,
@@ -381,21 +381,18 @@ _register(
     )
 )
 # The research LLaMA schedule (the authors' LLaMA code: cosine with a floor of 0.1 x the peak learning rate,
-# re-warm-up of 10 of every 100 steps for every method, dense included); at this scale 2 of every 20 steps
-# (no more than 10% of the steps). llama_lm above keeps the earlier harness (re-warmup 5 of 20 steps after
-# each topology update, sparse runs only; cosine to 0) for the record.
-_LLAMA_RESEARCH_CPU = dict(
-    _LLAMA_CPU,
+# re-warm-up of 10 of every 100 steps for every method, dense included), as the recipe's configs set it
+# (--cyclic_rewarmup_steps 10, cycle = update_interval, at most 10% of it: 2 of every 20 steps here).
+# llama_lm above keeps the earlier harness (re-warmup 5 of 20 steps after each topology update, sparse runs
+# only; cosine to 0) for the record.
+_LLAMA_RESEARCH_SCHEDULE = dict(
     rewarmup_steps=0,
+    cyclic_rewarmup_steps=10,
     lr_scheduler_type="cosine_with_min_lr",
     lr_scheduler_kwargs='{"min_lr_rate": 0.1}',
 )
-_LLAMA_RESEARCH_SMOKE = dict(
-    _LLAMA_SMOKE,
-    rewarmup_steps=0,
-    lr_scheduler_type="cosine_with_min_lr",
-    lr_scheduler_kwargs='{"min_lr_rate": 0.1}',
-)
+_LLAMA_RESEARCH_CPU = dict(_LLAMA_CPU, **_LLAMA_RESEARCH_SCHEDULE)
+_LLAMA_RESEARCH_SMOKE = dict(_LLAMA_SMOKE, **_LLAMA_RESEARCH_SCHEDULE)
 _register(
     Experiment(
         name="llama_lm_research",
@@ -427,7 +424,6 @@ _register(
             ("chtss", ("set", "rigl", "mest", "granet", "cht")),
             ("dense", ("static_d0.3",)),
         ),
-        cyclic_rewarmup=True,
     )
 )
 _register(
@@ -664,16 +660,15 @@ def _make_recorder(probe: Callable[[Any], dict[str, float]]):
 
 
 @contextlib.contextmanager
-def _recorded(module, trainer_attr: str, probe, extra: tuple = ()) -> Iterator[dict[str, Any]]:
-    """Swap ``module.<trainer_attr>`` for a subclass adding a recorder callback (and ``extra`` callbacks);
-    yields what it captured."""
+def _recorded(module, trainer_attr: str, probe) -> Iterator[dict[str, Any]]:
+    """Swap ``module.<trainer_attr>`` for a subclass adding a recorder callback; yields what it captured."""
     original = getattr(module, trainer_attr)
     captured: dict[str, Any] = {}
 
     class Recorded(original):
         def __init__(self, *args, **kwargs):
             recorder = _make_recorder(probe)
-            kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *extra, recorder]
+            kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), recorder]
             super().__init__(*args, **kwargs)
             captured["trainer"], captured["recorder"] = self, recorder
 
@@ -694,6 +689,11 @@ def _flags_to_argv(flags: dict[str, Any]) -> list[str]:
         else:
             argv += [f"--{key}", str(value)]
     return argv
+
+
+def llama_recipe_argv(flags: dict[str, Any]) -> list[str]:
+    """The llama recipe's command line for these flags: tiny.yaml's defaults, the flags override them."""
+    return ["--config", str(ROOT / "recipes" / "configs" / "tiny.yaml"), *_flags_to_argv(flags)]
 
 
 # ------------------------------------------------------------------------------------------------ one run
@@ -757,18 +757,12 @@ def run_one(
             data_cache_dir=str(work_dir / "cache"),
             **common,
         )
-        argv = ["--config", str(ROOT / "recipes" / "configs" / "tiny.yaml"), *_flags_to_argv(llama_flags)]
+        argv = llama_recipe_argv(llama_flags)
 
         def probe(model):
             return {**_sparse_probe(model), "active_neurons": _llama_active_mlp_neurons(model)}
 
-        extra = ()
-        if exp.cyclic_rewarmup:
-            from hf_chts.recipe_utils import CyclicRewarmup
-
-            every = int(flags["update_interval"])
-            extra = (CyclicRewarmup(every=every, steps=min(10, max(1, every // 10))),)
-        with _recorded(recipe, "PerplexityTrainer", probe, extra) as captured:
+        with _recorded(recipe, "PerplexityTrainer", probe) as captured:
             result = recipe.main(argv)
         trainer = captured["trainer"]
         metrics = {

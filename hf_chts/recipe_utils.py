@@ -206,6 +206,26 @@ class CyclicRewarmup(TrainerCallback):
         self.every, self.steps = every, steps
         self._saved: list[float] | None = None
 
+    @classmethod
+    def research(cls, every: int, steps: int = 10) -> CyclicRewarmup | None:
+        """The authors' LLaMA re-warm-up for a cycle of ``every`` steps: ``steps`` warm-up steps (their 10 of
+        every 100), but never more than 10% of the cycle, so that short runs with short cycles are not spent
+        warming up; None (no re-warm-up) for ``steps=0`` or a cycle under 10 steps.
+
+        The one place the schedule's length is decided: the LLaMA recipe's ``--cyclic_rewarmup_steps`` and the
+        reproduction harness both build their callback here (docs/method.md section 8).
+
+        Example:
+            >>> CyclicRewarmup.research(100).steps, CyclicRewarmup.research(20).steps
+            (10, 2)
+            >>> CyclicRewarmup.research(8) is None
+            True
+        """
+        check_positive_int(every, "every")
+        check_positive_int(steps, "steps", allow_zero=True)
+        steps = min(steps, every // 10)
+        return cls(every=every, steps=steps) if steps else None
+
     def factor(self, step: int) -> float:
         """The multiplier of the learning rate at 0-based optimizer step ``step``."""
         r = step % self.every

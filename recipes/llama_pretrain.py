@@ -11,7 +11,9 @@ Launch commands (from the repository root, with the package installed: `pip inst
     python recipes/llama_pretrain.py
     # the dense baseline, or any other method / setting (every SparseTrainingConfig field is a flag)
     python recipes/llama_pretrain.py --method dense --output_dir outputs/llama_tiny_dense
-    python recipes/llama_pretrain.py --method chts --density 0.1 --brf_r 0.3 --rewarmup_steps 10
+    python recipes/llama_pretrain.py --method chts --density 0.1 --brf_r 0.3
+    # re-warm the LR after each topology update only (sparse runs), instead of every cycle for every method
+    python recipes/llama_pretrain.py --method chts --cyclic_rewarmup_steps 0 --rewarmup_steps 10
 
     # the paper's LLaMA-60M on C4 with the T5 tokenizer, one node of GPUs (DDP)
     accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml recipes/llama_pretrain.py \
@@ -74,7 +76,7 @@ from hf_chts.data import check_vocab_fits, load_lm_data
 from hf_chts.evaluation import evaluate, resolve_tasks
 from hf_chts.hub import check_repo_id, push_to_hub, write_model_card
 from hf_chts.modeling import SparseLlamaConfig, SparseLlamaForCausalLM, sparsity_summary
-from hf_chts.recipe_utils import apply_yaml_defaults, resolve_resume_checkpoint
+from hf_chts.recipe_utils import CyclicRewarmup, apply_yaml_defaults, resolve_resume_checkpoint
 
 logger = logging.getLogger("llama_pretrain")
 DEFAULT_ZERO_SHOT_TASKS = ("hf_chts_tiny_mc",)
@@ -177,12 +179,23 @@ def _sparsity_arguments() -> type:
         )
     help_ = "Also log every layer's density, turnover and active neurons at update steps (long lines)."
     fields.append(("log_per_layer", bool, field(default=False, metadata={"help": help_})))
+    help_ = (
+        "Re-warm the learning rate from 0 over this many steps at the start of every cycle of "
+        "--cyclic_rewarmup_every steps, for every method, dense included: the authors' LLaMA schedule (10 "
+        "of every 100). Never more than 10% of the cycle (2 of every 20). 0 = off. Use it instead of "
+        "--rewarmup_steps (re-warm-up after topology updates, sparse runs only): set that to 0."
+    )
+    fields.append(("cyclic_rewarmup_steps", int, field(default=0, metadata={"help": help_})))
+    help_ = "Cycle of --cyclic_rewarmup_steps in optimizer steps; default: --update_interval."
+    fields.append(("cyclic_rewarmup_every", int | None, field(default=None, metadata={"help": help_})))
     cls = dataclasses.make_dataclass("SparsityArguments", fields)
     cls.__module__, cls.__doc__ = __name__, "The sparse-training method: every SparseTrainingConfig field."
     return cls
 
 
 SparsityArguments = _sparsity_arguments()
+# the recipe's own flags among SparsityArguments (not SparseTrainingConfig fields)
+RECIPE_ONLY_FLAGS = ("log_per_layer", "cyclic_rewarmup_steps", "cyclic_rewarmup_every")
 
 
 @dataclass
@@ -245,7 +258,8 @@ class PerplexityTrainer(Trainer):
 def build_sparse_config(sparse_args, training_args: TrainingArguments) -> SparseTrainingConfig | None:
     """The SparseTrainingConfig of the flags, or None for ``--method dense``; checked against max_steps."""
     values = dataclasses.asdict(sparse_args)
-    values.pop("log_per_layer")
+    for name in RECIPE_ONLY_FLAGS:
+        values.pop(name)
     if values["method"] == DENSE:
         return None
     if values["method"] not in METHODS:
@@ -261,6 +275,28 @@ def build_sparse_config(sparse_args, training_args: TrainingArguments) -> Sparse
         )
     config.check_against_steps(training_args.max_steps)
     return config
+
+
+def build_rewarmup(sparse_args, sparse_config: SparseTrainingConfig | None) -> CyclicRewarmup | None:
+    """The cyclic learning-rate re-warm-up of ``--cyclic_rewarmup_steps`` (None when off), for any method.
+
+    Its length comes from :meth:`hf_chts.recipe_utils.CyclicRewarmup.research` (at most 10% of the cycle).
+    Refuses to stack it on the sparse callback's re-warm-up after topology updates (``--rewarmup_steps``).
+    """
+    steps, every = sparse_args.cyclic_rewarmup_steps, sparse_args.cyclic_rewarmup_every
+    if steps < 0:
+        raise ValueError(f"--cyclic_rewarmup_steps must be >= 0 (0 = off), got {steps}.")
+    if every is not None and every < 1:
+        raise ValueError(f"--cyclic_rewarmup_every must be a positive number of steps, got {every}.")
+    if not steps:
+        return None
+    if sparse_config is not None and sparse_config.rewarmup_steps:
+        raise ValueError(
+            f"--cyclic_rewarmup_steps {steps} and --rewarmup_steps {sparse_config.rewarmup_steps} would both "
+            "re-warm the learning rate: pass --rewarmup_steps 0 (the authors' LLaMA schedule re-warms every "
+            "cycle) or --cyclic_rewarmup_steps 0 (re-warm-up after topology updates only)."
+        )
+    return CyclicRewarmup.research(every or sparse_args.update_interval, steps)
 
 
 def check_push(training_args: TrainingArguments) -> dict[str, Any] | None:
@@ -352,6 +388,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 1. Everything that can be wrong with the arguments fails here, before any data or training.
     push = check_push(training_args)
     sparse_config = build_sparse_config(sparse_args, training_args)
+    rewarmup = build_rewarmup(sparse_args, sparse_config)
     check_zero_shot_tasks(eval_args)
 
     # 2. Data and tokenizer (the main process builds the caches, the others read them).
@@ -379,10 +416,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = build_model(model_args, data_args, tokenizer, sparse_config)
     logger.info("Model: %s", json.dumps(model_summary(model)))
 
-    # 4. Train. CHTssCallback evolves the topology every update_interval steps (and re-warms the LR).
+    # 4. Train. CHTssCallback evolves the topology every update_interval steps (and, with --rewarmup_steps,
+    # re-warms the LR after each update); CyclicRewarmup re-warms it every cycle, for dense runs too.
     callbacks = []
     if sparse_config is not None:
         callbacks.append(CHTssCallback(sparse_config, log_per_layer=sparse_args.log_per_layer))
+    if rewarmup is not None:
+        callbacks.append(rewarmup)
     trainer = PerplexityTrainer(
         model=model,
         args=training_args,

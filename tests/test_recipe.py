@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerState
 import hf_chts  # noqa: F401  (registers sparse_llama with the Auto classes)
 from hf_chts.config import SparseTrainingConfig
 from hf_chts.data import build_stdlib_corpus
+from hf_chts.recipe_utils import CyclicRewarmup
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "llama_pretrain.py"
@@ -100,7 +101,15 @@ def test_research_configs_parse_with_paper_settings(recipe, size):
     )
     assert training.warmup_steps > 0 and training.max_steps >= 10_000
     assert sparse.method == "chtss" and sparse.density == 0.3 and sparse.update_interval == 100
-    assert sparse.rewarmup_steps == 10 and "arc_easy" in evaluation.tasks
+    assert "arc_easy" in evaluation.tasks
+    # the authors' LR schedule, dense included: re-warm-up over 10 of every 100 steps, cosine floor 0.1
+    assert sparse.rewarmup_steps == 0 and sparse.cyclic_rewarmup_steps == 10
+    assert training.lr_scheduler_type.value == "cosine_with_min_lr"
+    assert training.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+    for method in ("dense", "chts"):
+        args = recipe.parse_args(["--config", str(CONFIGS / f"llama_{size}.yaml"), "--method", method])
+        rewarmup = recipe.build_rewarmup(args[2], recipe.build_sparse_config(args[2], args[4]))
+        assert (rewarmup.every, rewarmup.steps) == (100, 10)
     # the authors' LLaMA code: top-k CH regrowth, no chain removal, T 1 -> 9, zeta 0.1
     assert (sparse.regrowth_mode, sparse.chain_removal, sparse.temperature_end) == ("hard", False, 9.0)
     if size == "60m":
@@ -135,7 +144,41 @@ def test_default_is_tiny_config_and_flags_override_yaml(recipe):
 def test_every_sparse_training_field_is_a_flag(recipe):
     flags = {f.name for f in dataclasses.fields(recipe.SparsityArguments)}
     fields = {f.name for f in dataclasses.fields(SparseTrainingConfig)} - {"seed"}
-    assert fields | {"sparsity_seed", "log_per_layer"} == flags
+    assert fields | {"sparsity_seed", *recipe.RECIPE_ONLY_FLAGS} == flags
+
+
+@pytest.mark.parametrize("method", ["dense", "chts", "chtss"])
+def test_default_lr_schedule_is_the_research_one_for_every_method(recipe, method):
+    # tiny.yaml: update_interval 20, so the research re-warm-up is 2 of every 20 steps (<= 10%), cosine floor
+    _, _, sparse, _, training = recipe.parse_args(["--method", method])
+    assert training.lr_scheduler_type.value == "cosine_with_min_lr"
+    assert training.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+    config = recipe.build_sparse_config(sparse, training)
+    assert config is None or config.rewarmup_steps == 0
+    rewarmup = recipe.build_rewarmup(sparse, config)
+    assert (rewarmup.every, rewarmup.steps) == (20, 2)
+    assert [rewarmup.factor(s) for s in (0, 1, 2, 19, 20, 21, 22)] == [0, 0.5, 1, 1, 0, 0.5, 1]
+    # its own cycle, and off
+    _, _, sparse, _, training = recipe.parse_args(["--method", method, "--cyclic_rewarmup_every", "50"])
+    rewarmup = recipe.build_rewarmup(sparse, recipe.build_sparse_config(sparse, training))
+    assert (rewarmup.every, rewarmup.steps) == (50, 5)
+    _, _, sparse, _, training = recipe.parse_args(["--method", method, "--cyclic_rewarmup_steps", "0"])
+    assert recipe.build_rewarmup(sparse, recipe.build_sparse_config(sparse, training)) is None
+
+
+def test_cyclic_rewarmup_refuses_bad_values_and_a_second_rewarmup(recipe):
+    def build(*argv):
+        _, _, sparse, _, training = recipe.parse_args(list(argv))
+        return recipe.build_rewarmup(sparse, recipe.build_sparse_config(sparse, training))
+
+    with pytest.raises(ValueError, match=r"--rewarmup_steps 0.*--cyclic_rewarmup_steps 0"):
+        build("--method", "chts", "--rewarmup_steps", "5")
+    assert build("--method", "dense", "--rewarmup_steps", "5") is not None  # no topology update to re-warm
+    assert build("--method", "chts", "--rewarmup_steps", "5", "--cyclic_rewarmup_steps", "0") is None
+    with pytest.raises(ValueError, match="--cyclic_rewarmup_steps must be >= 0"):
+        build("--cyclic_rewarmup_steps", "-1")
+    with pytest.raises(ValueError, match="--cyclic_rewarmup_every must be a positive"):
+        build("--cyclic_rewarmup_every", "0")
 
 
 def test_bad_arguments_fail_before_any_data_is_read(recipe, monkeypatch, tmp_path):
@@ -222,10 +265,22 @@ def _check_outputs(out: Path, method: str) -> dict:
     return {"metrics": metrics, "model": model, "card": card}
 
 
-def test_main_dense_on_local_file(recipe, tmp_path, corpus_file, data_cache):
+def test_main_dense_on_local_file(recipe, tmp_path, corpus_file, data_cache, monkeypatch):
     out = tmp_path / "dense"
     args = ["--method", "dense", "--dataset", str(corpus_file), "--data_cache_dir", str(data_cache)]
+    trainers = []
+
+    class Recorded(recipe.PerplexityTrainer):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            trainers.append(self)
+
+    monkeypatch.setattr(recipe, "PerplexityTrainer", Recorded)
+    # the dense run gets the cyclic LR re-warm-up too (1 of every 10 steps here)
+    args += ["--update_interval", "10"]
     metrics = recipe.main([*args, *TINY_MODEL, *SHORT_RUN, "--output_dir", str(out)])
+    (rewarmup,) = [c for c in trainers[0].callback_handler.callbacks if isinstance(c, CyclicRewarmup)]
+    assert (rewarmup.every, rewarmup.steps) == (10, 1)
     assert metrics["train"]["train_loss"] > 0 and metrics["data"]["source"] == "local"
     result = _check_outputs(out, "dense")
     assert type(result["model"]).__name__ == "LlamaForCausalLM"
@@ -236,7 +291,8 @@ def test_main_dense_on_local_file(recipe, tmp_path, corpus_file, data_cache):
 
 def test_main_chtss_on_embedded_corpus(recipe, tmp_path, data_cache):
     out = tmp_path / "chtss"
-    args = ["--method", "chtss", "--density", "0.3", "--update_interval", "1", "--rewarmup_steps", "1"]
+    args = ["--method", "chtss", "--density", "0.3", "--update_interval", "1", "--rewarmup_steps", "1",
+            "--cyclic_rewarmup_steps", "0"]  # fmt: skip
     metrics = recipe.main(
         [*args, *TINY_MODEL, *SHORT_RUN, "--data_cache_dir", str(data_cache), "--output_dir", str(out)]
     )

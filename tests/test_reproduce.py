@@ -62,7 +62,7 @@ def test_registry_covers_the_issue(reproduce):
         "chts_brf",
     ]
     assert [v.flags.get("density") for v in exps["llama_lm_research"].variants][-4:] == [0.1, 0.3, 0.5, 1.0]
-    assert exps["llama_lm_research"].cyclic_rewarmup and exps["llama_lm_research"].seeds == (0, 1, 2)
+    assert exps["llama_lm_research"].seeds == (0, 1, 2)
     assert [v.method for v in exps["mlp_mnist"].variants] == ["dense", "set", "rigl", "cht", "chts", "chtss"]
     assert [v.method for v in exps["llama_lm"].variants][:8] == [
         "dense", "set", "rigl", "mest", "granet", "cht", "chts", "chtss"
@@ -153,3 +153,20 @@ def test_identical_variant_reuses_the_run(reproduce, smoke_results):
     record = json.loads(path.read_text())
     assert record["reused_from"] == "llama_lm__chts__s0__smoke.json"
     assert record["experiment"] == "brf_ablation" and record["variant"] == "brf_r0.3"
+
+
+@pytest.mark.parametrize("method", ["dense", "chts"])
+def test_llama_lr_schedules_come_from_the_recipe(reproduce, method):
+    # llama_lm_research: the recipe's research schedule for every method (2 of every 20 steps re-warmed,
+    # cosine floor 0.1); llama_lm / brf_ablation keep the earlier one (cosine to 0, re-warm-up after updates)
+    recipe = reproduce._load_recipe("llama_pretrain")
+    expected = {"llama_lm_research": ((20, 2), 0, "cosine_with_min_lr"), "llama_lm": (None, 5, "cosine")}
+    for name, (cycle, after_updates, scheduler) in expected.items():
+        flags = dict(reproduce.EXPERIMENTS[name].base["cpu"], method=method)
+        _, _, sparse, _, training = recipe.parse_args(reproduce.llama_recipe_argv(flags))
+        config = recipe.build_sparse_config(sparse, training)
+        rewarmup = recipe.build_rewarmup(sparse, config)
+        assert (rewarmup and (rewarmup.every, rewarmup.steps)) == cycle
+        assert config is None or config.rewarmup_steps == after_updates
+        assert training.lr_scheduler_type.value == scheduler
+        assert training.lr_scheduler_kwargs == ({"min_lr_rate": 0.1} if cycle else {})

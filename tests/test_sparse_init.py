@@ -73,3 +73,18 @@ def test_cyclic_rewarmup_scales_and_restores_the_lr():
     assert lrs == [0.0, 0.05, 0.1]
     with pytest.raises(ValueError, match="steps"):
         CyclicRewarmup(every=10, steps=10)
+
+
+def test_research_rewarmup_is_at_most_a_tenth_of_the_cycle():
+    from hf_chts.recipe_utils import CyclicRewarmup
+
+    assert [(c.every, c.steps) for c in map(CyclicRewarmup.research, (100, 1000, 20, 10))] == [
+        (100, 10),
+        (1000, 10),
+        (20, 2),
+        (10, 1),
+    ]
+    assert CyclicRewarmup.research(100, steps=5).steps == 5
+    assert CyclicRewarmup.research(9) is None and CyclicRewarmup.research(100, steps=0) is None
+    with pytest.raises(ValueError, match="every"):
+        CyclicRewarmup.research(0)
