@@ -1231,7 +1231,7 @@ def plot_experiment(
         lo, hi = min(min(r["values"]) for r in rows), max(max(r["values"]) for r in rows)
         pad = (hi - lo) * 0.3 + 1e-6
         ax.set_ylim(max(0.0, lo - pad), hi + pad)
-    ax.set(title=f"final {exp.metric_label} (bars: mean, dots: seeds)", ylabel=exp.metric_label)
+    ax.set(title=f"{_final_label(exp)} (bars: mean, dots: seeds)", ylabel=exp.metric_label)
     ax.grid(alpha=0.3, axis="y")
     fig.suptitle(exp.title)
     fig.tight_layout()
@@ -1242,15 +1242,28 @@ def plot_experiment(
     return [path]
 
 
-# Experiments rendered into another experiment's page, above its (earlier) results: page -> sections in order.
-PAGES: dict[str, tuple[str, ...]] = {
-    "mlp_mnist": ("mlp_mnist_research", "mlp_mnist"),
-    "llama_lm": ("llama_lm_research", "llama_lm"),
+def _final_label(exp: Experiment) -> str:
+    """'final <metric>' for the bar chart, without doubling a label that already says 'final'."""
+    label = exp.metric_label
+    return label if label.lower().startswith("final") else f"final {label}"
+
+
+# Experiments rendered into another experiment's page, above its (earlier) results: page -> (the page's
+# title, its sections in order).
+PAGES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "mlp_mnist": (
+        "MLP 784-1000-1000-1000-10 on MNIST at 1% density: the research MLP recipe, then the earlier setting",
+        ("mlp_mnist_research", "mlp_mnist"),
+    ),
+    "llama_lm": (
+        "LLaMA (9M shape) on WikiText-2 at 30% density: the research LR schedule, then the earlier harness",
+        ("llama_lm_research", "llama_lm"),
+    ),
 }
 
 
 def _page_of(name: str) -> str:
-    return next((page for page, names in PAGES.items() if name in names), name)
+    return next((page for page, (_, names) in PAGES.items() if name in names), name)
 
 
 def report(results_dir: Path, scale: str = "cpu") -> dict[str, list[dict[str, Any]]]:
@@ -1314,9 +1327,9 @@ def report(results_dir: Path, scale: str = "cpu") -> dict[str, list[dict[str, An
         ]
         sections.setdefault(_page_of(exp.name), {})[exp.name] = lines
     for page, parts in sections.items():
-        order = PAGES.get(page, (page,))
+        title, order = PAGES.get(page, (None, (page,)))
         names = [n for n in order if n in parts]
-        text = []
+        text = [f"# {title}", ""] if len(names) > 1 else []
         for i, name in enumerate(names):
             lines = list(parts[name])
             if len(names) > 1:  # sections of a shared page: one level down, the earlier ones labelled
@@ -1333,7 +1346,7 @@ def _budget(record: dict[str, Any]) -> str:
     step = record["metrics"].get("global_step")
     batch = args.get("per_device_train_batch_size")
     text = f"{step} optimizer steps of batch {batch}"
-    if record["experiment"] in ("llama_lm", "brf_ablation"):
+    if EXPERIMENTS[record["experiment"]].recipe == "llama":
         seq = record["config"]["data"].get("max_seq_length")
         text += f" x {seq} tokens = {step * batch * seq:,} training tokens"
     return text

@@ -139,6 +139,17 @@ def test_report_renders_tables_and_plots(reproduce, smoke_results):
     # the research setting first, the earlier harness's results below it, labelled
     assert mlp_page.index("research MLP recipe") < mlp_page.index("## Earlier results: MLP 784")
     assert "best over epochs" in mlp_page
+    for page in {reproduce._page_of(name) for name in tables}:  # one title per page, then its sections
+        lines = (results_dir / f"{page}.md").read_text().splitlines()
+        fenced = [i for i, line in enumerate(lines) if line.startswith("```")]
+        in_code = {i for a, b in zip(fenced[::2], fenced[1::2], strict=True) for i in range(a, b)}
+        titles = [line for i, line in enumerate(lines) if line.startswith("# ") and i not in in_code]
+        assert lines[0].startswith("# ") and titles == [lines[0]], page
+        assert "final final" not in "\n".join(lines).lower(), page
+    # the bar chart's title says "final" once, whether the metric's label has it or not
+    assert reproduce._final_label(reproduce.EXPERIMENTS["mlp_mnist_research"]) == "final test accuracy"
+    assert reproduce._final_label(reproduce.EXPERIMENTS["llama_lm"]) == "final validation perplexity"
+    assert "training tokens" in (results_dir / "llama_lm.md").read_text().split("Earlier results")[0]
 
 
 def test_identical_variant_reuses_the_run(reproduce, smoke_results):
