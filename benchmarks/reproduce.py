@@ -90,6 +90,11 @@ class Experiment:
     claim: str = ""
     # (variant, rivals): the paper says `variant` beats every rival; report() checks it against our numbers
     comparisons: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    verdict: bool = False  # also state one overall verdict on the claim from the comparisons
+    # variants of increasing static density: the page says how the metric moves along them and whether
+    # dense beats `ladder_rival`
+    ladder: tuple[str, ...] = ()
+    ladder_rival: str = ""
     notes: str = ""  # shown under the claim: what the budget is and how it departs from the paper's
 
     def variant(self, name: str) -> Variant:
@@ -392,6 +397,18 @@ _LLAMA_RESEARCH_SCHEDULE = dict(
     lr_scheduler_kwargs='{"min_lr_rate": 0.1}',
 )
 _LLAMA_RESEARCH_CPU = dict(_LLAMA_CPU, **_LLAMA_RESEARCH_SCHEDULE)
+_LLAMA_RESEARCH_NOTES = (
+    "Budget: the same for every method and seed, 240 optimizer steps of 8 sequences x 128 tokens = 245,760 "
+    "training tokens (about 1/5,000 of the paper's LLaMA-60M run); validation perplexity on 64 blocks of "
+    "the WikiText-2 validation text. Learning rate: AdamW 3e-3, 24 warm-up steps, cosine decay to a "
+    "floor of 0.1 x the peak, re-warmed from 0 over the first 2 of every 20 steps (the authors' "
+    "10 of every 100, capped at 10% of the cycle) for every method, dense included; no other re-warm-up. "
+    "Topology updates every 20 steps until step 180 (t_end 0.75). The static ladder trains the 'static' "
+    "preset (BRF r = 0.3 masks that never change, SparseLlama class) at 10%, 30%, 50% and 100% density; "
+    "100% is the dense LLaMA in the SparseLlama class. The runs (commit 77b448e in each JSON) got the "
+    "re-warm-up from a callback the harness added; the recipe's --cyclic_rewarmup_steps now builds the "
+    "same schedule (tests/test_reproduce.py checks it)."
+)
 _LLAMA_RESEARCH_SMOKE = dict(_LLAMA_SMOKE, **_LLAMA_RESEARCH_SCHEDULE)
 _register(
     Experiment(
@@ -422,8 +439,11 @@ _register(
         comparisons=(
             ("chts", ("set", "rigl", "mest", "granet", "cht")),
             ("chtss", ("set", "rigl", "mest", "granet", "cht")),
-            ("dense", ("static_d0.3",)),
         ),
+        verdict=True,
+        ladder=("static_d0.1", "static_d0.3", "static_d0.5", "static_d1"),
+        ladder_rival="static_d0.3",
+        notes=_LLAMA_RESEARCH_NOTES,
     )
 )
 _register(
@@ -1064,47 +1084,133 @@ def experiment_table(exp: Experiment, runs: list[dict[str, Any]]) -> tuple[str, 
     return "\n".join(lines), rows
 
 
-def claim_checks(exp: Experiment, rows: list[dict[str, Any]]) -> list[str]:
-    """One line per comparison: does ``variant`` beat the best rival here, and is the gap beyond the seeds?"""
+def _digits(exp: Experiment) -> int:
+    return 2 if exp.metric in ("eval_perplexity", "test_bleu") else 4
+
+
+def _compare(exp: Experiment, mine: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
+    """``mine`` against ``best`` (two table rows): the gap (+ = mine better), its status against the seed
+    spread ("agrees" / "disagrees" beyond 2x the largest seed std, else "not resolved") and the paired
+    per-seed differences (the same seed shares data order and weight init across methods)."""
+    sign = 1 if exp.higher_is_better else -1
+    gap = sign * (mine["mean"] - best["mean"])
+    stds = [r["std"] for r in (mine, best) if not math.isnan(r["std"])]
+    spread = max(stds) if stds else float("nan")
+    direction = "agrees" if gap > 0 else "disagrees"
+    resolved = not math.isnan(spread) and abs(gap) > 2 * spread
+    mine_by_seed = dict(zip(mine["seeds"], mine["values"], strict=True))
+    best_by_seed = dict(zip(best["seeds"], best["values"], strict=True))
+    paired = [
+        sign * (mine_by_seed[k] - best_by_seed[k]) for k in sorted(set(mine_by_seed) & set(best_by_seed))
+    ]
+    return {
+        "gap": gap,
+        "spread": spread,
+        "direction": direction,
+        "status": direction if resolved or math.isnan(spread) else "not resolved",
+        "paired": paired,
+        "same_sign": len(paired) >= 2 and (all(d > 0 for d in paired) or all(d < 0 for d in paired)),
+    }
+
+
+def _paired_text(exp: Experiment, mine: dict[str, Any], c: dict[str, Any]) -> str:
+    if len(c["paired"]) < 2:
+        return ""
+    digits = _digits(exp)
+    return (
+        f" Paired by seed (+ = {mine['label']} better): "
+        f"{', '.join(f'{d:+.{digits}f}' for d in c['paired'])}"
+        f" ({'same sign on every seed' if c['same_sign'] else 'mixed signs'})."
+    )
+
+
+def _claim_comparisons(exp: Experiment, rows: list[dict[str, Any]]):
+    """(mine, rivals present, best rival, comparison) for every comparison of ``exp`` with finished rows."""
     by_name = {r["variant"]: r for r in rows}
     sign = 1 if exp.higher_is_better else -1
-    digits = 2 if exp.metric in ("eval_perplexity", "test_bleu") else 4
-    lines = []
     for name, rivals in exp.comparisons:
         present = [by_name[v] for v in rivals if v in by_name]
         if name not in by_name or not present:
             continue
         mine = by_name[name]
         best = max(present, key=lambda r: sign * r["mean"])
-        gap = sign * (mine["mean"] - best["mean"])
-        stds = [r["std"] for r in (mine, best) if not math.isnan(r["std"])]
-        spread = max(stds) if stds else float("nan")
-        direction = "agrees" if gap > 0 else "disagrees"
+        yield mine, present, best, _compare(exp, mine, best)
+
+
+def claim_checks(exp: Experiment, rows: list[dict[str, Any]]) -> list[str]:
+    """One line per comparison: does ``variant`` beat the best rival here, and is the gap beyond the seeds?"""
+    digits = _digits(exp)
+    lines = []
+    for mine, present, best, c in _claim_comparisons(exp, rows):
+        gap, spread, direction = c["gap"], c["spread"], c["direction"]
         if math.isnan(spread):
             verdict = f"**{direction}** with the paper (single seed, no spread estimate)"
-        elif abs(gap) > 2 * spread:
+        elif c["status"] != "not resolved":
             verdict = f"**{direction}** with the paper (gap > 2x the largest seed std, {spread:.{digits}f})"
         else:
             verdict = f"**not resolved** (gap within 2x the seed std, {spread:.{digits}f}; leans {direction})"
-        # the same seed shares data order and weight init across methods: paired differences are less noisy
-        mine_by_seed = dict(zip(mine["seeds"], mine["values"], strict=True))
-        best_by_seed = dict(zip(best["seeds"], best["values"], strict=True))
-        paired = [
-            sign * (mine_by_seed[k] - best_by_seed[k]) for k in sorted(set(mine_by_seed) & set(best_by_seed))
-        ]
-        paired_text = ""
-        if len(paired) >= 2:
-            same = all(d > 0 for d in paired) or all(d < 0 for d in paired)
-            paired_text = (
-                f" Paired by seed (+ = {mine['label']} better): "
-                f"{', '.join(f'{d:+.{digits}f}' for d in paired)}"
-                f" ({'same sign on every seed' if same else 'mixed signs'})."
-            )
         rival_names = ", ".join(r["label"] for r in present)
         lines.append(
             f"- {mine['label']} vs the best of [{rival_names}] ({best['label']}): "
             f"{mine['mean']:.{digits}f} vs {best['mean']:.{digits}f}, "
-            f"{'better' if gap > 0 else 'worse'} by {abs(gap):.{digits}f} -> {verdict}.{paired_text}"
+            f"{'better' if gap > 0 else 'worse'} by {abs(gap):.{digits}f} -> {verdict}."
+            f"{_paired_text(exp, mine, c)}"
+        )
+    return lines
+
+
+def claim_verdict(exp: Experiment, rows: list[dict[str, Any]]) -> list[str]:
+    """The overall verdict on the claim from its comparisons: reproduced only if every one agrees beyond the
+    seed spread, not reproduced if one disagrees beyond it, else not resolved (also when some are missing)."""
+    found = list(_claim_comparisons(exp, rows))
+    if not found:
+        return []
+    statuses = [c["status"] for *_, c in found]
+    complete = len(found) == len(exp.comparisons)
+    if "disagrees" in statuses:
+        verdict = "**not reproduced** at this budget"
+    elif complete and all(s == "agrees" for s in statuses):
+        verdict = "**reproduced** at this budget"
+    else:
+        verdict = "**not resolved** at this budget"
+    counts = ", ".join(f"{statuses.count(k)} {k}" for k in ("agrees", "disagrees", "not resolved"))
+    missing = "" if complete else f"; {len(exp.comparisons) - len(found)} comparison(s) lack their runs"
+    return [f"Verdict on the claim: {verdict} (of its {len(found)} comparisons: {counts}{missing})."]
+
+
+def ladder_lines(exp: Experiment, rows: list[dict[str, Any]]) -> list[str]:
+    """The static-density ladder (``exp.ladder``, increasing density): how the metric moves with density,
+    which regime that puts the budget in, and plainly whether dense beats ``exp.ladder_rival``."""
+    by_name = {r["variant"]: r for r in rows}
+    steps = [by_name[v] for v in exp.ladder if v in by_name]
+    if len(steps) < 2:
+        return []
+    digits = _digits(exp)
+    sign = 1 if exp.higher_is_better else -1
+    values = ", ".join(f"{r['density']:.0%} {_fmt(r['mean'], r['std'], digits)}" for r in steps)
+    better = [sign * (b["mean"] - a["mean"]) > 0 for a, b in zip(steps, steps[1:], strict=False)]
+    if all(better):
+        regime = (
+            "every step up in density helps: this budget is in the capacity-limited regime, the one in which "
+            "the paper compares methods"
+        )
+    elif not any(better):
+        regime = (
+            "every step up in density hurts: this budget is in the early, under-trained regime (fewer "
+            "weights fit faster), not the capacity-limited regime of converged models in which the paper "
+            "compares methods"
+        )
+    else:
+        regime = "the metric is not monotone in density: the ladder does not place this budget in one regime"
+    lines = [f"- Static-density ladder ({exp.metric_label}, density: value): {values}. Reading: {regime}."]
+    dense, rival = by_name.get("dense"), by_name.get(exp.ladder_rival)
+    if dense is not None and rival is not None:
+        c = _compare(exp, dense, rival)
+        answer = "**Yes**" if c["gap"] > 0 else "**No**"
+        noise = "" if c["status"] != "not resolved" else " (within 2x the seed std)"
+        lines.append(
+            f"- Does dense beat {rival['label']} at this budget? {answer}{noise}: "
+            f"{dense['mean']:.{digits}f} vs {rival['mean']:.{digits}f}.{_paired_text(exp, dense, c)}"
         )
     return lines
 
@@ -1285,6 +1391,8 @@ def report(results_dir: Path, scale: str = "cpu") -> dict[str, list[dict[str, An
         table, rows = experiment_table(exp, mine)
         tables[exp.name] = rows
         plots = plot_experiment(exp, mine, rows, results_dir)
+        verdict = claim_verdict(exp, rows) if exp.verdict else []
+        ladder = ladder_lines(exp, rows)
         first = mine[0]
         hw = first["hardware"]
         load = [round(x, 1) for x in hw["load_average_at_start"] or []]
@@ -1300,6 +1408,8 @@ def report(results_dir: Path, scale: str = "cpu") -> dict[str, list[dict[str, An
             "",
             *(claim_checks(exp, rows) or ["- (not enough variants finished to compare)"]),
             "",
+            *([*verdict, ""] if verdict else []),
+            *(["Which regime is this budget in?", "", *ladder, ""] if ladder else []),
             f"![{exp.name}]({plots[0].name})",
             "",
             "## Setting",

@@ -181,3 +181,37 @@ def test_llama_lr_schedules_come_from_the_recipe(reproduce, method):
         assert config is None or config.rewarmup_steps == after_updates
         assert training.lr_scheduler_type.value == scheduler
         assert training.lr_scheduler_kwargs == ({"min_lr_rate": 0.1} if cycle else {})
+
+
+def _row(variant, values, density=0.3):
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return {"variant": variant, "label": variant, "seeds": list(range(len(values))), "values": values,
+            "mean": mean, "std": std, "density": density}  # fmt: skip
+
+
+def test_verdict_and_static_ladder_lines(reproduce):
+    exp = reproduce.EXPERIMENTS["llama_lm_research"]
+    ladder = [_row(v, [p, p + 2, p + 4], d) for v, p, d in
+              (("static_d0.1", 150, 0.1), ("static_d0.3", 180, 0.3), ("static_d0.5", 215, 0.5),
+               ("static_d1", 260, 1.0))]  # fmt: skip
+    dense = _row("dense", [262, 258, 266], 1.0)
+    rivals = [_row(v, [200, 202, 204]) for v in ("set", "rigl", "mest", "granet", "cht")]
+    # CHTs beats every rival beyond the seed spread, CHTss does not: not reproduced as a whole
+    rows = [dense, _row("chts", [170, 172, 174]), _row("chtss", [230, 232, 234]), *rivals, *ladder]
+    (line,) = reproduce.claim_verdict(exp, rows)
+    assert "**not reproduced**" in line and "1 agrees, 1 disagrees" in line
+    rows[2] = _row("chtss", [190, 192, 194])
+    assert "**reproduced**" in reproduce.claim_verdict(exp, rows)[0]
+    rows[2] = _row("chtss", [199, 203, 201])  # within the seed spread
+    assert "**not resolved**" in reproduce.claim_verdict(exp, rows)[0]
+    assert "**not resolved**" in reproduce.claim_verdict(exp, rows[:2] + rows[3:])[0]  # CHTss missing
+    text = "\n".join(reproduce.ladder_lines(exp, rows))
+    assert "10% 152.00 ± 2.00, 30% 182.00 ± 2.00" in text and "under-trained regime" in text
+    assert "Does dense beat static_d0.3 at this budget? **No**: 262.00 vs 182.00" in text
+    assert "-82.00, -76.00, -82.00 (same sign on every seed)" in text
+    # the other way round: more density helps, dense beats static 30%
+    flipped = [_row(r["variant"], [400 - v for v in r["values"]], r["density"]) for r in ladder]
+    text = "\n".join(reproduce.ladder_lines(exp, [_row("dense", [100, 101, 102], 1.0), *flipped]))
+    assert "capacity-limited regime" in text and "**Yes**" in text
+    assert reproduce.ladder_lines(reproduce.EXPERIMENTS["llama_lm"], rows) == []  # no ladder there
