@@ -566,6 +566,22 @@ def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: m._buffers[MASK_NAME] for name, m in model.named_modules() if MASK_NAME in m._buffers}
 
 
+def keep_masks_out_of_ddp_(model: nn.Module) -> list[str]:
+    """Keep ``model``'s ``weight_mask`` buffers out of DDP's broadcasts; returns their names.
+
+    DDP broadcasts every buffer from rank 0 before each forward (``broadcast_buffers=True``, the default);
+    for the masks that is one copy of every sparse layer's shape per step (6.5 GB at LLaMA-7B) for nothing:
+    every rank draws the same masks from the same counter-based streams, loads the same checkpoint, and gets
+    each topology update's masks from the callback's own broadcast. DDP reads the list
+    ``model._ddp_params_and_buffers_to_ignore`` (names relative to the module it wraps) when it is built, so
+    call this on the module that will be wrapped, before wrapping; names already in the list are kept.
+    """
+    names = [f"{name}.{MASK_NAME}" if name else MASK_NAME for name in get_masks(model)]
+    ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    model._ddp_params_and_buffers_to_ignore = ignored + [n for n in names if n not in set(ignored)]
+    return names
+
+
 def set_masks_(model: nn.Module, masks: Mapping[str, torch.Tensor], *, apply: bool = True) -> None:
     """Copy ``masks`` into the modules' ``weight_mask`` buffers (masking modules that are not masked yet).
 

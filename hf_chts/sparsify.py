@@ -34,6 +34,7 @@ from .masking import (
     find_sparse_modules,
     from_layer_view,
     is_masked,
+    keep_masks_out_of_ddp_,
     layer_view_shape,
     make_masked_,
     unwrap_model,
@@ -118,4 +119,5 @@ def sparsify_(
         if not is_masked(module):  # carried a buffer but a plain forward: switch to the masked forward
             make_masked_(module, name=name)
     apply_masks_(modules)
+    keep_masks_out_of_ddp_(model)
     return modules

@@ -592,3 +592,24 @@ def test_unknown_optimizer_is_not_trusted():
     assert not keeps_masked_weights_zero(MyAdamW(params))
     assert keeps_masked_weights_zero(torch.optim.AdamW(params))
     assert not keeps_masked_weights_zero(torch.optim.LBFGS(params))
+
+
+def test_ddp_does_not_broadcast_the_masks(tmp_path):
+    # DDP broadcasts every buffer before each forward; masks stay out (every rank already holds the same).
+    import torch.distributed as dist
+
+    from hf_chts.modeling import SparseLlamaConfig, SparseLlamaForCausalLM
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = tiny_llama()
+        sparsify_(model, SparseTrainingConfig(method="set", density=0.5))
+        llama = SparseLlamaForCausalLM(SparseLlamaConfig(**tiny_llama_arch(64), sparsity={"density": 0.5}))
+        for m in (model, llama):
+            masks = {id(b) for n, b in m.named_buffers() if n.endswith("weight_mask")}
+            assert masks
+            ddp = torch.nn.parallel.DistributedDataParallel(m)
+            assert not masks & {id(b) for b in ddp.modules_buffers}
+            assert any(n.endswith("rotary_emb.inv_freq") for n, _ in m.named_buffers())  # other buffers stay
+    finally:
+        dist.destroy_process_group()

@@ -57,7 +57,16 @@ from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 from .._validation import check_choice
 from ..chains import register_chains
 from ..config import SparseTrainingConfig
-from ..masking import MASK_NAME, apply_masks_, get_masks, is_masked, layer_view, make_masked_, unwrap_model
+from ..masking import (
+    MASK_NAME,
+    apply_masks_,
+    get_masks,
+    is_masked,
+    keep_masks_out_of_ddp_,
+    layer_view,
+    make_masked_,
+    unwrap_model,
+)
 from ..sparsify import draw_masks
 from ..stats import density_summary, mask_statistics
 from ..topology.percolation import LlamaBlockChain
@@ -319,6 +328,7 @@ class SparseLlamaForCausalLM(LlamaForCausalLM):
         # reaches `_initialize_weights` with the mask buffers in place.
         for name in self.config.sparse_layer_names():
             make_masked_(self.get_submodule(name), name=name)
+        keep_masks_out_of_ddp_(self)
         super().post_init()
 
     def sparse_modules(self) -> dict[str, nn.Module]:
