@@ -136,7 +136,7 @@ def csti_mask(
     perm = torch.argsort(random_bits(key, scores.numel(), device=work))
     order = torch.sort(scores[perm], descending=True, stable=True).indices
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=work)
-    mask[perm[order[:k]]] = True
+    mask.index_fill_(0, perm[order[:k]], True)
     return mask.view(n_out, n_in)
 
 

@@ -304,7 +304,7 @@ def _top_k_flat(keys: torch.Tensor, k: int) -> torch.Tensor:
     if k >= flat.numel():
         out.fill_(True)
     elif k > 0:
-        out[torch.topk(flat, k, sorted=False).indices] = True
+        out.index_fill_(0, torch.topk(flat, k, sorted=False).indices, True)  # no host copy of `True`
     return out.view(keys.shape)
 
 
@@ -488,7 +488,7 @@ def _bsw(n_out: int, n_in: int, n_links: int, beta: float, stream: _Stream) -> t
     if n_moved == 0:
         return lattice
     kept = flat.clone()
-    kept[moved] = False
+    kept.index_fill_(0, moved, False)
     # Land on positions empty in the lattice (a moved link really moves); only if there are too few of
     # those are the vacated positions allowed too.
     blocked = flat if flat.numel() - n_links >= n_moved else kept

@@ -111,6 +111,6 @@ def regrow_links(
         )
 
     grown = torch.zeros(existing.numel(), dtype=torch.bool, device=existing.device)
-    grown[chosen] = True
+    grown.index_fill_(0, chosen, True)
     grown = grown.view(existing.shape)
     return existing | grown, grown

@@ -63,5 +63,5 @@ def remove_links(
     values = scores.reshape(-1).to(mask.device)[existing]
     keep = select_indices(values, nnz - n_remove, mode=mode, temperature=temperature, generator=generator)
     new_mask = torch.zeros_like(flat_mask)
-    new_mask[existing[keep]] = True
+    new_mask.index_fill_(0, existing[keep], True)
     return new_mask.view(mask.shape)

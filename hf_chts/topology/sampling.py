@@ -166,7 +166,7 @@ def _select_in_bracket(
     n_ties_taken = need - int(torch.count_nonzero(band_above))
     ties = (band_vals == kth).nonzero().squeeze(1)[:n_ties_taken]
     chosen = torch.cat([band_idx[band_above], band_idx[ties]])
-    above[chosen] = True
+    above.index_fill_(0, chosen, True)
     return above.nonzero().squeeze(1)
 
 
@@ -437,7 +437,9 @@ def _index_tensor(values: Sequence[int], device: torch.device) -> torch.Tensor:
 def _scatter_rows(rows: int, width: int, positions: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A ``(rows, width)`` bool tensor, True at the flat ``positions``; ``rows * width`` is a sink."""
     out = torch.zeros(rows * width + 1, dtype=torch.bool, device=device)
-    out[positions.reshape(-1)] = True
+    # index_fill_ takes the value as a kernel argument; `out[idx] = True` copies a CPU scalar to the device,
+    # and every such copy waits for the device's queue to drain.
+    out.index_fill_(0, positions.reshape(-1), True)
     return out[:-1].view(rows, width)
 
 
@@ -537,7 +539,7 @@ def _topk_rows_bracket(values: torch.Tensor, ks: list[int]) -> torch.Tensor:
     picked = torch.where(take, band_pos.gather(1, order), sink)
     out = torch.zeros(sink + 1, dtype=torch.bool, device=device)
     out[:sink] = flat_above
-    out[picked.reshape(-1)] = True
+    out.index_fill_(0, picked.reshape(-1), True)
     return out[:-1].view(rows, n)
 
 
@@ -547,7 +549,7 @@ def _topk_rows(values: torch.Tensor, ks: list[int]) -> torch.Tensor:
     out = torch.zeros(rows, n, dtype=torch.bool, device=values.device)
     full = [b for b, k in enumerate(ks) if k >= n]
     if full:
-        out[_index_tensor(full, values.device)] = True
+        out.index_fill_(0, _index_tensor(full, values.device), True)
     partial = [b for b, k in enumerate(ks) if 0 < k < n]
     if not partial:
         return out
@@ -752,5 +754,8 @@ def select_rows(
     whole_rows = [b for b in range(rows) if ks[b] > 0 and ks[b] >= available[b]]
     if whole_rows:
         idx = _index_tensor(whole_rows, device)
-        chosen[idx] = True if blocked is None else ~blocked[idx]
+        if blocked is None:
+            chosen.index_fill_(0, idx, True)
+        else:
+            chosen[idx] = ~blocked[idx]
     return chosen
