@@ -168,7 +168,9 @@ def _check_keys(keys, device) -> tuple[torch.Tensor, bool]:
             f"`keys` must be an int (see stream_key) or an int64 tensor of shape (B,), got {keys!r}."
         )
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    return torch.tensor([_signed(keys)], dtype=torch.int64, device=dev), False
+    # torch.full passes the key to a fill kernel; torch.tensor(..., device=cuda) would copy it from the host,
+    # and that copy waits for the device's queue.
+    return torch.full((1,), _signed(keys), dtype=torch.int64, device=dev), False
 
 
 def _shift_right(z: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -502,7 +502,7 @@ def _topk_rows_bracket(values: torch.Tensor, ks: list[int]) -> torch.Tensor:
         lo_none.append(lo >= s)
         hi_pos.append(min(max(hi, 0), s - 1))
         lo_pos.append(min(max(lo, 0), s - 1))
-    inf = torch.tensor(float("inf"), dtype=values.dtype, device=device)
+    inf = torch.full((), float("inf"), dtype=values.dtype, device=device)
     hi = ordered.gather(1, _index_tensor(hi_pos, device)[:, None])
     lo = ordered.gather(1, _index_tensor(lo_pos, device)[:, None])
     hi = torch.where(_index_tensor(hi_none, device)[:, None].bool(), inf, hi)
