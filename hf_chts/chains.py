@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -29,7 +30,16 @@ from torch import nn
 
 from .topology.percolation import LayerChain, LlamaBlockChain
 
-__all__ = ["chains_for", "chains_from_json", "chains_to_json", "register_chains"]
+__all__ = [
+    "as_chain_specs",
+    "chains_for",
+    "chains_from_json",
+    "chains_to_json",
+    "register_chains",
+    "resolve_chains",
+]
+
+logger = logging.getLogger(__name__)
 
 ChainFactory = Callable[[nn.Module, list[str]], Sequence[Any]]
 _REGISTRY: dict[type, ChainFactory] = {}
@@ -82,3 +92,45 @@ def chains_from_json(items: Sequence[Mapping[str, Any]]) -> list[Any]:
             data["layers"] = tuple(data["layers"])
         chains.append(_KINDS[kind](**data))
     return chains
+
+
+def as_chain_specs(chains: Any) -> Any:
+    """``chains`` as given by a user (specs, a factory or None), or rebuilt from :func:`chains_to_json`."""
+    if (
+        isinstance(chains, Sequence)
+        and not isinstance(chains, str)
+        and chains
+        and isinstance(chains[0], Mapping)
+    ):
+        return chains_from_json(chains)
+    return chains
+
+
+def resolve_chains(
+    model: nn.Module, names: list[str], chains: Sequence[Any] | ChainFactory | None, *, enabled: bool
+) -> list[Any]:
+    """The chain specs of a run over the sparse layers ``names``.
+
+    Args:
+        model (`nn.Module`): the model.
+        names (`list[str]`): the sparse layers.
+        chains: specs or a factory ``(model, names) -> specs`` given by the user; None asks the model
+            (:func:`chains_for`).
+        enabled (`bool`): ``config.chain_removal``; without it there are no chains.
+
+    A model that declares none gives no chains, with a warning saying how to declare them.
+    """
+    if not enabled:
+        return []
+    if chains is not None:
+        return list(chains(model, names)) if callable(chains) else list(chains)
+    found = chains_for(model, names)
+    if found is not None:
+        return found
+    logger.warning(
+        "hf_chts: chain_removal is on but %s declares no chains; pass `chains=[LayerChain([...]), ...]` "
+        "to CHTssCallback, or `hf_chts.chains.register_chains(%s, factory)`. Training continues without.",
+        type(model).__name__,
+        type(model).__name__,
+    )
+    return []

@@ -17,13 +17,17 @@ import copy
 import dataclasses
 import functools
 import json
+import logging
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ._validation import check_choice, check_density, check_fraction, check_positive_int
+
+logger = logging.getLogger(__name__)
 
 Method = Literal["static", "set", "rigl", "mest", "granet", "cht", "chts", "chtss"]
 InitMethod = Literal["er", "brf", "bsw", "bsf", "csti"]
@@ -408,6 +412,11 @@ class SparseTrainingConfig:
 
     def check_against_steps(self, max_steps: int) -> None:
         """Refuse schedules that cannot work over ``max_steps`` optimizer steps, naming the fix."""
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps <= 0:
+            raise ValueError(
+                f"max_steps={max_steps!r}: the number of optimizer steps must be known and positive; set "
+                "`max_steps` in TrainingArguments (e.g. for an IterableDataset)."
+            )
         t_end, decay_end = self.resolve_steps(max_steps)
         if self.is_dynamic and self.update_interval > max(t_end, 1):
             raise ValueError(
@@ -464,6 +473,22 @@ class SparseTrainingConfig:
     @classmethod
     def from_preset(cls, method: Method, **overrides: Any) -> SparseTrainingConfig:
         return cls(method=method, **overrides)
+
+    @classmethod
+    def coerce(cls, config: Any = None, **overrides: Any) -> SparseTrainingConfig:
+        """A config from a ``SparseTrainingConfig``, a dict of its fields or None, with ``overrides`` applied.
+
+        Fields the user did not set stay unset, so an overriding ``method`` still decides them.
+        """
+        if config is None:
+            return cls(**overrides)
+        if isinstance(config, Mapping):
+            return cls.from_dict({**dict(config), **overrides})
+        if isinstance(config, cls):
+            return cls.from_dict({**config.to_dict(), **overrides}) if overrides else config
+        raise ValueError(
+            f"`config` must be a SparseTrainingConfig or a dict of its fields, got {type(config).__name__}."
+        )
 
 
 _PRESET_FIELDS: frozenset[str] = frozenset(
@@ -534,3 +559,23 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
             or not all(isinstance(v, str) for v in value)
         ):
             raise ValueError(f"`{name}` must be a list of regular expressions, got {value!r}.")
+
+
+def config_for_run(model: Any, config: SparseTrainingConfig, *, given: bool) -> SparseTrainingConfig:
+    """One sparsity config per run: the model's ``config.sparsity`` or ``config``, written into the model.
+
+    A model that records its sparse-training settings (``SparseLlamaForCausalLM``: ``model.config.sparsity``)
+    and the run then never disagree. Without a config of its own (``given`` False) the run adopts the model's;
+    with one, that one wins and is written into ``model.config.sparsity``, so the saved checkpoint records the
+    settings that trained it. Models without ``config.sparsity`` leave ``config`` as it is.
+    """
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    model_config = getattr(base, "config", None)
+    if model_config is None or not hasattr(model_config, "sparsity"):
+        return config
+    if not given and model_config.sparsity:
+        config = SparseTrainingConfig.from_dict(dict(model_config.sparsity))
+        logger.info("hf_chts: training with the model's config.sparsity (method=%s).", config.method)
+        return config
+    model_config.sparsity = config.to_dict(resolved=True)
+    return config

@@ -1,11 +1,15 @@
-"""Collectives of the sparse-training callback, with a timeout and an error that names the rank.
+"""Sharded topology updates: collectives with a timeout (errors name the rank), gradient and mask sharing.
 
-Every rank keeps identical masks: after a topology update each layer's owner broadcasts its new mask, dense
-gradients are summed onto the owner, and the per-layer statistics are gathered. Without a timeout a rank that
-is stopped or crashed makes the others wait forever (gloo's default is 30 minutes, and with
-``TrainingArguments(use_cpu=True)`` ``ddp_timeout`` does not reach it). :class:`Collectives` runs these
-operations in a process group of its own, created with the run's timeout (``TrainingArguments.ddp_timeout``),
-and turns a timeout into a ``RuntimeError`` saying which rank waited for which, for how long, and what to do.
+Every rank keeps identical masks. The layer groups of a topology update are sharded over ranks
+(:func:`shard_groups`: group ``i`` on rank ``i % world_size``); dense gradients are averaged onto each layer's
+owner (:func:`mean_onto_owners`), each owner computes its layers and broadcasts their new masks
+(:func:`share_masks`, one packed broadcast per rank), and the per-layer statistics are gathered.
+
+Without a timeout a rank that is stopped or crashed makes the others wait forever (gloo's default is 30
+minutes, and with ``TrainingArguments(use_cpu=True)`` ``ddp_timeout`` does not reach it).
+:class:`Collectives` runs these operations in a process group of its own, created with the run's timeout
+(``TrainingArguments.ddp_timeout``), and turns a timeout into a ``RuntimeError`` saying which rank waited for
+which, for how long, and what to do.
 
 Under NCCL the timeout is enforced by PyTorch's NCCL watchdog, which aborts the process group (its message
 names the operation); under gloo the waiting rank raises the error below.
@@ -27,7 +31,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["CollectiveTimeout", "Collectives", "is_dtensor", "rank_world"]
+__all__ = [
+    "CollectiveTimeout",
+    "Collectives",
+    "broadcast_from_rank0_",
+    "full_tensor",
+    "is_dtensor",
+    "mean_onto_owners",
+    "rank_world",
+    "shard_groups",
+    "share_masks",
+]
 
 DEFAULT_TIMEOUT = 1800.0  # seconds, TrainingArguments.ddp_timeout's default
 
@@ -44,6 +58,18 @@ def rank_world() -> tuple[int, int]:
 def is_dtensor(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is a ``DTensor`` (FSDP2 shards): it has ``full_tensor`` and a device mesh."""
     return hasattr(tensor, "full_tensor") and hasattr(tensor, "device_mesh")
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a collective: every rank must call it in the same order)."""
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor
+
+
+def shard_groups(groups: list[list[str]], rank: int, world: int) -> tuple[dict[str, int], list[list[str]]]:
+    """``({layer: owner rank}, the groups of ``rank``)``: group ``i`` goes to rank ``i % world``."""
+    owner = {name: i % world for i, group in enumerate(groups) for name in group}
+    mine = [group for i, group in enumerate(groups) if i % world == rank]
+    return owner, mine
 
 
 class CollectiveTimeout(RuntimeError):
@@ -136,3 +162,88 @@ class Collectives:
         except RuntimeError as err:
             self._fail(err, what, self._peer(self.rank), start)
         return gathered
+
+
+# ------------------------------------------------------------------------------------------ sharded updates
+def share_masks(
+    collectives: Collectives,
+    owned: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    buffers: dict[str, torch.Tensor],
+    owner: dict[str, int],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Every rank's copy of the new masks and grown positions of every layer.
+
+    Args:
+        collectives (`Collectives`): the run's collectives.
+        owned: ``{layer: (new mask, grown positions)}`` of the layers this rank computed, shaped like
+            ``buffers[layer]``.
+        buffers: ``{layer: current mask}`` of every layer, in layer order (same on every rank).
+        owner: ``{layer: rank}`` from :func:`shard_groups`.
+
+    Returns:
+        ``({layer: new mask}, {layer: grown positions})`` for every layer. On one process ``owned`` as it is;
+        otherwise each rank packs its layers (bit 0: link, bit 1: grown) into one flat ``uint8`` buffer and
+        broadcasts it: ``world`` collectives per update, not one per layer.
+    """
+    if collectives.world == 1:
+        return {name: pair[0] for name, pair in owned.items()}, {
+            name: pair[1] for name, pair in owned.items()
+        }
+    new, grown = {}, {}
+    for src in range(collectives.world):
+        names = [name for name in buffers if owner[name] == src]
+        if not names:
+            continue
+        device = buffers[names[0]].device
+        if src == collectives.rank:
+            packed = torch.cat(
+                [
+                    (owned[name][0].to(torch.uint8) + 2 * owned[name][1].to(torch.uint8))
+                    .to(device)
+                    .reshape(-1)
+                    for name in names
+                ]
+            )
+        else:
+            packed = torch.empty(
+                sum(buffers[name].numel() for name in names), dtype=torch.uint8, device=device
+            )
+        what = f"mask broadcast of {names[0]} and the {len(names) - 1} other layers of rank {src}"
+        collectives.broadcast(packed, src=src, what=what)
+        offset = 0
+        for name in names:
+            buf = buffers[name]
+            part = packed[offset : offset + buf.numel()].view(buf.shape)
+            offset += buf.numel()
+            new[name] = (part & 1).bool()
+            grown[name] = (part >> 1).bool()
+    return new, grown
+
+
+def mean_onto_owners(
+    collectives: Collectives, tensors: dict[str, torch.Tensor], owner: dict[str, int], what: str = "gradient"
+) -> dict[str, torch.Tensor]:
+    """The mean over ranks of each tensor, on its owner rank only: ``{layer: mean}`` of this rank's layers.
+
+    Every rank passes every layer, in the same order (one reduce per layer); on one process the tensors
+    come back as they are.
+    """
+    if collectives.world == 1:
+        return {name: t for name, t in tensors.items() if owner[name] == collectives.rank}
+    out = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.contiguous()
+        collectives.reduce_sum(tensor, dst=owner[name], what=f"{what} reduction of {name}")
+        if owner[name] == collectives.rank:
+            out[name] = tensor / collectives.world
+    return out
+
+
+def broadcast_from_rank0_(collectives: Collectives, masks: list[torch.Tensor], what: str = "mask") -> None:
+    """Overwrite each boolean mask (in place) with rank 0's copy; nothing on one process."""
+    if collectives.world == 1:
+        return
+    for mask in masks:
+        packed = mask.to(torch.uint8)
+        collectives.broadcast(packed, src=0, what=f"initial {what} broadcast")
+        mask.copy_(packed.bool())

@@ -81,6 +81,7 @@ __all__ = [
     "layer_view_shape",
     "make_masked_",
     "masked_weight",
+    "remask_every_step",
     "set_grad_capture_",
     "set_masks_",
     "unmask_",
@@ -681,6 +682,24 @@ def keeps_masked_weights_zero(optimizer: torch.optim.Optimizer) -> bool:
     inner = getattr(optimizer, "optimizer", optimizer)
     cls = type(inner)
     return f"{cls.__module__}.{cls.__qualname__}" in ZERO_PRESERVING_OPTIMIZERS
+
+
+def remask_every_step(mode: str, optimizer: torch.optim.Optimizer | None) -> bool:
+    """Whether masked weights must be zeroed after every optimizer step, for ``SparseTrainingConfig.remask``.
+
+    ``"every_step"`` / ``"update_steps"`` decide it; ``"auto"`` re-masks unless the optimizer is known to keep
+    masked weights at 0.0 (:func:`keeps_masked_weights_zero`), and says so when it re-masks.
+    """
+    if mode != "auto":
+        return mode == "every_step"
+    if optimizer is not None and keeps_masked_weights_zero(optimizer):
+        return False
+    logger.info(
+        "hf_chts: %s is not known to keep masked weights at 0.0; they are zeroed after every optimizer step "
+        "(set remask='update_steps' to skip this if it does).",
+        type(getattr(optimizer, "optimizer", optimizer)).__name__,
+    )
+    return True
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 
 from ._validation import check_choice, check_density, check_positive_int, check_shape_2d
 from .config import METHODS, SparseTrainingConfig
+from .rewarmup import LearningRateScale
 
 __all__ = [
     "SPARSE_INITS",
@@ -204,7 +205,7 @@ class CyclicRewarmup(TrainerCallback):
                 "steps = every // 10."
             )
         self.every, self.steps = every, steps
-        self._saved: list[float] | None = None
+        self._scale = LearningRateScale()
 
     @classmethod
     def research(cls, every: int, steps: int = 10) -> CyclicRewarmup | None:
@@ -232,15 +233,7 @@ class CyclicRewarmup(TrainerCallback):
         return r / self.steps if r < self.steps else 1.0
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        factor = self.factor(state.global_step)
-        if optimizer is None or factor == 1.0:
-            return
-        self._saved = [group["lr"] for group in optimizer.param_groups]
-        for group in optimizer.param_groups:
-            group["lr"] = group["lr"] * factor
+        self._scale.scale_(optimizer, self.factor(state.global_step))
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        if self._saved is not None and optimizer is not None:
-            for group, lr in zip(optimizer.param_groups, self._saved, strict=True):
-                group["lr"] = lr
-        self._saved = None
+        self._scale.restore_(optimizer)

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,20 +28,25 @@ import torch
 from torch import nn
 
 from .config import SparseTrainingConfig
-from .engine import initial_masks
+from .distributed import Collectives, broadcast_from_rank0_
+from .engine import TopologyEngine, initial_masks
 from .masking import (
     MASK_NAME,
     apply_masks_,
     find_sparse_modules,
     from_layer_view,
+    install_grad_masks_,
     is_masked,
     keep_masks_out_of_ddp_,
     layer_view_shape,
     make_masked_,
     unwrap_model,
 )
+from .stats import masks_density
 
-__all__ = ["draw_masks", "sparsify_"]
+__all__ = ["draw_masks", "run_modules", "sparsify_", "start_masks_"]
+
+logger = logging.getLogger(__name__)
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -121,3 +127,113 @@ def sparsify_(
     apply_masks_(modules)
     keep_masks_out_of_ddp_(model)
     return modules
+
+
+def run_modules(model: nn.Module, config: SparseTrainingConfig) -> tuple[dict[str, nn.Module], bool]:
+    """The layers a run trains sparse, and whether the model already carries their masks.
+
+    A model with ``weight_mask`` buffers (``sparsify_``-ed, a ``SparseLlama*``, or loaded from a sparse
+    checkpoint) keeps exactly those layers, switched to the masked forward where a plain layer holds the
+    buffer; otherwise ``config.target_modules`` / ``config.exclude_modules`` select them.
+    """
+    carried = any(MASK_NAME in m._buffers for m in model.modules())
+    if not carried:
+        return find_sparse_modules(model, config.target_modules, config.exclude_modules), False
+    modules = {name: m for name, m in model.named_modules() if MASK_NAME in m._buffers}
+    for name, module in modules.items():
+        if not is_masked(module):  # a buffer but a plain forward (e.g. loaded into nn.Linear)
+            make_masked_(module, name=name)
+    return modules, True
+
+
+@torch.no_grad()
+def start_masks_(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    engine: TopologyEngine,
+    collectives: Collectives | None = None,
+    *,
+    carried: bool,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    fresh: bool = True,
+) -> float:
+    """Put the masks a run starts with into ``modules`` on every rank, masked weights at 0.0 (in place).
+
+    Args:
+        model (`nn.Module`): the model of ``modules``.
+        modules: the run's sparse layers (:func:`run_modules`).
+        engine (`TopologyEngine`): the run's engine; it draws the initial topology.
+        collectives (`Collectives`, *optional*): the run's collectives; every rank then takes rank 0's masks
+            (drawn from the same seed everywhere, so this only makes identity certain).
+        carried (`bool`): whether the model carries masks already.
+        masks: masks to resume with (layout of ``weight``); they go straight in, since drawing initial masks
+            first would zero weights the checkpoint holds at positions that are links again by now.
+        fresh (`bool`): the run is at step 0. Carried masks that do not fit the run's step-0 schedule (drawn
+            for another setting, or a dense all-True start) are then re-drawn, with a warning.
+
+    Returns:
+        `float`: the global density of the masks (links / positions over all layers).
+    """
+    _place_masks(model, modules, engine, carried=carried, masks=masks, fresh=fresh)
+    if collectives is not None:
+        broadcast_from_rank0_(collectives, [m._buffers[MASK_NAME] for m in modules.values()])
+    apply_masks_(modules)
+    install_grad_masks_(modules)  # weights replaced since masking (e.g. loaded) get the hook back
+    density = masks_density(m._buffers[MASK_NAME] for m in modules.values())
+    config = engine.config
+    logger.info(
+        "hf_chts: %d sparse layers, method=%s, global density %.4f (target %.4f), update every %d steps "
+        "until step %d of %d.",
+        len(modules),
+        config.method,
+        density,
+        config.density,
+        config.update_interval,
+        engine.t_end,
+        engine.max_steps,
+    )
+    return density
+
+
+def _place_masks(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    engine: TopologyEngine,
+    *,
+    carried: bool,
+    masks: Mapping[str, torch.Tensor] | None,
+    fresh: bool,
+) -> None:
+    config = engine.config
+    if masks is not None:
+        if not carried:
+            sparsify_(model, config, masks=masks)
+            return
+        for name, module in modules.items():
+            module._buffers[MASK_NAME].copy_(masks[name].to(module._buffers[MASK_NAME].device))
+        return
+    if carried and not fresh:
+        return
+    if carried:
+        counts = [(n, int(m._buffers[MASK_NAME].sum()), engine.target_nnz(n, 0)) for n, m in modules.items()]
+        mismatch = [item for item in counts if item[1] != item[2]]
+        if not mismatch:
+            return
+    first = next(iter(modules.values()))
+    init = engine.init_masks(first._buffers[MASK_NAME].device if carried else _device(first))
+    drawn = {name: from_layer_view(m, init[name]) for name, m in modules.items()}
+    if not carried:
+        sparsify_(model, config, masks=drawn)
+        return
+    for name, module in modules.items():
+        module._buffers[MASK_NAME].copy_(drawn[name])
+    name, nnz, target = mismatch[0]
+    logger.warning(
+        "hf_chts: the model's masks do not fit the step-0 schedule of %r (layer %r has %d links, expected "
+        "%d); drew the initial topology of this run for %d layers.",
+        config.method,
+        name,
+        nnz,
+        target,
+        len(modules),
+    )

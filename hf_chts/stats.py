@@ -35,9 +35,11 @@ __all__ = [
     "layer_statistics",
     "layer_type",
     "mask_statistics",
+    "masks_density",
     "mean_active_neurons",
     "mlp_active_neurons",
     "summarize_by_layer_type",
+    "update_log_dict",
 ]
 
 # Layer types in the order tables show them (LLaMA projections first, any other type after, by name).
@@ -51,6 +53,42 @@ def global_density(counts: Iterable[tuple[int, int]]) -> float:
         nnz += int(links)
         numel += int(positions)
     return nnz / numel if numel else 1.0
+
+
+def masks_density(masks: Iterable[torch.Tensor]) -> float:
+    """:func:`global_density` of boolean masks (reads each mask's link count on the host)."""
+    return global_density((int(mask.sum()), mask.numel()) for mask in masks)
+
+
+def update_log_dict(
+    step_logs: Mapping[str, float],
+    *,
+    prefix: str,
+    step: int,
+    seconds: float,
+    engine_seconds: float,
+    seconds_total: float,
+    density: float,
+) -> dict[str, float]:
+    """The training-log figures of one topology update (the keys ``CHTssCallback`` documents).
+
+    Args:
+        step_logs: the update's own figures (``StepStats.to_log_dict(prefix)``: links removed and regrown,
+            turnover, active neurons, per-layer figures).
+        prefix (`str`): the key prefix, e.g. ``"sparsity/"``.
+        step (`int`): the optimizer step of the update.
+        seconds (`float`): wall time of the whole update, synchronisation included.
+        engine_seconds (`float`): the engine's share of it.
+        seconds_total (`float`): wall time of all updates of the run so far.
+        density (`float`): global density after the update (links / positions over all layers).
+    """
+    logs = dict(step_logs)
+    logs[f"{prefix}engine_seconds"] = engine_seconds
+    logs[f"{prefix}update_seconds"] = seconds
+    logs[f"{prefix}update_seconds_total"] = seconds_total
+    logs[f"{prefix}update_step"] = float(step)
+    logs[f"{prefix}density"] = density
+    return logs
 
 
 def mean_active_neurons(active: Iterable[tuple[float, float]]) -> float:

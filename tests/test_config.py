@@ -82,6 +82,9 @@ def test_check_against_steps():
     with pytest.raises(ValueError, match="Density decay ends at step 2000, after the last step"):
         cfg.check_against_steps(1000)
     SparseTrainingConfig(method="static").check_against_steps(3)  # never updates: nothing to check
+    for steps in (0, -1, True, 10.0):
+        with pytest.raises(ValueError, match="max_steps"):
+            SparseTrainingConfig(method="static").check_against_steps(steps)
 
 
 def test_dict_round_trip_and_unknown_fields():
@@ -177,3 +180,29 @@ def test_string_fields_are_literal_choices():
 def test_every_field_is_type_checked_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=re.escape(match) if "`" in match else match):
         SparseTrainingConfig(**kwargs)
+
+
+def test_coerce_takes_configs_dicts_and_overrides():
+    set_config = SparseTrainingConfig(method="set", density=0.2)
+    assert SparseTrainingConfig.coerce(set_config) is set_config
+    rigl = SparseTrainingConfig.coerce(set_config, method="rigl")
+    assert rigl.method == "rigl" and rigl.density == 0.2 and rigl.regrowth == "gradient"  # preset follows
+    assert SparseTrainingConfig.coerce({"method": "chts"}, density=0.1).density == 0.1
+    assert SparseTrainingConfig.coerce(None, method="static").method == "static"
+    with pytest.raises(ValueError, match="SparseTrainingConfig or a dict"):
+        SparseTrainingConfig.coerce("chts")
+
+
+def test_config_for_run_adopts_or_records_the_models_sparsity():
+    from types import SimpleNamespace
+
+    from hf_chts.config import config_for_run
+
+    mine = SparseTrainingConfig(method="set", density=0.2)
+    model = SimpleNamespace(config=SimpleNamespace(sparsity={"method": "chtss", "density": 0.1}))
+    adopted = config_for_run(model, mine, given=False)
+    assert adopted.method == "chtss" and adopted.density == 0.1
+    assert config_for_run(model, mine, given=True) is mine
+    assert model.config.sparsity == mine.to_dict(resolved=True)  # the checkpoint records what trained it
+    plain = SimpleNamespace(config=SimpleNamespace())
+    assert config_for_run(plain, mine, given=False) is mine and not hasattr(plain.config, "sparsity")

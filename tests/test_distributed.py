@@ -1,7 +1,9 @@
-"""Two-process CPU runs of CHTssCallback (gloo): identical masks on every rank, sharded topology work.
+"""Tests of hf_chts.distributed and two-process CPU runs of CHTssCallback (gloo).
 
-Each case launches ``tests/scripts/dist_train.py`` with ``torchrun --standalone --nproc_per_node 2``; the
-script dumps every rank's masks after step 1 and after each update, and its final weights.
+The sharding helpers are checked on one process and on two gloo processes. The Trainer cases launch
+``tests/scripts/dist_train.py`` with ``torchrun --standalone --nproc_per_node 2``; the script dumps every
+rank's masks after step 1 and after each update, and its final weights: identical masks on every rank,
+sharded topology work.
 """
 
 from __future__ import annotations
@@ -17,10 +19,78 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hf_chts.distributed import (
+    Collectives,
+    broadcast_from_rank0_,
+    full_tensor,
+    mean_onto_owners,
+    shard_groups,
+    share_masks,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "dist_train.py"
 
-pytestmark = pytest.mark.distributed
+distributed = pytest.mark.distributed
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def test_shard_groups_round_robin():
+    owner, mine = shard_groups([["a"], ["b", "c"], ["d"]], rank=1, world=2)
+    assert owner == {"a": 0, "b": 1, "c": 1, "d": 0} and mine == [["b", "c"]]
+    assert shard_groups([["a"], ["b"]], rank=0, world=1) == ({"a": 0, "b": 0}, [["a"], ["b"]])
+
+
+def test_helpers_on_one_process_pass_tensors_through():
+    collectives = Collectives()
+    new, grown = torch.tensor([[True, False]]), torch.tensor([[False, True]])
+    shared_new, shared_grown = share_masks(collectives, {"a": (new, grown)}, {"a": new.clone()}, {"a": 0})
+    assert shared_new["a"] is new and shared_grown["a"] is grown
+    grad = torch.ones(2)
+    assert mean_onto_owners(collectives, {"a": grad}, {"a": 0}) == {"a": grad}
+    broadcast_from_rank0_(collectives, [new])
+    assert new.tolist() == [[True, False]] and full_tensor(grad) is grad
+
+
+SHAPES = {"a": (2, 3), "b": (3, 2), "c": (4, 4)}
+OWNER = {"a": 0, "b": 1, "c": 0}
+
+
+def _owner_masks(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(len(name) * 7 + ord(name))
+    new = torch.rand(SHAPES[name], generator=g) < 0.5
+    return new, new & (torch.rand(SHAPES[name], generator=g) < 0.5)
+
+
+def _two_ranks(rank: int, init_file: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    collectives = Collectives(timeout=60)
+    buffers = {name: torch.zeros(shape, dtype=torch.bool) for name, shape in SHAPES.items()}
+    owned = {name: _owner_masks(name) for name in SHAPES if OWNER[name] == rank}
+    new, grown = share_masks(collectives, owned, buffers, OWNER)
+    grads = {name: torch.full(shape, float(rank + 1)) for name, shape in SHAPES.items()}
+    mean = mean_onto_owners(collectives, grads, OWNER)
+    initial = [torch.rand(3, 3, generator=torch.Generator().manual_seed(rank)) < 0.5]
+    broadcast_from_rank0_(collectives, initial)
+    torch.save({"new": new, "grown": grown, "mean": mean, "initial": initial[0]}, f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@distributed
+def test_helpers_on_two_gloo_processes(tmp_path):
+    torch.multiprocessing.spawn(_two_ranks, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for result in ranks:  # every rank holds every owner's masks and grown positions, bit for bit
+        for name in SHAPES:
+            new, grown = _owner_masks(name)
+            assert torch.equal(result["new"][name], new) and torch.equal(result["grown"][name], grown)
+    assert sorted(ranks[0]["mean"]) == ["a", "c"] and sorted(ranks[1]["mean"]) == ["b"]
+    assert all(torch.all(m == 1.5) for r in ranks for m in r["mean"].values())  # (1 + 2) / 2
+    rank0_initial = torch.rand(3, 3, generator=torch.Generator().manual_seed(0)) < 0.5
+    assert torch.equal(ranks[0]["initial"], rank0_initial) and torch.equal(ranks[1]["initial"], rank0_initial)
+
+
+# ------------------------------------------------------------------------------------------ Trainer runs
 
 
 def launch(out: Path, mode: str, method: str, steps: int = 6) -> list[dict]:
@@ -75,12 +145,14 @@ def check_ranks_agree(out: Path, summaries: list[dict]) -> None:
         assert torch.equal(weights[0][name], weights[1][name]), name
 
 
+@distributed
 def test_ddp_trainer_ranks_hold_identical_masks(tmp_path):
     summaries = launch(tmp_path, "ddp", "chts")
     check_ranks_agree(tmp_path, summaries)
     assert summaries[0]["weight_types"] == ["Parameter"]
 
 
+@distributed
 def test_fsdp2_keeps_masked_weights_zero(tmp_path):
     # RigL: the dense gradient is captured on the unsharded weights and summed over ranks for the update.
     summaries = launch(tmp_path, "fsdp2", "rigl")
@@ -88,12 +160,14 @@ def test_fsdp2_keeps_masked_weights_zero(tmp_path):
     assert summaries[0]["weight_types"] == ["DTensor"]  # really sharded
 
 
+@distributed
 @pytest.mark.slow
 @pytest.mark.parametrize(("mode", "method"), [("ddp", "rigl"), ("ddp", "chtss"), ("fsdp2", "chtss")])
 def test_more_methods(tmp_path, mode, method):
     check_ranks_agree(tmp_path, launch(tmp_path, mode, method))
 
 
+@distributed
 @pytest.mark.slow
 def test_frozen_rank_makes_the_other_fail_within_the_timeout(tmp_path):
     # rank 1 SIGSTOPs itself before the update at step 2; rank 0 must give up after ddp_timeout=10 s with a

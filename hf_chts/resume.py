@@ -1,0 +1,221 @@
+"""Resuming a sparse run: where its state is found, what is saved with each checkpoint, what comes back.
+
+A ``Trainer`` that resumes at step ``t`` has its weights, optimizer and scheduler back; the sparse run also
+needs its masks and the engine's scalar state (early-stop flags, the last update step, ...). They are written
+to ``<checkpoint>/hf_chts_state/`` (:func:`hf_chts.checkpointing.save_sparse_state`: safetensors + JSON,
+never pickle) and found again from the Trainer's public surface only (:func:`checkpoint_candidates`):
+``args.resume_from_checkpoint`` when it is a path, else ``<args.output_dir>/checkpoint-<state.global_step>``.
+The checks that refuse a state which would not continue the run live in :mod:`hf_chts.checkpointing`
+(docs/reliability.md).
+
+Example:
+
+```python
+>>> from types import SimpleNamespace
+>>> checkpoint_candidates(SimpleNamespace(output_dir="out", resume_from_checkpoint=True), step=40)
+['out/checkpoint-40']
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .checkpointing import FORMAT_VERSION, STATE_DIR, find_resume_state, save_sparse_state
+from .config import SparseTrainingConfig
+from .masking import layer_view_shape
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "checkpoint_candidates",
+    "checkpoint_folder",
+    "find_state",
+    "last_update_before",
+    "restore_progress",
+    "resume_point",
+    "scalar_state",
+    "write_state",
+]
+
+
+def checkpoint_folder(output_dir: str, step: int) -> str:
+    """The folder the Trainer writes the checkpoint of ``step`` to: ``<output_dir>/checkpoint-<step>``."""
+    return os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+
+
+def checkpoint_candidates(args: Any, step: int, resume_from: str | None = None) -> list[str]:
+    """Folders that may hold the state of a run resumed at ``step``, in order of preference.
+
+    ``resume_from`` (given by the user), ``args.resume_from_checkpoint`` when it is a path, then
+    ``<args.output_dir>/checkpoint-<step>`` (what ``resume_from_checkpoint=True`` resolves to).
+    """
+    candidates = [resume_from] if resume_from else []
+    if isinstance(getattr(args, "resume_from_checkpoint", None), str):
+        candidates.append(args.resume_from_checkpoint)
+    candidates.append(checkpoint_folder(args.output_dir, step))
+    return list(dict.fromkeys(candidates))
+
+
+def last_update_before(config: SparseTrainingConfig, last_update: int, step: int) -> int:
+    """The step of the last topology update at or before ``step`` (0 for a static run or before the first).
+
+    ``last_update`` is the engine's last update step (``TopologyEngine.last_update``, i.e. ``t_end``).
+    """
+    if not config.is_dynamic:
+        return 0
+    interval = config.update_interval
+    return min(step, last_update) // interval * interval
+
+
+def scalar_state(
+    config: SparseTrainingConfig,
+    engine: Any,
+    modules: Mapping[str, nn.Module],
+    step: int | None,
+    last_update_step: int,
+    update_seconds_total: float,
+) -> dict[str, Any]:
+    """The JSON state saved beside the masks (``state.json``) and in ``trainer_state.json``.
+
+    ``step`` is the step of the checkpoint it is saved with (None outside a save).
+    """
+    return {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "config": config.to_dict(),
+        "engine": engine.state_dict() if engine is not None else {},
+        "layers": {name: list(layer_view_shape(m)) for name, m in modules.items()},
+        "last_update_step": last_update_step,
+        "update_seconds_total": update_seconds_total,
+    }
+
+
+def write_state(
+    args: Any, trainer_state: Any, masks: Mapping[str, torch.Tensor], state: Mapping[str, Any]
+) -> bool:
+    """Write ``hf_chts_state/`` into the checkpoint of ``trainer_state.global_step`` if it exists and this
+    process saves (``args.should_save``; the main process when ``args`` does not say).
+
+    Returns:
+        `bool`: whether it was written (False on processes that do not save, or outside a save).
+    """
+    if not getattr(args, "should_save", trainer_state.is_world_process_zero):
+        return False
+    checkpoint = checkpoint_folder(args.output_dir, trainer_state.global_step)
+    if not os.path.isdir(checkpoint):
+        return False  # not saving a checkpoint right now
+    save_sparse_state(checkpoint, masks, state)
+    return True
+
+
+def find_state(
+    args: Any,
+    step: int,
+    modules: Mapping[str, nn.Module],
+    engine: Any,
+    *,
+    carried: bool,
+    resume_from: str | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The checkpoint's masks (validated against the run's schedule) and scalar state, to resume at ``step``.
+
+    Args:
+        args: the Trainer's ``TrainingArguments``.
+        step (`int`): ``state.global_step`` the Trainer resumes at.
+        modules: the sparse modules by name.
+        engine (`TopologyEngine`): the run's engine (its schedule gives the expected link counts).
+        carried (`bool`): whether the model already carries masks (then a missing state is only a warning).
+        resume_from (`str`, *optional*): a folder to try first.
+
+    Returns:
+        ``(masks, scalar state)``, or None when no state is found and the model's masks are kept.
+
+    Raises:
+        ValueError: no state and no masks anywhere, or a state that does not continue this run.
+    """
+    tried = checkpoint_candidates(args, step, resume_from)
+    at = last_update_before(engine.config, engine.last_update, step)
+    found = find_resume_state(
+        tried,
+        trainer_step=step,
+        shapes={name: tuple(m.weight.shape) for name, m in modules.items()},
+        expected_nnz={name: engine.target_nnz(name, at) for name in modules},
+    )
+    if found is None:
+        if carried:
+            logger.warning(
+                "hf_chts: resuming at step %d without %s/ in %s; keeping the masks the model carries.",
+                step,
+                STATE_DIR,
+                tried,
+            )
+            return None
+        raise ValueError(
+            f"Resuming at step {step}, but no {STATE_DIR}/ and no masks in the model weights were found "
+            f"in {tried}; the masks cannot be restored and the run would not continue the same topology. "
+            "Pass `resume_from=<checkpoint folder>` to CHTssCallback, or resume from "
+            "hf_chts.last_complete_checkpoint(output_dir)."
+        )
+    masks, scalar, source = found
+    logger.info("hf_chts: restoring masks and topology state of step %d from %s.", step, source)
+    return masks, scalar
+
+
+def resume_point(
+    args: Any,
+    step: int,
+    modules: Mapping[str, nn.Module],
+    engine: Any,
+    *,
+    carried: bool,
+    resume_from: str | None = None,
+) -> tuple[dict[str, torch.Tensor] | None, int, float]:
+    """Where a run that starts at ``step`` (``state.global_step``) stands.
+
+    Returns:
+        ``(masks, last_update_step, update_seconds_total)``: at step 0 ``(None, 0, 0.0)``; when resuming, the
+        checkpoint's masks (or None: keep the model's, see :func:`find_state`) and the restored progress, with
+        the engine's state loaded (:func:`restore_progress`).
+    """
+    if step <= 0:
+        return None, 0, 0.0
+    found = find_state(args, step, modules, engine, carried=carried, resume_from=resume_from)
+    last_update_step, seconds = restore_progress(engine, found[1] if found else None, step)
+    return (found[0] if found else None), last_update_step, seconds
+
+
+def restore_progress(engine: Any, scalar: Mapping[str, Any] | None, step: int) -> tuple[int, float]:
+    """Load the engine's saved state; ``(last_update_step, update_seconds_total)`` of the resumed run.
+
+    Without a saved state (``scalar`` None) the engine keeps its fresh state and the last update is the one
+    the schedule puts at or before ``step``. A saved config that differs from the run's is logged.
+    """
+    config = engine.config
+    if scalar is None:
+        return last_update_before(config, engine.last_update, step), 0.0
+    saved = _resolved(scalar.get("config"))
+    now = config.to_dict(resolved=True)
+    if saved and saved != now:
+        changed = sorted(k for k, v in saved.items() if now.get(k) != v)
+        logger.warning("hf_chts: resuming with a changed sparse-training config (fields %s).", changed)
+    engine.load_state_dict(scalar.get("engine", {}))
+    last = int(scalar.get("last_update_step", last_update_before(config, engine.last_update, step)))
+    return last, float(scalar.get("update_seconds_total", 0.0))
+
+
+def _resolved(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Every field of a saved config dict as its value (older checkpoints saved them resolved already)."""
+    if not config:
+        return None
+    try:
+        return SparseTrainingConfig.from_dict(dict(config)).to_dict(resolved=True)
+    except ValueError:
+        return dict(config)
