@@ -233,3 +233,25 @@ def test_docstrings_cite_the_projects_own_method_page():
             number = cited.split(")")[0].split(",")[0].split(" ")[0].rstrip(".:;")
             assert number in sections, f"{path} cites section {number!r}, which docs/method.md lacks"
 
+
+# ---------------------------------------------------------------- a thin callback, no stack walking
+def test_callback_module_stays_thin():
+    lines = len((PACKAGE / "callback.py").read_text().splitlines())
+    assert lines < 300, f"callback.py has {lines} lines; move what is not Trainer event handling out of it"
+
+
+def test_no_module_walks_the_call_stack():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = node.attr if isinstance(node, ast.Attribute) else getattr(node, "name", None)
+            if name in ("_getframe", "currentframe", "stack") and _is_frame_access(node):
+                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert not offenders, offenders
+
+
+def _is_frame_access(node: ast.AST) -> bool:
+    """``sys._getframe`` / ``inspect.currentframe`` / ``inspect.stack``, as attributes or imported names."""
+    if isinstance(node, ast.Attribute):
+        return isinstance(node.value, ast.Name) and node.value.id in ("sys", "inspect")
+    return isinstance(node, ast.alias)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -220,10 +221,17 @@ class Reporter(TrainerCallback):
 
 
 def test_logs_reach_reporters_and_history(tmp_path):
-    reporter = Reporter()
-    trainer, sparse, _ = train(tmp_path, config_for("chts"), probe=False, callbacks=[reporter], max_steps=6)
+    reporter = Reporter()  # placed before the sparse callback, as transformers places report_to integrations
+    trainer = Trainer(
+        model=tiny_llama(),
+        args=make_args(tmp_path, max_steps=6),
+        train_dataset=RandomTokens(),
+        callbacks=[reporter],
+    )
+    sparse = CHTssCallback(config_for("chts")).attach(trainer)
+    trainer.train()
     handler = trainer.callback_handler.callbacks
-    assert handler.index(sparse) < handler.index(reporter)
+    assert handler.index(sparse) == 0 and handler.count(sparse) == 1
     update_logs = [log for log in reporter.logs if "sparsity/links_regrown" in log]
     assert len(update_logs) == 2  # updates at steps 2 and 4 (t_end = 4)
     keys = {
@@ -243,6 +251,24 @@ def test_logs_reach_reporters_and_history(tmp_path):
     assert update_logs[0]["sparsity/links_regrown"] > 0
     history = [h for h in trainer.state.log_history if "sparsity/links_regrown" in h]
     assert [h["step"] for h in history] == [2, 4]
+
+
+@pytest.mark.parametrize("attach", [False, True])
+def test_callback_given_after_report_to_integrations_says_how_to_attach(tmp_path, caplog, attach):
+    sparse = CHTssCallback(config_for("static"))
+    trainer = Trainer(
+        model=tiny_llama(),
+        args=make_args(tmp_path, max_steps=1),
+        train_dataset=RandomTokens(),
+        callbacks=[] if attach else [sparse],
+    )
+    if attach:
+        sparse.attach(trainer)
+    trainer.args.report_to = ["wandb"]  # after construction: the Trainer adds no integration callback
+    with caplog.at_level(logging.WARNING, logger="hf_chts"):
+        trainer.train()
+    assert ("attach(trainer)" in caplog.text) is not attach
+    assert trainer.callback_handler.callbacks.count(sparse) == 1
 
 
 # ------------------------------------------------------------------------------------------ resume

@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import TrainerState  # noqa: E402
 
-import hf_chts.callback as hf_callback  # noqa: E402
+import hf_chts.resume as hf_resume  # noqa: E402
 from hf_chts.callback import CHTssCallback  # noqa: E402
 from hf_chts.checkpointing import checkpoint_problem, last_complete_checkpoint  # noqa: E402
 from hf_chts.config import SparseTrainingConfig  # noqa: E402
@@ -172,7 +172,7 @@ def install_crash(point: str, at: int) -> None:
 
         after(ckpt, "write_atomic", lambda path, data: path.endswith("masks.safetensors"))
     elif point == "sparse_complete":
-        after(hf_callback, "save_sparse_state")
+        after(hf_resume, "save_sparse_state")
     elif point == "trainer_state_partial":
         original = TrainerState.save_to_json
 
