@@ -417,12 +417,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logger.info("Model: %s", json.dumps(model_summary(model)))
 
     # 4. Train. CHTssCallback evolves the topology every update_interval steps (and, with --rewarmup_steps,
-    # re-warms the LR after each update); CyclicRewarmup re-warms it every cycle, for dense runs too.
-    callbacks = []
-    if sparse_config is not None:
-        callbacks.append(CHTssCallback(sparse_config, log_per_layer=sparse_args.log_per_layer))
-    if rewarmup is not None:
-        callbacks.append(rewarmup)
+    # re-warms the LR after each update); attached first, so --report_to loggers see its sparsity/ keys.
+    # CyclicRewarmup re-warms the LR every cycle, for dense runs too.
+    callbacks = [rewarmup] if rewarmup is not None else []
     trainer = PerplexityTrainer(
         model=model,
         args=training_args,
@@ -432,6 +429,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data_collator=data.data_collator,
         callbacks=callbacks,
     )
+    if sparse_config is not None:
+        CHTssCallback(sparse_config, log_per_layer=sparse_args.log_per_layer).attach(trainer)
     train_result = trainer.train(
         resume_from_checkpoint=resolve_resume_checkpoint(
             training_args.resume_from_checkpoint, training_args.output_dir
