@@ -78,8 +78,8 @@ class CHTssCallback(TrainerCallback, ExportableState):
     ``engine_seconds``, ``update_seconds_total``, ``update_step``, and per layer ``<name>/density``,
     ``<name>/active_out``, ``<name>/active_in``, ``<name>/turnover``.
 
-    Checkpoints: ``on_save`` writes ``<checkpoint>/hf_chts_state/`` (``masks.safetensors`` + ``state.json``,
-    main process only); ``on_train_begin`` restores it when training resumes.
+    Checkpoints: ``state()``, which the Trainer calls while it saves, writes ``<checkpoint>/hf_chts_state/``
+    (``masks.safetensors`` + ``state.json``, main process only); ``on_train_begin`` restores it on resume.
 
     Distributed: every rank keeps identical masks; the update is sharded over ranks (:mod:`hf_chts.update`,
     :mod:`hf_chts.distributed`). Under FSDP2 the full weights are gathered for the update.
