@@ -33,6 +33,8 @@ from .engine import TopologyEngine
 from .masking import (
     MASK_NAME,
     apply_masks_,
+    get_masks,
+    keep_masks_out_of_ddp_,
     layer_view_shape,
     remask_every_step,
     set_grad_capture_,
@@ -161,6 +163,11 @@ class CHTssCallback(TrainerCallback, ExportableState):
         return resume.scalar_state(self.config, self.engine, self.modules, step, *progress)
 
     # ------------------------------------------------------------------ events
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        """Before the Trainer wraps the model: masks it already carries stay out of DDP's buffer broadcast."""
+        if model is not None and get_masks(model):
+            keep_masks_out_of_ddp_(model)
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         """Config, sparse layers, engine for ``state.max_steps`` steps, masks (the checkpoint's on resume)."""
         if model is None:

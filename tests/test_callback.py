@@ -15,7 +15,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from hf_chts.callback import STATE_DIR, CHTssCallback
 from hf_chts.checkpointing import load_sparse_state, save_sparse_state
 from hf_chts.config import SparseTrainingConfig
-from hf_chts.masking import MASK_NAME, get_masks
+from hf_chts.masking import MASK_NAME, get_masks, set_masks_
 from hf_chts.sparsify import sparsify_
 
 VOCAB, SEQ = 100, 16
@@ -584,3 +584,14 @@ def test_callback_update_adds_no_host_syncs():
         callback._update(2, optimizer)
     assert update.syncs == engine_only.syncs, (dict(update.sync_ops), dict(engine_only.sync_ops))
     assert update.ops - engine_only.ops <= 20 * len(callback.modules)
+
+
+def test_masks_a_model_carries_stay_out_of_ddp_broadcasts(tmp_path):
+    # Masks set by hand (no sparsify_): the callback adds them to DDP's ignore list before the Trainer wraps.
+    model = tiny_llama()
+    name = "model.layers.0.mlp.up_proj"
+    shape = model.get_submodule(name).weight.shape
+    set_masks_(model, {name: torch.rand(shape, generator=torch.Generator().manual_seed(0)) < 0.3})
+    assert not hasattr(model, "_ddp_params_and_buffers_to_ignore")
+    Trainer(model=model, args=make_args(tmp_path), callbacks=[CHTssCallback(config_for("set"))])
+    assert f"{name}.{MASK_NAME}" in model._ddp_params_and_buffers_to_ignore
