@@ -115,3 +115,24 @@ def test_final_prune_with_chain_removal_ends_at_exactly_the_target(n_out2):
         assert not new["fc1"][hidden].any() and not new["fc2"][:, hidden].any()
         again, _ = chain_removal(dict(new), LayerChain(["fc1", "fc2"]))
         assert all(torch.equal(again[name], new[name]) for name in shapes)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_final_prune_with_chain_removal_is_identical_on_cpu_and_cuda():
+    from hf_chts.topology.percolation import LayerChain
+
+    shapes = {"fc1": (30, 20), "fc2": (10, 30)}
+    cfg = SparseTrainingConfig(
+        method="set", density=0.1, density_schedule="em_s", update_interval=10, chain_removal=True
+    )
+    engine = TopologyEngine(cfg, shapes, chains=[LayerChain(["fc1", "fc2"])], max_steps=20)
+    masks = engine.init_masks()
+    g = torch.Generator().manual_seed(3)
+    weights = {name: torch.rand(shape, generator=g) * masks[name] for name, shape in shapes.items()}
+    cpu, _, cpu_stats = engine.step(10, masks, weights)
+    on = {name: m.cuda() for name, m in masks.items()}
+    cuda, _, _ = engine.step(10, on, {name: w.cuda() for name, w in weights.items()})
+    assert any(layer.chain_removed for layer in cpu_stats.layers.values())  # links were kept back
+    for name in shapes:
+        assert cuda[name].device.type == "cuda" and torch.equal(cuda[name].cpu(), cpu[name]), name
