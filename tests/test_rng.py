@@ -76,6 +76,20 @@ def test_values_do_not_depend_on_tiling(monkeypatch):
     for tile in (1, 7, 64, 299, 4096):
         monkeypatch.setattr(rng, "_TILE_CPU", tile)
         assert torch.equal(random_bits(keys, 300), whole), tile
+        assert torch.equal(uniform(keys, (3, 100), offset=5).view(5, -1), uniform(keys, 300, offset=5)), tile
+
+
+@pytest.mark.parametrize("uniform_float", [False, True], ids=["bits", "uniform"])
+def test_tensor_tiles_match_the_cpu_path(uniform_float):
+    # Off the CPU the stream runs as int64 tensor ops (rng._fill_tiles); on a CPU through NumPy. Both give
+    # the same integers, whatever the tile; checked here on CPU tensors, so the device code runs in CI.
+    keys = torch.tensor([stream_key(0, i) for i in range(5)] + [-1, 0])
+    start, gamma = rng._mix64(keys.clone())[:, None], rng._gamma(keys)[:, None]
+    expected = (uniform if uniform_float else random_bits)(keys, 300, offset=9)
+    for tile in (1, 7, 64, 299, 4096):
+        out = torch.empty(7, 300, dtype=expected.dtype)
+        rng._fill_tiles(out, start, gamma, 9, uniform_float, tile)
+        assert torch.equal(out, expected), tile
 
 
 def test_offset_continues_the_stream():
