@@ -23,6 +23,7 @@ from .config import SparseTrainingConfig
 from .stats import global_density, mean_active_neurons
 from .topology.csti import abs_correlation, load_calibration_inputs
 from .topology.init import allocate_densities, init_mask
+from .topology.link_prediction import ch_scores
 from .topology.rng import stream_key
 from .topology.sampling import _scatter_rows, count_true, host_values, row_positions, select_rows
 from .topology.schedules import DropFraction, EMSDensity, Temperature, make_density_schedule
@@ -712,29 +713,12 @@ def _keep_links(mask, scores_at, nnz, keep, mode, temperature, streams) -> torch
 def _ch_scores_stack(masks: torch.Tensor, variant: str, precision: str, nnz: Sequence[int]) -> torch.Tensor:
     """CH link-prediction scores of a ``(B, n_out, n_in)`` stack of masks.
 
-    Off the CPU: one stacked :func:`~hf_chts.topology.link_prediction.ch_scores` call (batched GEMMs, no
-    host read). On a CPU each layer goes through the kernels its density picks (neighbour lists at low
-    density, int8 / fp32 GEMMs above), with the density taken from the host-side link counts ``nnz``, so
-    that no count is read back either.
+    Off the CPU: batched GEMMs over the stack, no host read. On a CPU each layer goes through the kernels its
+    density picks (neighbour lists at low density, int8 / fp32 GEMMs above), the density taken from the
+    host-side link counts ``nnz``, so that no count is read back either.
     """
-    from .topology import link_prediction as lp
-
     if variant == "CH3_L3p":  # the path-based predictor scores one layer at a time
         from .topology.ch3_l3p import ch3_l3p_scores
 
         return torch.stack([ch3_l3p_scores(m) for m in masks.unbind(0)]).to(torch.float32)
-    if masks.device.type != "cpu":
-        return lp.ch_scores(masks, variant, precision=precision)
-    kind = lp._variant_kind(variant)
-    out = torch.empty(masks.shape, dtype=torch.float32, device=masks.device)
-    for b, m in enumerate(masks.unbind(0)):
-        if nnz[b] == 0:
-            out[b].zero_()
-            continue
-        layer = lp._Layer(m)
-        layer.__dict__["nnz"] = nnz[b]  # known on the host: the plan reads no count from the device
-        counts, products = lp._plan("auto", layer)
-        lp._add_row_part(out[b], layer, kind, counts, products, precision, None)
-        lp._add_col_part(out[b], layer, kind, counts, products, precision, None)
-        out[b].masked_fill_(m, 0.0)
-    return out
+    return ch_scores(masks, variant, precision=precision, nnz=[int(n) for n in nnz])

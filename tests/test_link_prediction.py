@@ -266,6 +266,34 @@ def test_dense_path_never_reads_the_device():
         assert mode.syncs == [], (precision, mode.syncs)
 
 
+def test_known_link_counts_spare_the_cpu_plan_its_read():
+    # "auto" on CPU picks each layer's kernels by density; with the counts given it reads nothing back and
+    # computes the same scores (a dense layer, a sparse one, an empty one in one stack).
+    g = torch.Generator().manual_seed(4)
+    stack = torch.stack(
+        [torch.rand(40, 60, generator=g) < 0.3, torch.rand(40, 60, generator=g) < 0.02, torch.zeros(40, 60)]
+    ).bool()
+    counts = [int(m.sum()) for m in stack]
+    with _CountSyncs() as mode:
+        dense_layers = ch_scores(stack[[0, 2]], nnz=[counts[0], counts[2]])
+    assert mode.syncs == [], mode.syncs
+    with _CountSyncs() as mode:
+        ch_scores(stack[[0, 2]])
+    assert mode.syncs  # the same call without the counts reads them
+    got = ch_scores(stack, "CH3_L3n", nnz=counts)
+    assert torch.equal(got, ch_scores(stack, "CH3_L3n"))
+    assert torch.equal(dense_layers, ch_scores(stack[[0, 2]]))
+    assert torch.equal(ch_scores(stack[0], "CH3_L3n", nnz=counts[0]), got[0])
+    assert bool((got[2] == 0).all())
+
+
+@pytest.mark.parametrize("nnz", [[1, 2], -1, [1.0, 2, 3], 5, [10**9, 0, 0]], ids=str)
+def test_bad_link_counts(nnz):
+    stack = torch.zeros(3, 4, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="nnz"):
+        ch_scores(stack, nnz=nnz)
+
+
 # ------------------------------------------------------------------------------------ precision knob
 def test_precision_names_match_the_config():
     assert config_module.CH_PRECISIONS == CH_PRECISIONS

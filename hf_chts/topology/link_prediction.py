@@ -38,7 +38,7 @@ the agreement of the top-k regrown links are measured in docs/PRECISION.md.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import cached_property
 
@@ -78,6 +78,7 @@ def ch_scores(
     method: str = "auto",
     precision: str = "exact",
     block_size: int | None = None,
+    nnz: int | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Cannistraci-Hebb L3n link-prediction scores of every position of a layer's mask (or of a stack).
 
@@ -100,6 +101,10 @@ def ch_scores(
             rounding of ``G`` but no speed-up. Ignored by ``"dense_reference"``.
         block_size (`int`, *optional*): rows of ``C_r`` / ``C_c`` per block; by default chosen so that one
             block's temporaries take ~256 MB on CPU, a quarter of the free memory on other devices.
+        nnz (`int` or `Sequence[int]`, *optional*): the number of links of the mask (one per layer of a
+            stack), when the caller already knows it. ``"auto"`` on CPU picks each layer's kernels by its
+            density; with ``nnz`` it reads no count back from the mask. A wrong count changes only which
+            (exact) kernels run, never what they compute beyond float32 rounding.
 
     Returns:
         `torch.Tensor`: float32 scores of ``mask``'s shape on its device; 0.0 at existing links (only
@@ -120,6 +125,7 @@ def ch_scores(
     check_choice("ch_precision", precision, CH_PRECISIONS)
     if block_size is not None:
         check_positive_int(block_size, "block_size")
+    counts = _check_nnz(nnz, mask)
     if method == "dense_reference":
         if mask.dim() == 3:
             return torch.stack([ch_scores_reference(m, variant) for m in mask]).to(torch.float32)
@@ -132,23 +138,42 @@ def ch_scores(
             stack = m if m.dim() == 3 else m[None]
             scores = _dense_stack(stack, kind, precision, block_size)
             return scores if m.dim() == 3 else scores[0]
-        if m.dim() == 3:
-            out = torch.empty(m.shape, dtype=torch.float32, device=m.device)
-            for index in range(m.shape[0]):  # per-layer kernels (CPU: each layer's density picks them)
-                out[index] = _layer_scores(m[index], kind, method, precision, block_size)
-            return out
-        return _layer_scores(m, kind, method, precision, block_size)
+        out = torch.empty(m.shape, dtype=torch.float32, device=m.device)
+        if m.dim() == 2:
+            return _layer_scores(out, m, kind, method, precision, block_size, counts[0])
+        for index in range(m.shape[0]):  # per-layer kernels (CPU: each layer's density picks them)
+            _layer_scores(out[index], m[index], kind, method, precision, block_size, counts[index])
+        return out
 
 
-def _layer_scores(m: torch.Tensor, kind: str, method: str, precision: str, block_size) -> torch.Tensor:
-    layer = _Layer(m)
+def _check_nnz(nnz, mask: torch.Tensor) -> list[int | None]:
+    """One link count (or None: unknown) per layer of ``mask``."""
+    layers = mask.shape[0] if mask.dim() == 3 else 1
+    if nnz is None:
+        return [None] * layers
+    values = [nnz] if isinstance(nnz, int) and mask.dim() == 2 else nnz
+    per_layer = mask[0].numel() if mask.dim() == 3 else mask.numel()
+    if (
+        not isinstance(values, (list, tuple))
+        or len(values) != layers
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= per_layer for v in values)
+    ):
+        raise ValueError(
+            f"`nnz` must give the number of links of the mask ({layers} int(s) in [0, {per_layer}], a list "
+            f"for a stack), got {nnz!r}; or leave it None."
+        )
+    return list(values)
+
+
+def _layer_scores(out, m: torch.Tensor, kind, method, precision, block_size, nnz) -> torch.Tensor:
+    """Scores of one layer's bool mask ``m``, written into ``out`` (float32, ``m``'s shape)."""
+    layer = _Layer(m, nnz)
     if layer.device.type == "cpu" and layer.nnz == 0:  # (reading nnz is free on CPU)
-        return torch.zeros(layer.shape, dtype=torch.float32, device=layer.device)
-    scores = torch.empty(layer.shape, dtype=torch.float32, device=layer.device)  # the row part fills it
+        return out.zero_()
     counts, products = _plan(method, layer)
-    _add_row_part(scores, layer, kind, counts, products, precision, block_size)
-    _add_col_part(scores, layer, kind, counts, products, precision, block_size)
-    return scores.masked_fill_(layer.m, 0.0)
+    _add_row_part(out, layer, kind, counts, products, precision, block_size)  # fills every row of ``out``
+    _add_col_part(out, layer, kind, counts, products, precision, block_size)
+    return out.masked_fill_(layer.m, 0.0)
 
 
 def ch_scores_reference(mask: torch.Tensor, variant: str = "CH2_L3n") -> torch.Tensor:
@@ -237,8 +262,10 @@ def _variant_kind(variant: str) -> str:
 class _Layer:
     """A mask with its degrees and, built on first use, the operand layouts the kernels need."""
 
-    def __init__(self, m: torch.Tensor):
+    def __init__(self, m: torch.Tensor, nnz: int | None = None):
         self.m = m
+        if nnz is not None:
+            self.__dict__["nnz"] = nnz  # known to the caller: the CPU plan reads nothing back
         self.shape = tuple(m.shape)
         self.device = m.device
         self.k_row = m.sum(1, dtype=torch.int64).to(torch.float32)
