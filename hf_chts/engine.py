@@ -532,7 +532,10 @@ class TopologyEngine:
             n_excluded=s.nnz,
             shape=tuple(flat.shape),
             device=s.device,
+            overwrite=True,  # the scores are this update's own
         ).view(s.mask.shape)
+        del scores
+        s.cache.clear()
         s.mask = s.mask | grown
         s.grown = grown
         s.regrown = grow
@@ -705,7 +708,9 @@ def _keep_links(mask, scores_at, nnz, keep, mode, temperature, streams) -> torch
     n = flat.shape[1]
     link_pos = row_positions(flat, nnz)  # padded with position 0; ``lengths`` keeps the padding out
     values = scores_at(link_pos)
-    chosen = select_rows(values, keep, mode=mode, temperature=temperature, lengths=nnz, streams=streams)
+    chosen = select_rows(
+        values, keep, mode=mode, temperature=temperature, lengths=nnz, streams=streams, overwrite=True
+    )
     picked = torch.where(chosen, link_pos, rows * n)
     return _scatter_rows(rows, n, picked, mask.device).view(mask.shape)
 

@@ -351,6 +351,31 @@ def test_select_rows_with_streams_row_alone_equals_row_in_stack(mode):
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_select_rows_overwrite_selects_the_same(mode):
+    # overwrite=True computes the keys in the scores' memory: the same selection, and the input is spent.
+    from hf_chts.topology.rng import stream_key
+
+    g = torch.Generator().manual_seed(5)
+    scores = torch.rand(3, 400, generator=g) ** 2
+    scores[1, :300] = 0.0  # the zero fill
+    exclude = torch.rand(3, 400, generator=g) < 0.2
+    streams = [stream_key(2, "overwrite", b) for b in range(3)]
+    for excl, ks, whole in ((exclude, [100, 150, 0], False), (None, [100, 90, 120], True)):
+        kw = dict(mode=mode, temperature=2.0, exclude=excl, streams=streams)
+        kept = scores.clone()
+        expected = sampling.select_rows(kept, ks, **kw)
+        assert torch.equal(kept, scores)  # by default the scores are left alone
+        spent = scores.clone()
+        assert torch.equal(sampling.select_rows(spent, ks, overwrite=True, **kw), expected)
+        if whole and mode == "soft":
+            assert not torch.equal(spent, scores)
+        for source in (scores.double(), scores.to(torch.bfloat16)):
+            assert torch.equal(
+                sampling.select_rows(source, ks, overwrite=True, **kw), sampling.select_rows(source, ks, **kw)
+            )
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
 def test_select_rows_equals_select_indices_row_by_row(mode):
     # Row b of a stack is exactly select_indices on row b alone, with the same generator: ragged lengths,
     # exclusions, the zero fill, k = 0 and k = all, small rows (kthvalue) and long ones (bracket).

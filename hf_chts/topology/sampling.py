@@ -585,6 +585,7 @@ def select_rows(
     n_excluded: Sequence[int] | None = None,
     shape: tuple[int, int] | None = None,
     device: torch.device | str | None = None,
+    overwrite: bool = False,
 ) -> torch.Tensor:
     """:func:`select_indices` on every row of a ``(B, N)`` stack at once; returns a ``(B, N)`` bool mask.
 
@@ -615,6 +616,9 @@ def select_rows(
             ``generators``).
         n_excluded (`Sequence[int]`, *optional*): the number of True entries of ``exclude`` in each row's
             valid prefix, when the caller knows it (saves a pass over ``exclude``).
+        overwrite (`bool`, *optional*, defaults to False): ``scores`` may be overwritten (the caller does not
+            read it afterwards): the selection keys are then computed in its memory, which saves two copies
+            of the stack. The selection is the same.
 
     Returns:
         `torch.BoolTensor` of shape ``(B, N)`` with exactly ``k[b]`` True entries in row ``b``.
@@ -670,8 +674,10 @@ def select_rows(
         reads = []
     else:
         values = scores if scores.is_floating_point() else scores.float()
+        overwrite = overwrite or values is not scores  # a converted copy is ours to overwrite
         if blocked is not None:
-            values = values.masked_fill(blocked, 0)
+            values = values.masked_fill_(blocked, 0) if overwrite else values.masked_fill(blocked, 0)
+            overwrite = True
         positive = values > 0
         low, high = _row_aminmax(values)  # NaN propagates into both
         reads = [count_true(positive), ~((low >= 0) & torch.isfinite(high))]
@@ -720,24 +726,32 @@ def select_rows(
             else:
                 row.uniform_(generator=generators[b])
     every = len(active) == rows
-    keys = None if every and not fill else torch.full((rows, n), -3.0, device=device)
+    # Hard keys are the scores themselves (float64 stays float64), soft keys float32.
+    key_dtype = torch.float32
+    if values is not None and mode == "hard":
+        key_dtype = torch.promote_types(values.dtype, torch.float32)
+    keys = None if every and not fill else torch.full((rows, n), -3.0, dtype=key_dtype, device=device)
     if ranked:
         whole = len(ranked) == rows
         idx = None if whole else _index_tensor(ranked, device)
         if mode == "soft":
             u = uniforms if whole else uniforms[idx]
             u.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_().log_()  # log(E), E ~ Exp(1)
-            part = _log_weights(values if whole else values[idx])
+            if whole and overwrite and values.dtype == torch.float32:
+                part = values.log_()  # the same values as _log_weights, in place
+            else:
+                part = _log_weights(values if whole else values[idx])
             if temperature != 1.0:
                 part.mul_(temperature)
             part.sub_(u)  # zero weights give -inf: they never beat a positive one
+        elif blocked is None:
+            part = values if whole else values[idx]
         else:
-            part = values if blocked is None else values.masked_fill(blocked, -1)
-            part = part if whole else part[idx]
+            part = values.masked_fill_(blocked, -1) if whole else values[idx].masked_fill_(blocked[idx], -1)
         if whole:
             keys = part
         else:
-            keys[idx] = part
+            keys[idx] = part.to(key_dtype)
     if fill:
         # Every positive entry, then the rest uniformly among the non-blocked zero entries.
         idx = _index_tensor(fill, device)
@@ -746,9 +760,10 @@ def select_rows(
             fill_keys.masked_fill_(positive[idx], 2.0)
         if blocked is not None:
             fill_keys.masked_fill_(blocked[idx], -1.0)
-        keys[idx] = fill_keys
+        keys[idx] = fill_keys.to(key_dtype)
     if keys is None:
-        keys = torch.full((rows, n), -3.0, device=device)
+        keys = torch.full((rows, n), -3.0, dtype=key_dtype, device=device)
+    uniforms = u = values = part = None  # only the keys are needed from here on
     take = [ks[b] if b in active else 0 for b in range(rows)]
     chosen = _topk_rows(keys, take)
     whole_rows = [b for b in range(rows) if ks[b] > 0 and ks[b] >= available[b]]
