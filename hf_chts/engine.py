@@ -375,7 +375,7 @@ class TopologyEngine:
         stacks = _make_stacks(names, masks, self.shapes)
         nnz_before = _read_counts(stacks, lambda s: count_true(s.old))
         for s in stacks:
-            s.mask = s.old.clone()
+            s.mask = s.old  # every change below makes a new tensor (chain removal copies first)
             s.nnz = [nnz_before[name] for name in s.names]
             s.target = [self.target_nnz(name, step) for name in s.names]
             self._prune_stack(s, step, weights, grads, zeta, temperature)
@@ -402,12 +402,14 @@ class TopologyEngine:
         else:
             decay = [max(n - t, 0) for n, t in zip(s.nnz, s.target, strict=True)]
         if any(decay):
-            scores = removal_scores(_stack_of(weights, s), cfg.decay_pruning)
+            link_pos = _link_positions(s.mask, s.nnz)
+            # the whole stack's scores, read at the links only (and freed before the selection)
+            values = removal_scores(_stack_of(weights, s), cfg.decay_pruning).view(-1)[link_pos]
             keep = [n - d for n, d in zip(s.nnz, decay, strict=True)]
             gens = [stream_key(cfg.seed, step, name, "decay") for name in s.names]
-            full = scores.view(-1)
-            s.mask = _keep_links(s.mask, lambda pos: full[pos], s.nnz, keep, "hard", 1.0, gens)
+            s.mask = _keep_links(s.mask, link_pos, values, s.nnz, keep, "hard", 1.0, gens)
             s.nnz = keep
+            del link_pos, values
         s.decay = decay
         s.removed = [0] * len(s.names)
         if cfg.removal == "none":
@@ -423,15 +425,16 @@ class TopologyEngine:
             s.cache.clear()
             return
 
-        def scores_at(link_pos: torch.Tensor) -> torch.Tensor:
-            # Magnitude and MEST scores are elementwise: score the links only.
-            weight = _stack_of(weights, s).view(-1)[link_pos]
-            grad = _stack_of(grads, s).view(-1)[link_pos] if cfg.removal == "mest" else None
-            return removal_scores(weight, cfg.removal, grad=grad, mest_lambda=cfg.mest_lambda)
-
+        # Magnitude and MEST scores are elementwise: score the links only.
+        link_pos = _link_positions(s.mask, s.nnz)
+        weight = _stack_of(weights, s).view(-1)[link_pos]
+        grad = _stack_of(grads, s).view(-1)[link_pos] if cfg.removal == "mest" else None
+        s.cache.clear()
+        values = removal_scores(weight, cfg.removal, grad=grad, mest_lambda=cfg.mest_lambda)
+        del weight, grad
         keep = [n - r for n, r in zip(s.nnz, remove, strict=True)]
         gens = [stream_key(cfg.seed, step, name, "remove") for name in s.names]
-        s.mask = _keep_links(s.mask, scores_at, s.nnz, keep, cfg.removal_mode, temperature, gens)
+        s.mask = _keep_links(s.mask, link_pos, values, s.nnz, keep, cfg.removal_mode, temperature, gens)
         s.nnz, s.removed = keep, remove
         s.cache.clear()
 
@@ -461,6 +464,8 @@ class TopologyEngine:
             for slot, tensor in zip(slots, tensors, strict=True):
                 for j, name in enumerate(slot):
                     s, b = where[name]
+                    if s.mask is s.old:
+                        s.mask = s.old.clone()
                     s.mask[b].copy_(tensor[j])
         counts = _read_counts(stacks, lambda s: count_true(s.mask))
         before = {name: n for s in stacks for name, n in zip(s.names, s.nnz, strict=True)}
@@ -617,7 +622,7 @@ def _chain_layers(chain: Any) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- stacks
 # Largest stack, in entries, processed in one piece (its float32 scores and keys dominate the memory).
-_STACK_ENTRIES = {"cpu": 1 << 25}
+_STACK_ENTRIES = {"cpu": 1 << 24}
 _STACK_ENTRIES_DEFAULT = 1 << 27
 
 
@@ -696,18 +701,20 @@ def _gather_rows(where, slot: Sequence[str]) -> torch.Tensor:
     return torch.stack([where[name][0].mask[where[name][1]] for name in slot])
 
 
-def _keep_links(mask, scores_at, nnz, keep, mode, temperature, streams) -> torch.Tensor:
+def _link_positions(mask: torch.Tensor, nnz: Sequence[int]) -> torch.Tensor:
+    """``(B, max(nnz))``: the flat positions in the stack of every layer's links, ascending, padded with 0."""
+    return row_positions(mask.view(mask.shape[0], -1), nnz)
+
+
+def _keep_links(mask, link_pos, values, nnz, keep, mode, temperature, streams) -> torch.Tensor:
     """Keep ``keep[b]`` of the ``nnz[b]`` existing links of every layer, selected by score among the links.
 
-    ``scores_at(positions)`` gives the scores at flat positions of the stack. The links of each layer are
-    listed in ascending position order and draw ``i`` of a layer's stream goes to its ``i``-th link, so a
-    layer's selection depends on nothing but the layer and its stream.
+    ``link_pos`` (:func:`_link_positions`) lists the links of each layer in ascending position order and
+    ``values`` their scores (overwritten here); draw ``i`` of a layer's stream goes to its ``i``-th link, so
+    a layer's selection depends on nothing but the layer and its stream.
     """
     rows = mask.shape[0]
-    flat = mask.view(rows, -1)
-    n = flat.shape[1]
-    link_pos = row_positions(flat, nnz)  # padded with position 0; ``lengths`` keeps the padding out
-    values = scores_at(link_pos)
+    n = mask[0].numel()
     chosen = select_rows(
         values, keep, mode=mode, temperature=temperature, lengths=nnz, streams=streams, overwrite=True
     )
