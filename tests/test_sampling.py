@@ -457,3 +457,27 @@ def test_sortable_orders_negative_zero_as_zero():
     keys = torch.tensor([0.5, -0.0, 0.25, 2.0])
     order = torch.sort(_sortable(keys, torch.arange(4), smallest=True, signed=False), descending=True)
     assert order.indices.tolist() == [1, 2, 0, 3]
+
+
+def test_row_positions_are_each_rows_links_in_order():
+    g = torch.Generator().manual_seed(2)
+    mask = torch.rand(4, 500, generator=g) < torch.tensor([[0.3], [0.01], [0.0], [0.9]])
+    counts = [int(row.sum()) for row in mask]
+    got = sampling.row_positions(mask, counts, fill=-7)
+    assert got.shape == (4, max(counts)) and got.dtype == torch.long
+    for b, row in enumerate(mask):
+        assert got[b, : counts[b]].tolist() == (row.nonzero().squeeze(1) + b * 500).tolist()
+        assert bool((got[b, counts[b] :] == -7).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_sample_order_statistics_match_a_sort(dtype):
+    g = torch.Generator().manual_seed(6)
+    sample = torch.randn(3, 1000, generator=g).round(decimals=1).to(dtype)  # ties
+    sample[1, ::3] = -float("inf")
+    hi_pos, lo_pos = [0, 10, 998], [999, 500, 999]
+    hi, lo = sampling._descending_order_stats(sample, hi_pos, lo_pos)
+    ordered = torch.sort(sample, dim=1, descending=True).values
+    assert torch.equal(hi[:, 0], ordered[torch.arange(3), hi_pos])
+    assert torch.equal(lo[:, 0], ordered[torch.arange(3), lo_pos])
+    assert hi.dtype == lo.dtype == dtype

