@@ -542,7 +542,10 @@ class TopologyEngine:
         del scores
         s.cache.clear()
         s.mask = s.mask | grown
-        s.grown = grown
+        s.returned = count_true(grown & s.old)  # links removed and regrown in this update
+        if not cfg.reset_returning_links:
+            grown.masked_fill_(s.old, False)  # only the links that are new to the layer are "grown"
+        s.grown, s.old = grown, None  # the old masks are not needed any more
         s.regrown = grow
 
     def _finish(self, stacks, stats: StepStats, nnz_before, chain_removed):
@@ -556,17 +559,16 @@ class TopologyEngine:
             rows = s.mask.amax(dim=2)  # any(): amax is ~5x faster on a CPU
             cols = s.mask.amax(dim=1)
             parts = [count_true(rows), count_true(cols)]
-            if s.grown is not None:
-                parts.append(count_true(s.grown & s.old))
-            else:
-                parts.append(torch.zeros_like(parts[0]))
+            parts.append(s.returned if s.returned is not None else torch.zeros_like(parts[0]))
             return torch.stack(parts, dim=1)
 
         table = _read_counts(stacks, figures)
         for s in stacks:
             n_out, n_in = s.shape
-            if cfg.reset_returning_links:
-                grown = s.grown if s.grown is not None else torch.zeros_like(s.old)
+            if s.grown is not None:  # (regrowth made it what the caller gets: see _regrow_stack)
+                grown = s.grown
+            elif cfg.reset_returning_links:
+                grown = torch.zeros_like(s.mask)
             else:
                 grown = s.mask & ~s.old
             for b, name in enumerate(s.names):
@@ -638,6 +640,7 @@ class _Stack:
         self.removed: list[int] = []
         self.regrown: list[int] = []
         self.grown: torch.Tensor | None = None
+        self.returned: torch.Tensor | None = None
         self.cache: dict[tuple, torch.Tensor] = {}
 
 
