@@ -544,7 +544,9 @@ class TopologyEngine:
         s.mask = s.mask | grown
         s.returned = count_true(grown & s.old)  # links removed and regrown in this update
         if not cfg.reset_returning_links:
-            grown.masked_fill_(s.old, False)  # only the links that are new to the layer are "grown"
+            # only the links that are new to the layer are "grown": grown & ~old, in place and in one pass
+            # (for bools, ``a > b`` is ``a & ~b``; a boolean masked_fill_ is ~50x slower on a CPU)
+            torch.gt(grown, s.old, out=grown)
         s.grown, s.old = grown, None  # the old masks are not needed any more
         s.regrown = grow
 
