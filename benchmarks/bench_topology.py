@@ -262,13 +262,14 @@ def reference_engine_module(revision: str):
             ["git", "show", f"{revision}:hf_chts/engine.py"], capture_output=True, text=True, check=True
         ).stdout
     source = source.replace("from .", "from hf_chts.")
-    path = os.path.join(tempfile.mkdtemp(), "reference_engine.py")
-    with open(path, "w") as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location("reference_engine", path)
-    module = importlib.util.module_from_spec(spec)
-    os.sys.modules["reference_engine"] = module  # dataclasses look their module up while being built
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "reference_engine.py")
+        with open(path, "w") as f:
+            f.write(source)
+        spec = importlib.util.spec_from_file_location("reference_engine", path)
+        module = importlib.util.module_from_spec(spec)
+        os.sys.modules["reference_engine"] = module  # dataclasses look their module up while being built
+        spec.loader.exec_module(module)
     return module
 
 
