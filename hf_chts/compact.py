@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from .checkpointing import check_safetensors_file, write_atomic
-from .masking import unmask_
+from .masking import keep_masks_out_of_ddp_, unmask_
 
 # re-exported: the statistics live in hf_chts.stats
 from .stats import layer_sort_key, mask_statistics, mlp_active_neurons, summarize_by_layer_type
@@ -247,6 +247,7 @@ def _attach_masks_(model: torch.nn.Module, masks: Mapping[str, torch.Tensor]) ->
             module.register_buffer("weight_mask", mask.clone(), persistent=True)
         else:
             existing.copy_(mask)
+    keep_masks_out_of_ddp_(model)
 
 
 def load_compact(
