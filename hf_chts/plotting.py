@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerState
 
 from .stats import layer_sort_key
 
@@ -75,7 +75,7 @@ def load_log_history(
             path = next((p for p in candidates if p.is_file()), path / "trainer_state.json")
         if not path.is_file():
             raise FileNotFoundError(f"No trainer_state.json at {path}; pass the file written by the Trainer.")
-        source = json.loads(path.read_text())
+        return list(TrainerState.load_from_json(str(path)).log_history)
     if isinstance(source, Mapping):
         return list(source.get("log_history", []))
     return list(source)
