@@ -93,29 +93,19 @@ def test_helpers_on_two_gloo_processes(tmp_path):
 # ------------------------------------------------------------------------------------------ Trainer runs
 
 
-def launch(out: Path, mode: str, method: str, steps: int = 6) -> list[dict]:
+def torchrun(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """``dist_train.py args`` on 2 CPU ranks (gloo), also on a machine with fewer GPUs than ranks."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["OMP_NUM_THREADS"] = "1"
-    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU ranks (gloo), also on a machine with fewer GPUs than ranks
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(SCRIPT),
-        "--mode",
-        mode,
-        "--method",
-        method,
-        "--steps",
-        str(steps),
-        "--out",
-        str(out),
-    ]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT)]
+    return subprocess.run(cmd + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def launch(out: Path, mode: str, method: str, steps: int = 6) -> list[dict]:
+    args = ["--mode", mode, "--method", method, "--steps", str(steps), "--out", str(out)]
+    result = torchrun(args, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return [json.loads((out / f"summary_rank{r}.json").read_text()) for r in range(2)]
 
@@ -172,32 +162,8 @@ def test_more_methods(tmp_path, mode, method):
 def test_frozen_rank_makes_the_other_fail_within_the_timeout(tmp_path):
     # rank 1 SIGSTOPs itself before the update at step 2; rank 0 must give up after ddp_timeout=10 s with a
     # message naming rank 1, instead of waiting in the mask broadcast for gloo's 30 minutes.
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["OMP_NUM_THREADS"] = "1"
-    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU ranks (gloo), also on a machine with fewer GPUs than ranks
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(SCRIPT),
-    ]
-    cmd += [
-        "--mode",
-        "ddp",
-        "--method",
-        "chts",
-        "--out",
-        str(tmp_path),
-        "--ddp_timeout",
-        "10",
-        "--freeze_at",
-        "2",
-    ]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    args = ["--mode", "ddp", "--method", "chts", "--out", str(tmp_path), "--ddp_timeout", "10"]
+    result = torchrun([*args, "--freeze_at", "2"], timeout=240)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "rank 1 freezes" in output
