@@ -37,8 +37,10 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))  # tests/: _io_helpers
 
 import transformers.trainer as hf_trainer  # noqa: E402
+from _io_helpers import tiny_llama_arch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import TrainerState  # noqa: E402
@@ -79,17 +81,7 @@ class RandomTokens(torch.utils.data.Dataset):
 
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-    )
+    return LlamaForCausalLM(LlamaConfig(**tiny_llama_arch(VOCAB)))
 
 
 def train(out: str, steps: int) -> str | None:
