@@ -99,14 +99,7 @@ class LayerChain:
 
     def apply_(self, masks: dict[str, torch.Tensor]) -> bool:
         """Clear the links of inactive hidden neurons once, in place; return whether anything changed."""
-        changed = False
-        for first, second in zip(self.layers[:-1], self.layers[1:], strict=True):
-            a, b = masks[first], masks[second]
-            has_in, has_out = a.any(dim=1), b.any(dim=0)
-            active = has_in & has_out
-            changed |= _clear_rows_(a, has_in & ~active)
-            changed |= _clear_cols_(b, has_out & ~active)
-        return changed
+        return _apply_as_stack_(self, masks)
 
     def structure(self) -> tuple:
         """Chains with equal structures (and layer shapes) can be processed as one stack."""
@@ -230,48 +223,16 @@ class LlamaBlockChain:
                     f"intermediate size {inter}."
                 )
 
-    def _pair(self, rows: torch.Tensor) -> torch.Tensor:
-        """Per (head, d): is d or (with rotary) its partner d +- hd/2 set in ``rows`` (heads x hd)."""
-        if not self.rotary:
-            return rows
-        halves = rows.view(rows.shape[0], 2, self.head_dim // 2)
-        return rows | halves.flip(1).reshape(rows.shape)
-
     def apply_(self, masks: dict[str, torch.Tensor]) -> bool:
         """Clear the links of inactive neurons once, in place; return whether anything changed."""
-        h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        group = h // hkv
-        q, k, v, o = masks[self.q], masks[self.k], masks[self.v], masks[self.o]
-        gate, up, down = masks[self.gate], masks[self.up], masks[self.down]
-        changed = False
-
-        # q <-> k: query dimension (h, d) meets key dimension (h // group, d) (and its rotary partner).
-        q_rows, k_rows = q.any(dim=1).view(h, hd), k.any(dim=1).view(hkv, hd)
-        q_active = q_rows & self._pair(k_rows).repeat_interleave(group, dim=0)
-        k_active = k_rows & self._pair(q_active).view(hkv, group, hd).any(dim=1)
-        changed |= _clear_rows_(q, (q_rows & ~q_active).view(-1))
-        changed |= _clear_rows_(k, (k_rows & ~k_active).view(-1))
-
-        # v -> o: value dimension (g, d) is read by output-projection columns (h, d) of the heads of group g.
-        v_rows, o_cols = v.any(dim=1).view(hkv, hd), o.any(dim=0).view(h, hd)
-        o_active = o_cols & v_rows.repeat_interleave(group, dim=0)
-        v_active = o_active.view(hkv, group, hd).any(dim=1)
-        changed |= _clear_cols_(o, (o_cols & ~o_active).view(-1))
-        changed |= _clear_rows_(v, (v_rows & ~v_active).view(-1))
-
-        # gate <-> up -> down: silu(gate x) * (up x) needs both factors, and down must read the product.
-        gate_rows, up_rows, down_cols = gate.any(dim=1), up.any(dim=1), down.any(dim=0)
-        mlp_active = gate_rows & up_rows & down_cols
-        changed |= _clear_rows_(gate, gate_rows & ~mlp_active)
-        changed |= _clear_rows_(up, up_rows & ~mlp_active)
-        changed |= _clear_cols_(down, down_cols & ~mlp_active)
-        return changed
+        return _apply_as_stack_(self, masks)
 
     def structure(self) -> tuple:
         """Chains with equal structures (and layer shapes) can be processed as one stack."""
         return ("llama_block", self.num_heads, self.num_kv_heads, self.head_dim, self.rotary)
 
     def _pair_stacked(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per (block, head, d): is d or (with rotary) its partner d +- hd/2 set in ``rows`` (B, h, hd)."""
         if not self.rotary:
             return rows
         b, heads = rows.shape[:2]
@@ -310,18 +271,9 @@ class LlamaBlockChain:
         return changed
 
 
-def _clear_rows_(mask: torch.Tensor, rows: torch.Tensor) -> bool:
-    if not bool(rows.any()):
-        return False
-    mask.masked_fill_(rows.unsqueeze(1), False)
-    return True
-
-
-def _clear_cols_(mask: torch.Tensor, cols: torch.Tensor) -> bool:
-    if not bool(cols.any()):
-        return False
-    mask.masked_fill_(cols.unsqueeze(0), False)
-    return True
+def _apply_as_stack_(chain, masks: dict[str, torch.Tensor]) -> bool:
+    """One chain's :meth:`apply_` as a stack of one: the rule is written once, in ``apply_stacked_``."""
+    return bool(chain.apply_stacked_([masks[name].unsqueeze(0) for name in chain.names]))
 
 
 def _clear_rows_stacked_(masks: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
