@@ -385,6 +385,11 @@ def write_update_markdown(rows, args, path):
                 f"- {row['device']} {row['layer_set']}: CPU time stacked / per-layer = "
                 f"{row['cpu_time_ratio']:.2f}, wall time {row['wall_time_ratio']:.2f}."
             )
+    write_report(path, lines, rows)
+
+
+def write_report(path: str, lines: list[str], rows: list[dict]) -> None:
+    """The Markdown report at ``path`` and its rows as JSON beside it (same name, ``.json``)."""
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.splitext(path)[0] + ".json", "w") as f:
@@ -538,11 +543,7 @@ def write_markdown(rows, args, path):
             f"| {row['device']} | {row['hardware']} | {row['shape']} ({row['model']}) | {row['density']} | "
             f"{row['op']} | {o_t} | {o_m} | {b_t} | {b_m} | {speed} | {mem} |"
         )
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.splitext(path)[0] + ".json", "w") as f:
-        json.dump(rows, f, indent=1)
-    print(f"wrote {path}")
+    write_report(path, lines, rows)
 
 
 # ---------------------------------------------------------------------------------------------- CH precision
@@ -626,11 +627,7 @@ def write_precision_markdown(rows, path):
             f"{r['precision']} | {r['max_error']:.2e} | {r['mean_rel_error']:.2e} | "
             f"{r['agree_k_update']:.4f} | {r['agree_k_1pct']:.4f} | {secs} |"
         )
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.splitext(path)[0] + ".json", "w") as f:
-        json.dump(rows, f, indent=1)
-    print(f"wrote {path}")
+    write_report(path, lines, rows)
 
 
 if __name__ == "__main__":
