@@ -579,7 +579,8 @@ def keep_masks_out_of_ddp_(model: nn.Module) -> list[str]:
     """
     names = [f"{name}.{MASK_NAME}" if name else MASK_NAME for name in get_masks(model)]
     ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
-    model._ddp_params_and_buffers_to_ignore = ignored + [n for n in names if n not in set(ignored)]
+    known = set(ignored)
+    model._ddp_params_and_buffers_to_ignore = ignored + [n for n in names if n not in known]
     return names
 
 
