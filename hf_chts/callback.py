@@ -33,7 +33,6 @@ from .engine import TopologyEngine
 from .masking import (
     MASK_NAME,
     apply_masks_,
-    get_masks,
     keep_masks_out_of_ddp_,
     layer_view_shape,
     remask_every_step,
@@ -165,7 +164,7 @@ class CHTssCallback(TrainerCallback, ExportableState):
     # ------------------------------------------------------------------ events
     def on_init_end(self, args, state, control, model=None, **kwargs):
         """Before the Trainer wraps the model: masks it already carries stay out of DDP's buffer broadcast."""
-        if model is not None and get_masks(model):
+        if model is not None:
             keep_masks_out_of_ddp_(model)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):

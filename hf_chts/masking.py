@@ -575,9 +575,12 @@ def keep_masks_out_of_ddp_(model: nn.Module) -> list[str]:
     every rank draws the same masks from the same counter-based streams, loads the same checkpoint, and gets
     each topology update's masks from the callback's own broadcast. DDP reads the list
     ``model._ddp_params_and_buffers_to_ignore`` (names relative to the module it wraps) when it is built, so
-    call this on the module that will be wrapped, before wrapping; names already in the list are kept.
+    call this on the module that will be wrapped, before wrapping; names already in the list are kept. A
+    model without masks is left as it is.
     """
     names = [f"{name}.{MASK_NAME}" if name else MASK_NAME for name in get_masks(model)]
+    if not names:
+        return names
     ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
     known = set(ignored)
     model._ddp_params_and_buffers_to_ignore = ignored + [n for n in names if n not in known]
