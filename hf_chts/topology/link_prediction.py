@@ -28,7 +28,8 @@ for the device and density:
 - on a GPU (``method="dense"``, the default there) counts are bf16 GEMMs with fp32 output (exact) and each
   product with ``G`` is three bf16 GEMMs over the split ``G = G_hi + G_mid + G_lo`` (each part exactly
   bf16, their sum ``G`` to float32 precision), accumulated in fp32: float32 accuracy at bf16 speed, with
-  no host synchronisation and kernels chosen by device and dtype only.
+  no host synchronisation and kernels chosen by device and dtype only. The node weights go from a block of
+  counts to the GEMM operands in one fused, self-checked kernel (docs/DESIGN.md, Fused kernels).
 
 ``precision`` trades accuracy of the products with ``G`` for speed: ``"tf32"`` rounds ``G`` to 10 mantissa
 bits (one TF32 GEMM on a GPU), ``"bf16"`` to 8 bits (one bf16 GEMM). Counts stay exact. The score error and
@@ -46,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .._validation import check_choice, check_mask_2d, check_positive_int
+from ._fused import FusedFunction
 
 __all__ = [
     "CH_METHODS",
@@ -403,28 +405,39 @@ def _dense_stack(m: torch.Tensor, kind: str, precision: str, block_size: int | N
     bf16 = _has_bf16_fp32_matmul(dev)
     m_counts = m.to(torch.bfloat16 if bf16 else torch.float32)
     m_products = m.to(torch.float32) if bf16 and precision == "tf32" else m_counts
-    k_row = m.sum(2, dtype=torch.int32).to(torch.float32)[:, :, None]
-    k_col = m.sum(1, dtype=torch.int32).to(torch.float32)[:, :, None]
+    weight_parts = _WEIGHT_PARTS[_parts_kind(precision, bf16)]
+    # Degrees (B, n, 1), converted last: fresh tensors, not views (the fused kernel's guards stay simple).
+    k_row = m.sum(2, dtype=torch.int32)[:, :, None].to(torch.float32)
+    k_col = m.sum(1, dtype=torch.int32)[:, :, None].to(torch.float32)
     scores = torch.empty(m.shape, dtype=torch.float32, device=dev)
     step = _block(block_size, n_out, n_in, dev, batch)
     for r0 in range(0, n_out, step):
         r1 = min(r0 + step, n_out)
-        # c[b, x, a] = C_r[x, a] for a in the block; g_t[b, x, a] = G_r[a, x].
+        # c[b, x, a] = C_r[x, a] for a in the block; the parts of g_t[b, x, a] = G_r[a, x].
         c = _count_matmul(m_counts, m_counts[:, r0:r1].transpose(1, 2))
-        g_t = _node_weights(c, k_row, kind)
+        parts = weight_parts(c, k_row, kind)
         del c
-        scores[:, r0:r1] = _weights_matmul(g_t.transpose(1, 2), m_products, precision, bf16, left=True)
-        del g_t
+        left = [p.transpose(1, 2) for p in parts]
+        scores[:, r0:r1] = _weights_matmul(left, m_products, precision, left=True)
+        del parts, left
     step = _block(block_size, n_in, n_out, dev, batch)
     for c0 in range(0, n_in, step):
         c1 = min(c0 + step, n_in)
-        # c[b, i, j] = C_c[i, j] for j in the block; g_t[b, i, j] = G_c[j, i].
+        # c[b, i, j] = C_c[i, j] for j in the block; the parts of g_t[b, i, j] = G_c[j, i].
         c = _count_matmul(m_counts.transpose(1, 2), m_counts[:, :, c0:c1])
-        g_t = _node_weights(c, k_col, kind)
+        parts = weight_parts(c, k_col, kind)
         del c
-        scores[:, :, c0:c1] += _weights_matmul(m_products, g_t, precision, bf16, left=False)
-        del g_t
+        scores[:, :, c0:c1] += _weights_matmul(parts, m_products, precision, left=False)
+        del parts
     return scores.masked_fill_(m, 0.0)
+
+
+def _parts_kind(precision: str, bf16: bool) -> str:
+    """How the node weights enter the GEMMs: three bf16 parts (``"exact"``) or one (``"bf16"``) where
+    the device has bf16 GEMMs with fp32 output, else float32 (``"tf32"`` everywhere)."""
+    if bf16 and precision != "tf32":
+        return "split" if precision == "exact" else "bf16"
+    return "fp32"
 
 
 # Device types whose bf16 GEMMs give fp32 output (``out_dtype``): probed once per device type.
@@ -454,27 +467,32 @@ def _count_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a, b)  # exact under any fp32 matmul setting (0/1 inputs, fp32 accumulation)
 
 
-def _weights_matmul(a, b, precision: str, bf16: bool, *, left: bool) -> torch.Tensor:
-    """fp32 batched product of node weights (``a`` if ``left``, else ``b``) and a 0/1 mask, at ``precision``.
+def _weights_matmul(parts, other, precision: str, *, left: bool) -> torch.Tensor:
+    """fp32 batched product of node weights (``parts``, from :data:`_WEIGHT_PARTS`) and a 0/1 mask
+    ``other``, the weights on the left if ``left``, at ``precision``.
 
-    With bf16 GEMMs (fp32 output): ``"exact"`` sums the products of the three bf16 parts of the weights
-    (:func:`_split_bf16`, float32 accuracy), ``"bf16"`` uses one part; ``"tf32"`` is one TF32 GEMM. Without
-    them: IEEE fp32 GEMMs on the weights rounded as ``precision`` says.
+    bf16 parts (bf16 GEMMs with fp32 output): the sum of their products, float32 accuracy for the three
+    parts of ``"exact"`` (:func:`_split_bf16`), bf16 for the one part of ``"bf16"``. float32 weights:
+    ``"tf32"`` is one TF32 GEMM on CUDA; elsewhere IEEE fp32 GEMMs on the weights rounded as ``precision``
+    says.
     """
-    if precision == "tf32" and a.device.type == "cuda":
-        with _fp32_matmul(a.device, "tf32"):
-            return torch.bmm(a, b)
-    if bf16 and precision != "tf32":
-        w, other = (a, b) if left else (b, a)
+
+    def matmul(w: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.bmm(w, other, **kwargs) if left else torch.bmm(other, w, **kwargs)
+
+    if parts[0].dtype == torch.bfloat16:
         out = None
-        for part in _split_bf16(w) if precision == "exact" else [w.to(torch.bfloat16)]:
-            x, y = (part, other) if left else (other, part)
-            prod = torch.bmm(x, y, out_dtype=torch.float32)
+        for part in parts:
+            prod = matmul(part, out_dtype=torch.float32)
             out = prod if out is None else out.add_(prod)
         return out
-    a, b = (_round_weights(a, precision), b) if left else (a, _round_weights(b, precision))
-    with _fp32_matmul(a.device, "ieee"):
-        return torch.bmm(a, b)
+    (w,) = parts
+    if precision == "tf32" and w.device.type == "cuda":
+        with _fp32_matmul(w.device, "tf32"):
+            return matmul(w)
+    w = _round_weights(w, precision)
+    with _fp32_matmul(w.device, "ieee"):
+        return matmul(w)
 
 
 def _split_bf16(w: torch.Tensor) -> list[torch.Tensor]:
@@ -500,19 +518,61 @@ def _round_weights(g: torch.Tensor, precision: str) -> torch.Tensor:
 def _node_weights(c: torch.Tensor, k: torch.Tensor, kind: str) -> torch.Tensor:
     """G^T (float32) from a block of common-neighbour counts ``c[y, x]`` and the degrees ``k[y]`` (a column).
 
-    ``c`` (int32 or float32 holding exact integers) is consumed: it is overwritten in place.
+    ``c`` is int32 or float32 holding exact integers; it is not modified (the function is pure, so it also
+    runs as part of a fused kernel: :data:`_WEIGHT_PARTS`).
     """
     absent = c == 0
     # 1 + E = 1 + max(k - C - 1, 0) = max(k - C, 1), in the counts' own exact dtype.
     denom = torch.sub(k.to(c.dtype), c).clamp_(min=1)
     if kind == "ch2":
-        g = torch.div(c.add_(1), denom)  # true division: float32 even for int32 counts
+        g = torch.div(c + 1, denom)  # true division: float32 even for int32 counts
     elif kind == "ch3":
         g = denom.reciprocal()
     else:  # ch31: (C + 1) / (1 + E) ** (1 + E / (1 + E)), and 1 + E / (1 + E) = 2 - 1 / (1 + E)
         denom = denom.to(torch.float32)
-        g = denom.pow_(denom.reciprocal().sub_(2.0)).mul_(c.add_(1))
+        g = denom.pow(denom.reciprocal().sub_(2.0)).mul_(c + 1)
     return g.to(torch.float32).masked_fill_(absent, 0.0)
+
+
+def _weights_fp32(c: torch.Tensor, k: torch.Tensor, kind: str) -> tuple[torch.Tensor]:
+    """The node weights as one float32 tensor."""
+    return (_node_weights(c, k, kind),)
+
+
+def _weights_bf16(c: torch.Tensor, k: torch.Tensor, kind: str) -> tuple[torch.Tensor]:
+    """The node weights rounded to one bf16 tensor (``precision="bf16"`` with bf16 GEMMs)."""
+    return (_node_weights(c, k, kind).to(torch.bfloat16),)
+
+
+def _weights_split(c: torch.Tensor, k: torch.Tensor, kind: str) -> tuple[torch.Tensor, ...]:
+    """The node weights as three bf16 parts summing to them (``precision="exact"`` with bf16 GEMMs)."""
+    return tuple(_split_bf16(_node_weights(c, k, kind)))
+
+
+def _weights_compare(tolerance: float):
+    """A check of compiled node weights against eager ones: same dtypes and shapes, the parts' sums equal
+    within ``tolerance`` relative (exact zeros stay exact)."""
+
+    def compare(actual, expected) -> str | None:
+        if [(p.dtype, p.shape) for p in actual] != [(p.dtype, p.shape) for p in expected]:
+            return "output dtypes or shapes differ from the eager result"
+        a, e = sum(p.double() for p in actual), sum(p.double() for p in expected)
+        if not bool(((a - e).abs() <= tolerance * e.abs()).all()):
+            return f"node weights differ from the eager ones by more than {tolerance:.1e} relative"
+        return None
+
+    return compare
+
+
+# Node weights straight from a block of counts to the GEMM operands, one kernel on a GPU: ``c`` read once,
+# the parts written once (hf_chts.topology._fused; on first use checked against the eager function: the
+# sums of the parts within 8 float32 ulps, one bf16 ulp for the single bf16 part, since a compiled pow or
+# division may round differently by an ulp).
+_WEIGHT_PARTS = {
+    "fp32": FusedFunction(_weights_fp32, compare=_weights_compare(2.0**-20)),
+    "bf16": FusedFunction(_weights_bf16, compare=_weights_compare(2.0**-7)),
+    "split": FusedFunction(_weights_split, compare=_weights_compare(2.0**-20)),
+}
 
 
 def _gather_sum(lists: tuple[torch.Tensor, torch.Tensor], table: torch.Tensor) -> torch.Tensor:

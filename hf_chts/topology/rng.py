@@ -15,7 +15,9 @@ key: draw ``i`` is ``mix64(start_k + (i + 1) * gamma_k)``. Keys come from :func:
 of what the stream is for (seed, step, layer, phase), so the streams of a run do not depend on the rank,
 the batching of layers, or what was drawn before.
 
-On a GPU the stream is a handful of elementwise kernels over large tiles of int64 tensors. On a CPU the
+On a GPU the whole chain from counter to output is one fused elementwise function, compiled into one
+kernel that writes the output directly (``hf_chts.topology._fused``: checked against its eager form on
+first use, eager int64 tensor ops over bounded tiles where compiling is off or fails). On a CPU the
 same integers are computed with NumPy's uint64 arithmetic on cache-sized tiles of the output, in place
 (logical shifts are native there, and NumPy's per-call cost is a fraction of a dispatched op): about 3x
 faster than the int64 tensor ops and faster than ``torch.rand`` (docs/DESIGN.md, Randomness).
@@ -37,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._fused import FusedFunction
+
 __all__ = ["random_bits", "stream_key", "uniform"]
 
 _MASK64 = (1 << 64) - 1
@@ -53,10 +57,13 @@ _GOLDEN = _signed(0x9E3779B97F4A7C15)
 _MIX = (_signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB))
 _GAMMA_MIX = (_signed(0xFF51AFD7ED558CCD), _signed(0xC4CEB9FE1A85EC53))
 _ALTERNATING = _signed(0xAAAAAAAAAAAAAAAA)
-# Elements per tile: small on CPU (a tile's three temporaries stay in cache), large elsewhere (one
-# kernel per operation; the cap bounds the temporaries at 2 x 512 MB).
+# Elements per tile: small on CPU (a tile's three temporaries stay in cache), large elsewhere: eager int64
+# ops (and the eager check of the fused kernel's first call) keep their temporaries at ~3 x 512 MB; the
+# checked fused kernel has none and writes its output directly, up to 2**30 elements per kernel (int32
+# indices stay valid).
 _TILE_CPU = 1 << 15
 _TILE_DEVICE = 1 << 26
+_TILE_FUSED = 1 << 30
 _MIX_U64 = tuple(np.uint64(m & _MASK64) for m in _MIX)
 
 
@@ -143,11 +150,16 @@ def _draw(keys, shape, offset, device, *, uniform_float: bool) -> torch.Tensor:
     if offset + n > 1 << 62:
         raise ValueError(f"A stream holds 2**62 draws; `offset` + draws = {offset + n} is beyond that.")
     out_dtype = torch.float32 if uniform_float else torch.int64
-    out = torch.empty((key_tensor.numel(), n), dtype=out_dtype, device=dev)
-    if out.numel():
+    if key_tensor.numel() * n == 0 or dev.type == "cpu":
+        out = torch.empty((key_tensor.numel(), n), dtype=out_dtype, device=dev)
+    if key_tensor.numel() * n:
         start = _mix64(key_tensor.clone())[:, None]
         gamma = _gamma(key_tensor)[:, None]
-        _fill(out, start, gamma, offset, uniform_float)
+        if dev.type == "cpu":
+            _fill_host(out, start, gamma, offset, uniform_float, _TILE_CPU)
+        else:
+            tile = _device_tile(dev, uniform_float)
+            out = _draw_tiles(start, gamma, n, offset, uniform_float, tile)
     out = out.view(key_tensor.numel(), *shape)
     return out if batched else out[0]
 
@@ -216,40 +228,75 @@ def _gamma(keys: torch.Tensor) -> torch.Tensor:
     return torch.where(weak, z ^ _ALTERNATING, z)
 
 
-def _fill(out: torch.Tensor, start: torch.Tensor, gamma: torch.Tensor, offset: int, uniform_float: bool):
-    """out[b, i] = mix64(start[b] + (offset + i + 1) * gamma[b]) (a uniform or 63 bits of it)."""
-    if out.device.type == "cpu":
-        _fill_host(out, start, gamma, offset, uniform_float, _TILE_CPU)
-    else:
-        _fill_tiles(out, start, gamma, offset, uniform_float, _TILE_DEVICE)
+def _device_tile(device: torch.device, uniform_float: bool) -> int:
+    """Elements per tile off the CPU: the whole draw where the checked fused kernel runs (it has no
+    temporaries), else bounded (eager ops, and the eager check of the kernel's first call)."""
+    fused = _UNIFORM_TILE if uniform_float else _BITS_TILE
+    return _TILE_FUSED if fused.verified(device) else _TILE_DEVICE
+
+
+def _stream(base: torch.Tensor, gamma: torch.Tensor, cols: int, full: bool) -> torch.Tensor:
+    """``mix64(base + i * gamma)`` for ``i < cols`` (``full=False``: without the last xorshift), out of
+    place: ``base`` and ``gamma`` (rows, 1) int64 -> (rows, cols)."""
+    z = base + torch.arange(cols, dtype=torch.int64, device=base.device) * gamma
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * _MIX[0]  # torch's >> on int64 is arithmetic: mask after it
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * _MIX[1]
+    return z ^ ((z >> 31) & ((1 << 33) - 1)) if full else z
+
+
+def _bits_tile(base: torch.Tensor, gamma: torch.Tensor, cols: int) -> torch.Tensor:
+    """One tile of :func:`random_bits`: the stream's 63 high bits, int64 (rows, cols)."""
+    return (_stream(base, gamma, cols, True) >> 1) & ((1 << 63) - 1)
+
+
+def _uniform_tile(base: torch.Tensor, gamma: torch.Tensor, cols: int) -> torch.Tensor:
+    """One tile of :func:`uniform`: the top 24 bits times 2**-24 (exact), float32 (rows, cols)."""
+    top = (_stream(base, gamma, cols, False) >> 40) & ((1 << 24) - 1)
+    return top.to(torch.float32) * 2.0**-24
+
+
+# The whole chain from counter to output as one kernel on a GPU (compiled, checked against eager once).
+_BITS_TILE = FusedFunction(_bits_tile)
+_UNIFORM_TILE = FusedFunction(_uniform_tile)
+
+
+def _tile(start, gamma, r0: int, r1: int, first: int, cols: int, uniform_float: bool) -> torch.Tensor:
+    """Draws ``first + 1 .. first + cols`` of streams ``r0 .. r1 - 1``: one call of the fused function.
+
+    Wrap-around arithmetic is associative, so ``start + (first + 1 + i) * gamma`` is summed as
+    ``(start + (first + 1) * gamma) + i * gamma``. Both operands are fresh tensors, not views: the compiled
+    kernel's guards on a view's base would otherwise recompile it for each kind of slice.
+    """
+    base = start[r0:r1] + gamma[r0:r1] * (first + 1)
+    fused = _UNIFORM_TILE if uniform_float else _BITS_TILE
+    return fused(base, gamma[r0:r1].clone(), cols)
 
 
 def _fill_tiles(out, start, gamma, offset: int, uniform_float: bool, tile: int) -> None:
-    """:func:`_fill` with int64 tensor ops, tile by tile (any device)."""
+    """``out[b, i] = mix64(start[b] + (offset + i + 1) * gamma[b])`` (a uniform or 63 bits of it) tile by
+    tile (any device)."""
     batch, n = out.shape
     cols = max(1, min(n, tile // batch))
     rows = max(1, min(batch, tile // cols))
-    counter = torch.arange(offset + 1, offset + 1 + cols, dtype=torch.int64, device=out.device)
-    z = torch.empty((rows, cols), dtype=torch.int64, device=out.device)
-    tmp = torch.empty_like(z)
     for r0 in range(0, batch, rows):
         r1 = min(r0 + rows, batch)
         for c0 in range(0, n, cols):
             c1 = min(c0 + cols, n)
-            zz, tt = z[: r1 - r0, : c1 - c0], tmp[: r1 - r0, : c1 - c0]
-            torch.mul(counter[: c1 - c0], gamma[r0:r1], out=zz)
-            if c0:
-                zz.add_(gamma[r0:r1] * c0)
-            zz.add_(start[r0:r1])
-            _mix64(zz, tt, full=not uniform_float)
-            if uniform_float:
-                out[r0:r1, c0:c1] = _shift_right(zz, 40, out=tt).to(torch.float32).mul_(2.0**-24)
-            else:
-                out[r0:r1, c0:c1] = _shift_right(zz, 1, out=tt)
+            out[r0:r1, c0:c1] = _tile(start, gamma, r0, r1, offset + c0, c1 - c0, uniform_float)
+
+
+def _draw_tiles(start, gamma, n: int, offset: int, uniform_float: bool, tile: int) -> torch.Tensor:
+    """The ``(B, n)`` draws off the CPU: one tile is the output itself; more are written into one."""
+    batch = start.shape[0]
+    if batch * n <= tile:
+        return _tile(start, gamma, 0, batch, offset, n, uniform_float)
+    out = torch.empty((batch, n), dtype=torch.float32 if uniform_float else torch.int64, device=start.device)
+    _fill_tiles(out, start, gamma, offset, uniform_float, tile)
+    return out
 
 
 def _fill_host(out, start, gamma, offset: int, uniform_float: bool, tile: int) -> None:
-    """:func:`_fill` for a CPU tensor: NumPy uint64 arithmetic (wrap-around, logical shifts) on tiles of
+    """:func:`_fill_tiles` for a CPU tensor: NumPy uint64 arithmetic (wrap-around, logical shifts) on tiles of
     ``out``, written in place; the same integers as :func:`_fill_tiles`."""
     batch, n = out.shape
     cols = max(1, min(n, tile))
