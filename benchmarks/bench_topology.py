@@ -11,6 +11,12 @@ Usage::
     python benchmarks/bench_topology.py --shapes 11008x4096 --densities 0.3 --ops ch2 --repeats 3
     python benchmarks/bench_topology.py --out benchmarks/results/topology_cpu.md
     python benchmarks/bench_topology.py --ch-precision-table --out benchmarks/results/ch_precision_cpu.md
+    python benchmarks/bench_topology.py --devices cuda --shapes 4096x4096 11008x4096 --densities 0.3 \
+        --out benchmarks/results/topology_cuda.md   # GPU: fused vs unfused rows side by side
+    HF_CHTS_COMPILE=0 python benchmarks/bench_topology.py --full-model 7B --devices cuda  # without fusion
+
+On a GPU the single-layer ops also run with the fused kernels off (rows ``*_unfused``, ``HF_CHTS_COMPILE=0``
+inside the same process), and every measured call follows one untimed call (compilation, one-time checks).
 
 Peak memory is the peak resident-set growth during the call on CPU (sampled every 2 ms from /proc), and
 ``torch.cuda.max_memory_allocated`` growth on CUDA.
@@ -47,6 +53,9 @@ from hf_chts.topology.link_prediction import ch_scores
 from hf_chts.topology.percolation import LlamaBlockChain
 from hf_chts.topology.regrowth import regrow_links
 from hf_chts.topology.removal import remove_links
+from hf_chts.topology.rng import stream_key, uniform
+
+ENV_VAR = "HF_CHTS_COMPILE"  # the fused kernels' off switch (hf_chts/topology/_fused.py)
 
 SHAPES = {
     "768x2048": (768, 2048),
@@ -160,8 +169,19 @@ class PeakMemory:
 
 
 def measure(fn: Callable[[], object], device: torch.device, repeats: int) -> dict:
-    """Median wall time over ``repeats`` runs and the peak memory of the first one; errors are reported."""
+    """Median wall time over ``repeats`` runs and the peak memory of the first one; errors are reported.
+
+    On a GPU one untimed run comes first: it compiles the fused kernels (docs/DESIGN.md, Fused kernels) and
+    runs their one-time eager check, neither of which belongs in a steady-state time or peak.
+    """
     times, peak = [], None
+    if device.type == "cuda":
+        try:
+            del_me = fn()
+            torch.cuda.synchronize()
+            del del_me
+        except (RuntimeError, MemoryError) as err:
+            return {"error": str(err).splitlines()[0][:120]}
     for _ in range(repeats):
         try:
             with PeakMemory(device) as mem:
@@ -195,7 +215,12 @@ def make_ops(shape, density, device, seed):
         m = baseline_soft_removal(mask, weight.abs(), n_move, 9.0, g())
         return baseline_soft_regrowth(m, scores, n_move, g())
 
-    return [
+    ops = [
+        (
+            "stream_uniform",
+            lambda: uniform(stream_key(seed, "bench"), shape, device=device),
+            lambda: torch.rand(shape, generator=g(), device=device),
+        ),
         (
             "init_brf_r0.3",
             lambda: init_mask(
@@ -222,6 +247,28 @@ def make_ops(shape, density, device, seed):
             None,
         ),
     ]
+    if device.type != "cpu":
+        # The same ops with the fused kernels off (HF_CHTS_COMPILE=0): the effect of fusion, one process.
+        fused = {"stream_uniform", "ch2_l3n", "soft_regrowth_sampling", "soft_removal+regrowth"}
+        ops += [(f"{name}_unfused", _unfused(ours), base) for name, ours, base in ops if name in fused]
+    return ops
+
+
+def _unfused(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with the fused kernels off (eager tensor ops)."""
+
+    def run():
+        previous = os.environ.get(ENV_VAR)
+        os.environ[ENV_VAR] = "0"
+        try:
+            return fn()
+        finally:
+            if previous is None:
+                del os.environ[ENV_VAR]
+            else:
+                os.environ[ENV_VAR] = previous
+
+    return run
 
 
 # ------------------------------------------------------------------------------------ full-model updates
@@ -286,6 +333,10 @@ def full_update_rows(set_name, device, reference, repeats, blocks, seed):
     if reference is not None:
         engines["reference"] = reference.TopologyEngine(cfg, shapes, chains=chains, max_steps=100)
     results = {label: {"seconds": [], "cpu_seconds": []} for label in engines}
+    if device.type == "cuda":  # compile the fused kernels and run their one-time checks untimed
+        for engine in engines.values():
+            engine.step(50, masks, weights)
+        torch.cuda.synchronize()
     for label, engine in engines.items():
         results[label]["peak_mb"] = _peak_mb_of_update(engine, masks, weights, device)
     outputs = {}
