@@ -57,7 +57,7 @@ for part in $parts; do
             --reference "$reference" --out "$out/topology_update_7b_cuda.md"
         ;;
     ops)
-        run ops 150 $py benchmarks/bench_topology.py --shapes 4096x4096 11008x4096 --densities 0.3 0.05 \
+        run ops 240 $py benchmarks/bench_topology.py --shapes 4096x4096 11008x4096 --densities 0.3 0.05 \
             --devices cuda --repeats 3 --out "$out/topology_cuda.md"
         run ch_precision 150 $py benchmarks/bench_topology.py --ch-precision-table --shapes 11008x4096 4096x4096 \
             --densities 0.3 0.05 --devices cuda --repeats 3 --out "$out/ch_precision_cuda.md"
