@@ -13,10 +13,11 @@ import torch
 from torch._dynamo.utils import counters
 
 from hf_chts.profiling import OpCounter
-from hf_chts.topology import _fused, link_prediction, rng
+from hf_chts.topology import _fused, link_prediction, rng, sampling
 from hf_chts.topology._fused import ENV_VAR, FusedFunction, compile_enabled
 from hf_chts.topology.link_prediction import ch_scores
 from hf_chts.topology.rng import random_bits, stream_key, uniform
+from hf_chts.topology.sampling import sample_without_replacement, select_rows
 
 
 @pytest.fixture
@@ -29,6 +30,8 @@ def fresh(monkeypatch):
         monkeypatch.setattr(rng, name, FusedFunction(old.fn, compare=old.compare))
     for mode, old in list(link_prediction._WEIGHT_PARTS.items()):
         monkeypatch.setitem(link_prediction._WEIGHT_PARTS, mode, FusedFunction(old.fn, compare=old.compare))
+    old = sampling._SOFT_KEYS
+    monkeypatch.setattr(sampling, "_SOFT_KEYS", FusedFunction(old.fn, compare=old.compare))
 
 
 def _graphs() -> int:
@@ -135,6 +138,61 @@ def test_node_weights_are_pure():
     assert torch.equal(link_prediction._node_weights(c, torch.tensor([[3.0], [4.0]]), "ch2"), expected)
 
 
+# ------------------------------------------------------------------------------------ soft keys
+def _soft_rows(scores, monkeypatch, compile_setting, **kwargs):
+    monkeypatch.setenv(ENV_VAR, compile_setting)
+    if "generators" in kwargs:
+        kwargs["generators"] = [torch.Generator().manual_seed(i) for i in range(scores.shape[0])]
+    return select_rows(scores.clone(), [10, 50, 0, 499], mode="soft", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(temperature=9.0, streams=[1, 2, 3, 4], overwrite=True),
+        dict(temperature=1.0, generators=True),
+        dict(temperature=3.0, streams=[5, 6, 7, 8], dtype=torch.float64),
+    ],
+    ids=["streams-overwrite", "generators", "float64"],
+)
+def test_compiled_soft_keys_select_what_eager_keys_select(fresh, monkeypatch, kwargs):
+    dtype = kwargs.pop("dtype", torch.float32)
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.rand(4, 500, generator=g) * (torch.rand(4, 500, generator=g) < 0.7)).to(dtype)
+    eager = _soft_rows(scores, monkeypatch, "0", **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        compiled = _soft_rows(scores, monkeypatch, "1", **kwargs)
+    assert sampling._SOFT_KEYS.verified("cpu")
+    # The keys agree to an ulp of a log (checked on the first call); these selections agree exactly.
+    assert torch.equal(compiled, eager)
+    assert compiled.sum(1).tolist() == [10, 50, 0, 499]
+
+
+def test_compiled_soft_keys_sample_what_eager_keys_sample(fresh, monkeypatch):
+    weights = torch.rand(3000, generator=torch.Generator().manual_seed(2))
+    weights[::7] = 0.0
+    drawn = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv(ENV_VAR, setting)
+        generator = torch.Generator().manual_seed(5)
+        drawn[setting] = sample_without_replacement(weights, 700, temperature=9.0, generator=generator)
+    assert sampling._SOFT_KEYS.verified("cpu") and torch.equal(drawn["0"], drawn["1"])
+
+
+def test_soft_keys_eager_function_is_the_select_rows_chain():
+    g = torch.Generator().manual_seed(1)
+    u, w = torch.rand(3, 100, generator=g), torch.rand(3, 100, generator=g, dtype=torch.float64)
+    w[0, :5] = 0.0
+    expected = sampling._log_weights(w).mul_(9.0)
+    expected.sub_(u.clone().clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_().log_())
+    assert torch.equal(sampling._soft_keys(u, w, torch.full((), 9.0)), expected)
+    one_ulp = torch.where(expected.isfinite(), expected.nextafter(torch.zeros(())), expected)
+    assert sampling._soft_keys_compare(one_ulp, expected) is None
+    assert "infinite" in sampling._soft_keys_compare(expected.nan_to_num(neginf=-1e30), expected)
+    assert "ulps" in sampling._soft_keys_compare(expected * 1.001, expected)
+
+
 # ------------------------------------------------------------------------------------ self-check
 def _double(x: torch.Tensor) -> torch.Tensor:
     return x * 2
@@ -162,6 +220,25 @@ def test_a_failing_compiled_kernel_warns_once_and_runs_eagerly(monkeypatch, brok
         warnings.simplefilter("error")
         assert torch.equal(fused(x), x * 2)  # eager from now on, without a second warning
     assert len(calls) == 1 and not fused.uses_compiled(x.device)
+
+
+def test_out_may_be_an_input_even_when_the_kernel_is_wrong(monkeypatch):
+    monkeypatch.setattr(_fused, "_DEVICE_TYPES", frozenset({"cpu"}))
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    fused = FusedFunction(_double)
+    x = torch.arange(5.0)
+    assert fused(x, out=x) is x and torch.equal(x, torch.arange(5.0) * 2)  # compiled, written in place
+    assert fused.verified("cpu")
+    broken = FusedFunction(_double)
+
+    def compiled_into(out, x):
+        out.copy_(x * 3)
+
+    broken._compiled_into = compiled_into
+    x = torch.arange(5.0)
+    with pytest.warns(RuntimeWarning, match="differs"):
+        assert broken(x, out=x) is x
+    assert torch.equal(x, torch.arange(5.0) * 2)  # the eager result, computed before x was overwritten
 
 
 def test_float_comparison_tolerates_an_ulp_but_not_more():
@@ -229,9 +306,13 @@ def test_cuda_runs_the_checked_compiled_kernels():
         stack = torch.rand(3, 300, 170, generator=torch.Generator().manual_seed(5)) < 0.2
         for precision in ("exact", "bf16", "tf32"):
             ch_scores(stack.cuda(), "CH3.1_L3n", precision=precision)
+        scores = torch.rand(4, 5000, device="cuda")
+        chosen = select_rows(scores, [10, 500, 0, 4999], mode="soft", temperature=9.0, streams=[1, 2, 3, 4])
+        assert chosen.sum(1).tolist() == [10, 500, 0, 4999]
     device = torch.device("cuda")
     assert rng._BITS_TILE.verified(device) and rng._UNIFORM_TILE.verified(device)
     if link_prediction._has_bf16_fp32_matmul(device):
         assert link_prediction._WEIGHT_PARTS["split"].verified(device)
         assert link_prediction._WEIGHT_PARTS["bf16"].verified(device)
     assert link_prediction._WEIGHT_PARTS["fp32"].verified(device)
+    assert sampling._SOFT_KEYS.verified(device)

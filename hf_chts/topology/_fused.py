@@ -13,7 +13,9 @@ A chain of elementwise tensor ops costs one pass over memory per op when run eag
   on. Correctness never depends on the compiler;
 - ``HF_CHTS_COMPILE=0`` in the environment turns compiling off (``1``, the default, leaves it on).
 
-The functions must be pure: they return new tensors and modify none of their inputs.
+The functions must be pure: they return new tensors and modify none of their inputs. Called with
+``out=``, the result is written into ``out``, which may be one of the inputs: compiled, one pass that reads
+and overwrites it, with no new buffer.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class FusedFunction:
         self.name = getattr(fn, "__qualname__", repr(fn))
         self.compare = compare or exact_compare
         self._compiled: Callable[..., Any] | None = None
+        self._compiled_into: Callable[..., Any] | None = None
         self._checked: set[str] = set()  # device types whose compiled results matched the eager ones
         self._failed: set[str] = set()  # device types that run eagerly after a failure
 
@@ -99,21 +102,25 @@ class FusedFunction:
         size their first call so that its eager check fits in memory)."""
         return self.uses_compiled(device) and torch.device(device).type in self._checked
 
-    def __call__(self, *args: Any) -> Any:
+    def __call__(self, *args: Any, out: torch.Tensor | None = None) -> Any:
+        """``fn(*args)``; with ``out`` (a tensor result), written into ``out`` instead, which may be one of
+        ``args`` (a compiled kernel then reads and writes it in one pass, with no new buffer)."""
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
         if not self.uses_compiled(device):
-            return self.fn(*args)
+            return self.fn(*args) if out is None else out.copy_(self.fn(*args))
         dev = device.type
+        # The first call's eager result, computed before ``out`` (maybe an input) is written.
+        expected = self.fn(*args) if dev not in self._checked else None
         try:
-            if self._compiled is None:
-                self._compiled = torch.compile(
-                    self.fn, dynamic=True, fullgraph=True, options=_eager_numerics_options()
-                )
             with warnings.catch_warnings():  # the compiler's own deprecation notices are not the user's
                 warnings.simplefilter("ignore", DeprecationWarning)
-                result = self._compiled(*args)
-            if dev not in self._checked:
-                reason = self.compare(result, self.fn(*args))
+                if out is None:
+                    result = self._compile("_compiled", self.fn)(*args)
+                else:
+                    self._compile("_compiled_into", self._write_into)(out, *args)
+                    result = out
+            if expected is not None:
+                reason = self.compare(result, expected)
                 if reason is not None:
                     raise _Mismatch(reason)
                 self._checked.add(dev)
@@ -128,7 +135,19 @@ class FusedFunction:
                 RuntimeWarning,
                 stacklevel=2,
             )
-            return self.fn(*args)
+            if expected is None:  # a later call: a failure while compiling, before anything was written
+                expected = self.fn(*args)
+            return expected if out is None else out.copy_(expected)
+
+    def _write_into(self, out: torch.Tensor, *args: Any) -> None:
+        out.copy_(self.fn(*args))
+
+    def _compile(self, attribute: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """The compiled ``fn``, built on first use (``dynamic=True``: shape changes do not recompile)."""
+        if getattr(self, attribute) is None:
+            compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=_eager_numerics_options())
+            setattr(self, attribute, compiled)
+        return getattr(self, attribute)
 
 
 class _Mismatch(RuntimeError):

@@ -22,6 +22,10 @@ be chosen (for regrowth: the links that already exist).
 Selecting 13M of 45M entries with ``torch.topk`` takes seconds on a CPU; here a strided sample brackets the
 k-th largest key, so one selection costs a few passes over the data (see :func:`_select_largest`).
 
+On a GPU the soft keys are one fused kernel (uniforms -> keys, written over the uniforms; docs/DESIGN.md,
+Fused kernels), checked on first use against the eager ops, from which it may differ by an ulp of a
+``log``; :func:`select_rows` and :func:`select_indices` use the same kernel.
+
 Random numbers are drawn on the generator's device (the default generator of ``weights``' device when
 ``generator`` is None), so a CPU generator gives the same draw whatever device the weights live on.
 """
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 
 from .._validation import check_choice, check_finite_nonnegative, check_positive_int
+from ._fused import FusedFunction
 
 __all__ = [
     "count_true",
@@ -105,6 +110,31 @@ def _log_weights(values: torch.Tensor) -> torch.Tensor:
     if values.dtype == torch.float64:
         return torch.log(values).float()
     return torch.log(values.float())
+
+
+def _soft_keys(u: torch.Tensor, values: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Exponential-race keys ``T * log(w) - log(E)`` from uniforms ``u`` (``E = -log(u)``), out of place:
+    the ops of :func:`select_rows`' soft branch, as one fused kernel on a GPU (``temperature`` a float32
+    0-d tensor: a new value does not recompile)."""
+    log_e = u.clamp(min=torch.finfo(torch.float32).tiny).log().neg().log()
+    return _log_weights(values).mul(temperature).sub(log_e)
+
+
+def _soft_keys_compare(actual: torch.Tensor, expected: torch.Tensor) -> str | None:
+    """Compiled soft keys against eager ones: the same infinities, finite keys within a few ulps (a
+    compiled ``log`` may round differently by an ulp)."""
+    if actual.dtype != expected.dtype or actual.shape != expected.shape:
+        return "output dtype or shape differs from the eager result"
+    finite = expected.isfinite()
+    if not torch.equal(finite, actual.isfinite()) or not torch.equal(actual[~finite], expected[~finite]):
+        return "infinite keys differ from the eager ones"
+    error = (actual[finite].double() - expected[finite].double()).abs()
+    if not bool((error <= 2.0**-18 + 2.0**-20 * expected[finite].double().abs()).all()):
+        return "soft keys differ from the eager ones by more than a few ulps"
+    return None
+
+
+_SOFT_KEYS = FusedFunction(_soft_keys, compare=_soft_keys_compare)
 
 
 def _select_largest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -208,6 +238,9 @@ def _gumbel_keys(
 ) -> torch.Tensor:
     """Exponential-race keys ``T * log(w) - log(E)``, ``E ~ Exp(1)``: the k largest form an exact sample."""
     keys = _uniform(weights.numel(), weights.device, generator)
+    if _SOFT_KEYS.uses_compiled(weights.device):  # one kernel, the keys written over the uniforms
+        scale = torch.full((), float(temperature), dtype=torch.float32, device=weights.device)
+        return _SOFT_KEYS(keys, weights, scale, out=keys)
     # u in [0, 1); clamping 0 to the smallest normal keeps E = -log(u) finite (a 1-in-2**24 event per entry).
     keys.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_().log_()  # log(E)
     logw = _log_weights(weights)
@@ -756,7 +789,12 @@ def select_rows(
     if ranked:
         whole = len(ranked) == rows
         idx = None if whole else _index_tensor(ranked, device)
-        if mode == "soft":
+        if mode == "soft" and _SOFT_KEYS.uses_compiled(values.device):
+            # One kernel (GPU): the keys written over the uniforms, no other pass or buffer.
+            u = uniforms if whole else uniforms[idx]
+            scale = torch.full((), float(temperature), dtype=torch.float32, device=values.device)
+            part = _SOFT_KEYS(u, values if whole else values[idx], scale, out=u)
+        elif mode == "soft":
             u = uniforms if whole else uniforms[idx]
             u.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_().log_()  # log(E), E ~ Exp(1)
             if whole and overwrite and values.dtype == torch.float32:
