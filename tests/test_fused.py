@@ -169,6 +169,23 @@ def test_compiled_soft_keys_select_what_eager_keys_select(fresh, monkeypatch, kw
     assert compiled.sum(1).tolist() == [10, 50, 0, 499]
 
 
+def test_a_large_first_soft_key_call_is_checked_on_a_slice(fresh, monkeypatch):
+    monkeypatch.setattr(sampling, "_SOFT_KEYS_CHECK", 64)
+    seen = []
+
+    def spy(actual, expected):  # the check's comparison, after the eager run
+        seen.append(tuple(expected.shape))
+        return sampling._soft_keys_compare(actual, expected)
+
+    monkeypatch.setattr(sampling._SOFT_KEYS, "compare", spy)
+    g = torch.Generator().manual_seed(3)
+    u, w = torch.rand(3, 500, generator=g), torch.rand(3, 500, generator=g)
+    expected = sampling._soft_keys(u, w, torch.full((), 2.0))
+    got = sampling._fused_soft_keys_(u.clone(), w, 2.0)
+    assert seen == [(3, 21)] and sampling._SOFT_KEYS.verified("cpu")
+    assert sampling._soft_keys_compare(got, expected) is None
+
+
 def test_compiled_soft_keys_sample_what_eager_keys_sample(fresh, monkeypatch):
     weights = torch.rand(3000, generator=torch.Generator().manual_seed(2))
     weights[::7] = 0.0

@@ -135,6 +135,24 @@ def _soft_keys_compare(actual: torch.Tensor, expected: torch.Tensor) -> str | No
 
 
 _SOFT_KEYS = FusedFunction(_soft_keys, compare=_soft_keys_compare)
+# Elements of the first fused call on a device, which also runs the eager ops (temporaries ~3x the input).
+_SOFT_KEYS_CHECK = 1 << 22
+
+
+def _fused_soft_keys_(u: torch.Tensor, values: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``u`` (1-D or 2-D) overwritten with the soft keys of ``values`` by the fused kernel; returns ``u``.
+
+    A large first call is checked on a contiguous slice of its columns first (the same kernel), so that the
+    eager check's temporaries stay small; then the whole runs checked.
+    """
+    scale = torch.full((), float(temperature), dtype=torch.float32, device=u.device)
+    if not _SOFT_KEYS.verified(u.device) and u.numel() > _SOFT_KEYS_CHECK:
+        rows = u.shape[0] if u.dim() == 2 else 1
+        cols = (slice(None), slice(0, max(2, _SOFT_KEYS_CHECK // rows)))
+        cols = cols if u.dim() == 2 else cols[1:]
+        probe = u[cols].clone()
+        _SOFT_KEYS(probe, values[cols].clone(), scale, out=probe)
+    return _SOFT_KEYS(u, values, scale, out=u)
 
 
 def _select_largest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -239,8 +257,7 @@ def _gumbel_keys(
     """Exponential-race keys ``T * log(w) - log(E)``, ``E ~ Exp(1)``: the k largest form an exact sample."""
     keys = _uniform(weights.numel(), weights.device, generator)
     if _SOFT_KEYS.uses_compiled(weights.device):  # one kernel, the keys written over the uniforms
-        scale = torch.full((), float(temperature), dtype=torch.float32, device=weights.device)
-        return _SOFT_KEYS(keys, weights, scale, out=keys)
+        return _fused_soft_keys_(keys, weights, temperature)
     # u in [0, 1); clamping 0 to the smallest normal keeps E = -log(u) finite (a 1-in-2**24 event per entry).
     keys.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_().log_()  # log(E)
     logw = _log_weights(weights)
@@ -792,8 +809,7 @@ def select_rows(
         if mode == "soft" and _SOFT_KEYS.uses_compiled(values.device):
             # One kernel (GPU): the keys written over the uniforms, no other pass or buffer.
             u = uniforms if whole else uniforms[idx]
-            scale = torch.full((), float(temperature), dtype=torch.float32, device=values.device)
-            part = _SOFT_KEYS(u, values if whole else values[idx], scale, out=u)
+            part = _fused_soft_keys_(u, values if whole else values[idx], temperature)
         elif mode == "soft":
             u = uniforms if whole else uniforms[idx]
             u.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_().log_()  # log(E), E ~ Exp(1)
