@@ -313,6 +313,7 @@ def test_inside_a_callers_compile_the_function_is_traced_inline(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_runs_the_checked_compiled_kernels():
     assert compile_enabled(), f"unset {ENV_VAR} to run this test"
+    assert _fused._has_triton(), "Triton is not usable here: the fused kernels run eagerly on this GPU"
     keys = torch.tensor([stream_key(0, i) for i in range(7)] + [-1, 0])
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback warning fails the test
