@@ -332,7 +332,10 @@ class TopologyEngine:
         data back a constant number of times per stack, never once per layer. Every random draw comes from the
         layer's own counter-based stream (:mod:`hf_chts.topology.rng`), keyed by ``(seed, step, layer,
         phase)`` and drawn for a whole stack in one op, so a layer gets the same mask whether it is evolved
-        alone or in a stack, on another rank, on a CPU or a GPU, or after a resume.
+        alone or in a stack, on another rank, on a CPU or a GPU, or after a resume. The update runs in
+        chunks of whole groups (:meth:`groups`), each as large as keeps its stacks within the stack budget,
+        one after another: beyond the masks it returns, it holds one chunk's stacks at a time
+        (docs/DESIGN.md).
 
         Args:
             step (`int`): the optimizer step the update belongs to; seeds every random draw.
@@ -354,7 +357,8 @@ class TopologyEngine:
         zeta = float(self.drop_fraction(step)) if cfg.removal != "none" and evolve else 0.0
         temperature = float(self.temperature(step))
         stats = StepStats(step=step, drop_fraction=zeta, temperature=temperature)
-        names = [name for group in (self.groups() if groups is None else groups) for name in group]
+        group_list = self.groups() if groups is None else [list(group) for group in groups]
+        names = [name for group in group_list for name in group]
         for name in names:
             mask = masks[name]
             if tuple(mask.shape) != self.shapes[name]:
@@ -372,7 +376,27 @@ class TopologyEngine:
                 raise ValueError(
                     f"Gradient regrowth needs the dense gradient of layer {name!r}; pass `grads`."
                 )
-        stacks = _make_stacks(names, masks, self.shapes)
+        new_masks: dict[str, torch.Tensor] = {}
+        grown_masks: dict[str, torch.Tensor] = {}
+        # Chunks of whole groups (chain removal couples only layers of one group): each chunk's stacks are
+        # evolved and freed before the next chunk starts, so the working set is one chunk's, not the model's.
+        for chunk in _chunks(group_list, masks, self.shapes):
+            stacks = _make_stacks(chunk, masks, self.shapes)
+            self._evolve_stacks(stacks, chunk, step, weights, grads, zeta, temperature, stats)
+            for s in stacks:
+                for b, name in enumerate(s.names):
+                    new_masks[name], grown_masks[name] = s.mask[b], s.grown[b]
+            del stacks
+        stats.seconds = time.perf_counter() - start
+        for layer in stats.layers.values():
+            layer.seconds = stats.seconds / max(len(names), 1)
+        # results in the order of the stacks of one chunk holding every layer, whatever the chunks
+        order = [name for members in _by_stack_key(names, masks, self.shapes).values() for name in members]
+        stats.layers = {name: stats.layers[name] for name in order}
+        return {n: new_masks[n] for n in order}, {n: grown_masks[n] for n in order}, stats
+
+    def _evolve_stacks(self, stacks: list[_Stack], names, step, weights, grads, zeta, temperature, stats):
+        """Prune, chain removal, (EM_S keep-back,) regrowth and statistics of one chunk's stacks."""
         nnz_before = _read_counts(stacks, lambda s: count_true(s.old))
         for s in stacks:
             s.mask = s.old  # every change below makes a new tensor (chain removal copies first)
@@ -380,7 +404,7 @@ class TopologyEngine:
             s.target = [self.target_nnz(name, step) for name in s.names]
             self._prune_stack(s, step, weights, grads, zeta, temperature)
         chain_removed = dict.fromkeys(names, 0)
-        if cfg.chain_removal and evolve:
+        if self.config.chain_removal and step <= self.t_end:
             chain_removed = self._chain_removal(stacks, names)
         final_prune = self._em_s and not self.density_schedule.regrows(step)
         for s in stacks:
@@ -388,11 +412,7 @@ class TopologyEngine:
             if final_prune:  # chain removal went below the target: keep back the best removed links
                 self._keep_back_stack(s, step, weights, nnz_before, chain_removed)
             self._regrow_stack(s, step, grads)
-        new_masks, grown_masks = self._finish(stacks, stats, nnz_before, chain_removed)
-        stats.seconds = time.perf_counter() - start
-        for layer in stats.layers.values():
-            layer.seconds = stats.seconds / max(len(names), 1)
-        return new_masks, grown_masks, stats
+        self._finish(stacks, stats, nnz_before, chain_removed)
 
     def _prune_stack(self, s: _Stack, step, weights, grads, zeta, temperature) -> None:
         """Density decay (hard, by the decay score) then link removal, on every layer of a stack."""
@@ -450,23 +470,30 @@ class TopologyEngine:
             kinds.setdefault(key, []).append(chain)
         if not kinds:
             return dict.fromkeys(names, 0)
-        role_stacks = []
+        for chains in kinds.values():
+            for name in (name for chain in chains for name in _chain_layers(chain)):
+                s = where[name][0]
+                if s.mask is s.old:  # nothing pruned: the links are cleared in a copy
+                    s.mask = s.old.clone()
+        role_stacks, copies = [], []
         for chains in kinds.values():
             slots = list(zip(*(_chain_layers(chain) for chain in chains), strict=True))
             # A block whose layers live on several devices is processed on its first layer's device.
             device = where[slots[0][0]][0].device
-            tensors = [_gather_rows(where, slot).to(device) for slot in slots]
-            role_stacks.append((chains[0], slots, tensors))
+            tensors = []
+            for slot in slots:
+                tensor, copied = _slot_rows(where, slot, device)
+                tensors.append(tensor)
+                if copied:
+                    copies.append((slot, tensor))
+            role_stacks.append((chains[0], tensors))
         # Every pass that changes something removes a link, so this ends; one host read per pass and device.
-        while _any_true([chain.apply_stacked_(tensors) for chain, _, tensors in role_stacks]):
+        while _any_true([chain.apply_stacked_(tensors) for chain, tensors in role_stacks]):
             pass
-        for _, slots, tensors in role_stacks:
-            for slot, tensor in zip(slots, tensors, strict=True):
-                for j, name in enumerate(slot):
-                    s, b = where[name]
-                    if s.mask is s.old:
-                        s.mask = s.old.clone()
-                    s.mask[b].copy_(tensor[j])
+        for slot, tensor in copies:
+            for j, name in enumerate(slot):
+                s, b = where[name]
+                s.mask[b].copy_(tensor[j])
         counts = _read_counts(stacks, lambda s: count_true(s.mask))
         before = {name: n for s in stacks for name, n in zip(s.names, s.nnz, strict=True)}
         return {name: before[name] - counts[name] for name in names}
@@ -550,11 +577,9 @@ class TopologyEngine:
         s.grown, s.old = grown, None  # the old masks are not needed any more
         s.regrown = grow
 
-    def _finish(self, stacks, stats: StepStats, nnz_before, chain_removed):
-        """Statistics of every layer (one host read per device) and the returned masks."""
+    def _finish(self, stacks, stats: StepStats, nnz_before, chain_removed) -> None:
+        """Statistics of every layer (one host read per device); ``s.grown`` becomes the returned grown."""
         cfg = self.config
-        new_masks: dict[str, torch.Tensor] = {}
-        grown_masks: dict[str, torch.Tensor] = {}
 
         def figures(s: _Stack) -> torch.Tensor:
             # Links kept are counted on the host; only what the selection decided is read back.
@@ -573,6 +598,7 @@ class TopologyEngine:
                 grown = torch.zeros_like(s.mask)
             else:
                 grown = s.mask & ~s.old
+            s.grown, s.old = grown, None
             for b, name in enumerate(s.names):
                 rows, cols, returned = table[name]
                 nnz = s.nnz[b] + s.regrown[b]
@@ -594,11 +620,9 @@ class TopologyEngine:
                     frozen=name in self.frozen,
                 )
                 stats.layers[name] = layer
-                new_masks[name], grown_masks[name] = s.mask[b], grown[b]
                 if cfg.early_stop_threshold is not None and layer.regrown > 0 and not layer.frozen:
                     if returned / layer.regrown >= cfg.early_stop_threshold:
                         self.frozen.add(name)
-        return new_masks, grown_masks
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -646,15 +670,19 @@ class _Stack:
         self.cache: dict[tuple, torch.Tensor] = {}
 
 
-def _make_stacks(names: list[str], masks: Mapping[str, torch.Tensor], shapes) -> list[_Stack]:
-    """Group layers by (shape, device), in order of first appearance; split groups larger than the budget."""
+def _by_stack_key(names: list[str], masks: Mapping[str, torch.Tensor], shapes) -> dict[tuple, list[str]]:
+    """Layers by (shape, device), in order of first appearance."""
     groups: dict[tuple, list[str]] = {}
     for name in names:
         groups.setdefault((shapes[name], masks[name].device), []).append(name)
+    return groups
+
+
+def _make_stacks(names: list[str], masks: Mapping[str, torch.Tensor], shapes) -> list[_Stack]:
+    """Group layers by (shape, device), in order of first appearance; split groups larger than the budget."""
     stacks = []
-    for (shape, device), members in groups.items():
-        budget = _STACK_ENTRIES.get(device.type, _STACK_ENTRIES_DEFAULT)
-        per = max(1, budget // (shape[0] * shape[1]))
+    for (shape, device), members in _by_stack_key(names, masks, shapes).items():
+        per = max(1, _stack_budget(device) // (shape[0] * shape[1]))
         pieces = math.ceil(len(members) / per)
         size = math.ceil(len(members) / pieces)
         for i in range(0, len(members), size):
@@ -662,6 +690,29 @@ def _make_stacks(names: list[str], masks: Mapping[str, torch.Tensor], shapes) ->
             old = torch.stack([masks[name].to(torch.bool) for name in part])
             stacks.append(_Stack(part, shape, device, old))
     return stacks
+
+
+def _stack_budget(device: torch.device) -> int:
+    return _STACK_ENTRIES.get(device.type, _STACK_ENTRIES_DEFAULT)
+
+
+def _chunks(groups: list[list[str]], masks: Mapping[str, torch.Tensor], shapes) -> list[list[str]]:
+    """Consecutive update groups, as few chunks as keep every (shape, device) stack of a chunk within the
+    stack budget (a single group larger than that is a chunk of its own, split by :func:`_make_stacks`)."""
+    chunks: list[list[str]] = []
+    entries: dict[tuple, int] = {}  # of the last chunk, by (shape, device)
+    for group in groups:
+        need: dict[tuple, int] = {}
+        for name in group:
+            key = (shapes[name], masks[name].device)
+            need[key] = need.get(key, 0) + shapes[name][0] * shapes[name][1]
+        if chunks and all(entries.get(k, 0) + n <= _stack_budget(k[1]) for k, n in need.items()):
+            chunks[-1] += group
+            entries = {k: entries.get(k, 0) + need.get(k, 0) for k in entries.keys() | need.keys()}
+        else:
+            chunks.append(list(group))
+            entries = need
+    return chunks
 
 
 def _read_counts(stacks: list[_Stack], figure) -> dict[str, Any]:
@@ -701,9 +752,23 @@ def _any_true(flags: list[torch.Tensor]) -> bool:
     return any(any(host_values(torch.stack(group))) for group in by_device.values())
 
 
-def _gather_rows(where, slot: Sequence[str]) -> torch.Tensor:
-    """The masks of ``slot``'s layers (one per chain) as one stack."""
-    return torch.stack([where[name][0].mask[where[name][1]] for name in slot])
+def _slot_rows(where, slot: Sequence[str], device: torch.device) -> tuple[torch.Tensor, bool]:
+    """The masks of ``slot``'s layers (one per chain) as one stack on ``device``, and whether it is a copy.
+
+    Layers evenly spaced in one stack on ``device`` (a chunk's blocks: q, k, v, o, q, ...) are a strided view
+    of its mask, so chain removal clears their links in place; any other slot is a copy, to be written back.
+    """
+    s, first = where[slot[0]]
+    rows = [where[name][1] for name in slot]
+    stride = rows[1] - first if len(rows) > 1 else 1
+    if (
+        s.device == device
+        and stride > 0
+        and all(where[name][0] is s for name in slot)
+        and rows == list(range(first, rows[-1] + 1, stride))
+    ):
+        return s.mask[first : rows[-1] + 1 : stride], False
+    return torch.stack([where[name][0].mask[where[name][1]] for name in slot]).to(device), True
 
 
 def _link_positions(mask: torch.Tensor, nnz: Sequence[int]) -> torch.Tensor:

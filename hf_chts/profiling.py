@@ -18,12 +18,14 @@ topology engine does) reads through an explicit ``.to("cpu", copy=True)`` first.
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 
 import torch
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["OpCounter"]
+__all__ = ["OpCounter", "PeakLiveBytes"]
 
 _SCALAR_READS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "allclose"}
 _DATA_DEPENDENT = {
@@ -104,3 +106,77 @@ class OpCounter(TorchDispatchMode):
             self.syncs += 1
             self.sync_ops[name] += 1
         return func(*args, **kwargs)
+
+
+class PeakLiveBytes(TorchDispatchMode):
+    """Bytes held by the tensors that ops allocate inside the block: an allocator-independent working set.
+
+    ``peak``: the most bytes held at once; ``live``: the bytes still held when the block ends (its results);
+    ``peak_temporary``: the most bytes held at once by tensors freed before the block ends, i.e. the working
+    set beyond the results, however many results have piled up by then.
+
+    An op's output whose storage neither an input nor an earlier output holds is a new allocation of its
+    storage's size; it is held until the last tensor seen with that storage (the output, and the views and
+    in-place results taken of it inside the block) is freed. Resident memory cannot tell this on a CPU: the
+    allocator keeps freed memory for reuse. Memory that tensors made outside the block or by NumPy hold is
+    not counted.
+
+    Example:
+        >>> with PeakLiveBytes() as mem:
+        ...     a = torch.ones(1000)  # 4000 bytes, freed
+        ...     b = a * 2  # 4000 bytes, the result
+        ...     del a
+        >>> mem.peak, mem.live, mem.peak_temporary
+        (8000, 4000, 4000)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.peak_temporary = 0
+        self._held: dict[int, list[int]] = {}  # storage address -> [allocation, bytes, tensors alive]
+        self._events: list[tuple[int, int]] = []  # (allocation, +bytes when allocated / -bytes when freed)
+
+    def _release(self, address: int) -> None:
+        entry = self._held[address]
+        entry[2] -= 1
+        if entry[2] == 0:
+            self.live -= entry[1]
+            self._events.append((entry[0], -entry[1]))
+            del self._held[address]
+
+    def __exit__(self, *exc):
+        result = super().__exit__(*exc)
+        kept = {entry[0] for entry in self._held.values()}
+        held = 0
+        for allocation, change in self._events:
+            if allocation not in kept:
+                held += change
+                self.peak_temporary = max(self.peak_temporary, held)
+        self._events.clear()
+        return result
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
+        for tensor in pytree.tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            address = storage.data_ptr()
+            if address in self._held:
+                self._held[address][2] += 1
+            elif address in inputs or storage.nbytes() == 0:
+                continue  # a view or an in-place result of a tensor from outside the block
+            else:
+                self._held[address] = [len(self._events), storage.nbytes(), 1]
+                self._events.append((len(self._events), storage.nbytes()))
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+            weakref.finalize(tensor, self._release, address)
+        return out

@@ -358,3 +358,85 @@ def test_update_identical_on_cpu_and_cuda(method):
     cuda, _, _ = cuda_engine.step(10, to(masks), to(weights), to(grads))
     for name in cpu:
         assert torch.equal(cuda[name].cpu(), cpu[name]), name
+
+
+# ----------------------------------------------------------------------------- chunks: bounded working set
+def tiny_llama_update(blocks, method="chtss", density=0.3, **config):
+    """An engine over ``blocks`` small LLaMA blocks (7 layers each, chained), its masks and weights."""
+    shapes, chains = llama_layer_set(hidden=32, intermediate=64, layers=blocks, heads=4)
+    cfg = SparseTrainingConfig(method=method, density=density, update_interval=10, init="er", **config)
+    engine = TopologyEngine(cfg, shapes, chains=chains, max_steps=100)
+    masks = engine.init_masks()
+    weights, grads = fake_training_state(masks)
+    return engine, masks, weights, grads
+
+
+BLOCK_ENTRIES = 4 * 32 * 32  # the four attention layers of a tiny block: the largest stack of one shape
+
+
+@pytest.mark.parametrize(
+    "method, config, step",
+    [
+        ("chtss", {}, 50),
+        ("rigl", {"reset_returning_links": True, "chain_removal": True}, 30),
+        ("chts", {"early_stop_threshold": 0.0001, "regrowth_mode": "hard", "removal_mode": "hard"}, 20),
+        ("set", {"density_schedule": "em_s", "chain_removal": True}, 70),  # EM_S's final prune, keep-back
+    ],
+)
+def test_update_in_chunks_equals_one_pass(method, config, step, monkeypatch):
+    # Chunks of whole blocks are independent (chain removal couples only the layers of one block) and every
+    # draw comes from the layer's own stream: masks, grown masks, statistics, their order and the frozen
+    # layers come out the same whatever the chunks: one chunk, chunks of 3 blocks (chain removal in place on
+    # strided views of the stacks), one block per chunk split into stacks of 2 layers (on copies).
+    import dataclasses
+
+    import hf_chts.engine as engine_module
+
+    results = []
+    for budget, n_chunks in [(None, 1), (3 * BLOCK_ENTRIES, 3), (BLOCK_ENTRIES // 2, 8)]:
+        if budget is not None:
+            monkeypatch.setitem(engine_module._STACK_ENTRIES, "cpu", budget)
+        engine, masks, weights, grads = tiny_llama_update(8, method, density=0.05, **config)
+        assert len(engine_module._chunks(engine.groups(), masks, engine.shapes)) == n_chunks
+        new, grown, stats = engine.step(step, masks, weights, grads)
+        layers = {
+            n: {k: v for k, v in dataclasses.asdict(s).items() if k != "seconds"}
+            for n, s in stats.layers.items()
+        }
+        results.append((new, grown, layers, sorted(engine.frozen)))
+        assert stats.seconds > 0 and all(s.seconds == stats.seconds / 56 for s in stats.layers.values())
+    (new, grown, layers, frozen), *others = results
+    assert any(not torch.equal(new[n], masks[n]) for n in new)  # the update changed the masks
+    assert sum(s["chain_removed"] for s in layers.values()) > 0  # (sparse enough for empty neurons)
+    assert frozen or "early_stop_threshold" not in config
+    for other_new, other_grown, other_layers, other_frozen in others:
+        assert list(other_new) == list(new) and list(other_grown) == list(grown)
+        assert all(torch.equal(other_new[n], new[n]) and torch.equal(other_grown[n], grown[n]) for n in new)
+        assert list(other_layers.items()) == list(layers.items())
+        assert other_frozen == frozen
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_update_working_set_does_not_grow_with_the_model(monkeypatch):
+    # Chunks of whole blocks are evolved one after another, so beyond the masks an update returns, the memory
+    # it holds at once is one chunk's, however many blocks the model has. Counted as the bytes of live
+    # tensors (resident memory of small tensors is noise): before chunking, every stack's old masks and
+    # chain-removal copies were alive at once: 2.1x the working set here for 4x the blocks.
+    import hf_chts.engine as engine_module
+    from hf_chts.profiling import PeakLiveBytes
+
+    monkeypatch.setitem(engine_module._STACK_ENTRIES, "cpu", 3 * BLOCK_ENTRIES)  # chunks of 3 blocks
+
+    def working_set(blocks):
+        engine, masks, weights, _ = tiny_llama_update(blocks)
+        with PeakLiveBytes() as mem:
+            new, grown, _ = engine.step(50, masks, weights)
+        results = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in [*new.values(), *grown.values()]
+        }
+        assert mem.live == sum(results.values()) == 2 * sum(m.numel() for m in masks.values())
+        return mem.peak_temporary
+
+    small, large = working_set(6), working_set(24)
+    assert small > 0 and large <= 1.2 * small, (small, large)
