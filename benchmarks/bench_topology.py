@@ -24,8 +24,10 @@ Peak memory is the peak resident-set growth during the call on CPU (sampled ever
 ``--full-model 130M 7B`` measures one whole topology update of a LLaMA layer set instead (CHTss settings,
 the update at step 50 of 100, density 0.3): the engine of this checkout against the per-layer engine of
 ``--reference`` (a git revision; its ``hf_chts/engine.py`` is loaded beside this one), run alternately in
-one process: wall and CPU time, peak memory, host synchronisations and dispatched ops per update (counted by
-:class:`hf_chts.profiling.OpCounter`), and whether both give the same masks. ``--blocks N`` keeps the first
+one process: wall and CPU time, peak memory, the working set (the most bytes held at once by tensors the
+update frees before it returns, counted by :class:`hf_chts.profiling.PeakLiveBytes`), host synchronisations
+and dispatched ops per update (counted by :class:`hf_chts.profiling.OpCounter`), and whether both give the
+same masks. ``--blocks N`` keeps the first
 N decoder blocks (the 7B set needs ~60 GB on a CPU in float32; on CUDA the weights are bf16).
 """
 
@@ -47,7 +49,7 @@ import torch
 
 from hf_chts.config import SparseTrainingConfig
 from hf_chts.engine import TopologyEngine
-from hf_chts.profiling import OpCounter
+from hf_chts.profiling import OpCounter, PeakLiveBytes
 from hf_chts.topology.init import init_mask
 from hf_chts.topology.link_prediction import ch_scores
 from hf_chts.topology.percolation import LlamaBlockChain
@@ -339,6 +341,10 @@ def full_update_rows(set_name, device, reference, repeats, blocks, seed):
         torch.cuda.synchronize()
     for label, engine in engines.items():
         results[label]["peak_mb"] = _peak_mb_of_update(engine, masks, weights, device)
+        with PeakLiveBytes() as live:
+            returned = engine.step(50, masks, weights)
+        del returned
+        results[label].update(working_mb=live.peak_temporary / 2**20, returned_mb=live.live / 2**20)
     outputs = {}
     for _ in range(repeats):
         for label, engine in engines.items():
@@ -400,7 +406,7 @@ def _peak_mb_of_update(engine, masks, weights, device) -> float:
 def write_update_markdown(rows, args, path):
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
     lines = [
-        "# One full topology update of a LLaMA layer set: stacked engine vs per-layer engine",
+        "# One full topology update of a LLaMA layer set: this commit's engine vs a reference revision's",
         "",
         f"Command: `python benchmarks/bench_topology.py {' '.join(os.sys.argv[1:])}`",
         f"Commit: {commit.strip()}; reference: `{args.reference}`; torch {torch.__version__}; "
@@ -411,29 +417,32 @@ def write_update_markdown(rows, args, path):
         "time is the process's CPU time (stable on a shared machine, where wall time is not); host syncs are",
         "reads of device data by the host and ops are dispatched aten ops, both per update (OpCounter).",
         "Peak MB: growth of resident memory during one update, each engine in a fresh forked process (CPU),",
-        "or of allocated memory (CUDA). The stacked engine draws from counter-based streams (the same masks",
-        "on CPU and CUDA), the reference from torch generators, so their masks differ (same masks: False).",
+        "or of allocated memory (CUDA). Working MB: the most bytes held at once by tensors that the update",
+        "allocates and frees before it returns (PeakLiveBytes), i.e. its working set beyond the returned MB",
+        "(new and grown masks), independent of the allocator. Same masks: whether both engines return the",
+        "same masks (an engine before the counter-based streams, such as 2f232e3, draws other masks).",
         "",
-        "| device | hardware | layer set | layers | engine | wall s | CPU s | peak MB | host syncs | ops "
-        "| same masks |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| device | hardware | layer set | layers | engine | wall s | CPU s | peak MB | working MB "
+        "| returned MB | host syncs | ops | same masks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         for label in ("reference", "ours"):
             r = row.get(label)
             if r is None:
                 continue
-            name = "per-layer (reference)" if label == "reference" else "stacked (this commit)"
+            name = f"reference ({args.reference})" if label == "reference" else "this commit"
             lines.append(
                 f"| {row['device']} | {row['hardware']} | {row['layer_set']} ({row['blocks']} blocks) | "
                 f"{row['layers']} | {name} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | "
-                f"{r['peak_mb']:.0f} | {r['syncs']} | {r['ops']} | {row.get('same_masks', '-')} |"
+                f"{r['peak_mb']:.0f} | {r['working_mb']:.0f} | {r['returned_mb']:.0f} | {r['syncs']} | "
+                f"{r['ops']} | {row.get('same_masks', '-')} |"
             )
     lines.append("")
     for row in rows:
         if "cpu_time_ratio" in row:
             lines.append(
-                f"- {row['device']} {row['layer_set']}: CPU time stacked / per-layer = "
+                f"- {row['device']} {row['layer_set']}: CPU time this commit / reference = "
                 f"{row['cpu_time_ratio']:.2f}, wall time {row['wall_time_ratio']:.2f}."
             )
     write_report(path, lines, rows)

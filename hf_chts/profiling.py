@@ -137,8 +137,11 @@ class PeakLiveBytes(TorchDispatchMode):
         self.peak_temporary = 0
         self._held: dict[int, list[int]] = {}  # storage address -> [allocation, bytes, tensors alive]
         self._events: list[tuple[int, int]] = []  # (allocation, +bytes when allocated / -bytes when freed)
+        self._block = 0  # counts the blocks: a tensor freed after its block's end changes nothing
 
-    def _release(self, address: int) -> None:
+    def _release(self, block: int, address: int) -> None:
+        if block != self._block:
+            return
         entry = self._held[address]
         entry[2] -= 1
         if entry[2] == 0:
@@ -146,8 +149,14 @@ class PeakLiveBytes(TorchDispatchMode):
             self._events.append((entry[0], -entry[1]))
             del self._held[address]
 
+    def __enter__(self):
+        self.live = self.peak = self.peak_temporary = 0
+        self._block += 1
+        return super().__enter__()
+
     def __exit__(self, *exc):
         result = super().__exit__(*exc)
+        self._block += 1  # the figures are those of the block's end
         kept = {entry[0] for entry in self._held.values()}
         held = 0
         for allocation, change in self._events:
@@ -155,6 +164,7 @@ class PeakLiveBytes(TorchDispatchMode):
                 held += change
                 self.peak_temporary = max(self.peak_temporary, held)
         self._events.clear()
+        self._held.clear()
         return result
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -178,5 +188,5 @@ class PeakLiveBytes(TorchDispatchMode):
                 self._events.append((len(self._events), storage.nbytes()))
                 self.live += storage.nbytes()
                 self.peak = max(self.peak, self.live)
-            weakref.finalize(tensor, self._release, address)
+            weakref.finalize(tensor, self._release, self._block, address)
         return out
