@@ -339,12 +339,17 @@ def full_update_rows(set_name, device, reference, repeats, blocks, seed):
         for engine in engines.values():
             engine.step(50, masks, weights)
         torch.cuda.synchronize()
-    for label, engine in engines.items():
+    for label, engine in engines.items():  # first: a CPU's forked child inherits what the allocator kept
         results[label]["peak_mb"] = _peak_mb_of_update(engine, masks, weights, device)
+    for label, engine in engines.items():
         with PeakLiveBytes() as live:
             returned = engine.step(50, masks, weights)
         del returned
-        results[label].update(working_mb=live.peak_temporary / 2**20, returned_mb=live.live / 2**20)
+        results[label].update(
+            live_peak_mb=live.peak / 2**20,
+            working_mb=live.peak_temporary / 2**20,
+            returned_mb=live.live / 2**20,
+        )
     outputs = {}
     for _ in range(repeats):
         for label, engine in engines.items():
@@ -417,14 +422,15 @@ def write_update_markdown(rows, args, path):
         "time is the process's CPU time (stable on a shared machine, where wall time is not); host syncs are",
         "reads of device data by the host and ops are dispatched aten ops, both per update (OpCounter).",
         "Peak MB: growth of resident memory during one update, each engine in a fresh forked process (CPU),",
-        "or of allocated memory (CUDA). Working MB: the most bytes held at once by tensors that the update",
-        "allocates and frees before it returns (PeakLiveBytes), i.e. its working set beyond the returned MB",
-        "(new and grown masks), independent of the allocator. Same masks: whether both engines return the",
-        "same masks (an engine before the counter-based streams, such as 2f232e3, draws other masks).",
+        "or of allocated memory (CUDA). Live MB and working MB count the bytes of the tensors the update",
+        "allocates (PeakLiveBytes, independent of what the allocator keeps): live, the most held at once;",
+        "working, the most held at once by those freed before the update returns (its working set beyond",
+        "the returned new and grown masks). Same masks: whether both engines return the same masks (an",
+        "engine before the counter-based streams, such as 2f232e3, draws other masks).",
         "",
-        "| device | hardware | layer set | layers | engine | wall s | CPU s | peak MB | working MB "
+        "| device | hardware | layer set | layers | engine | wall s | CPU s | peak MB | live MB | working MB "
         "| returned MB | host syncs | ops | same masks |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         for label in ("reference", "ours"):
@@ -435,7 +441,8 @@ def write_update_markdown(rows, args, path):
             lines.append(
                 f"| {row['device']} | {row['hardware']} | {row['layer_set']} ({row['blocks']} blocks) | "
                 f"{row['layers']} | {name} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | "
-                f"{r['peak_mb']:.0f} | {r['working_mb']:.0f} | {r['returned_mb']:.0f} | {r['syncs']} | "
+                f"{r['peak_mb']:.0f} | {r['live_peak_mb']:.0f} | {r['working_mb']:.0f} | "
+                f"{r['returned_mb']:.0f} | {r['syncs']} | "
                 f"{r['ops']} | {row.get('same_masks', '-')} |"
             )
     lines.append("")

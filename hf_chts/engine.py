@@ -698,15 +698,30 @@ def _stack_budget(device: torch.device) -> int:
 
 def _chunks(groups: list[list[str]], masks: Mapping[str, torch.Tensor], shapes) -> list[list[str]]:
     """Consecutive update groups, as few chunks as keep every (shape, device) stack of a chunk within the
-    stack budget (a single group larger than that is a chunk of its own, split by :func:`_make_stacks`)."""
-    chunks: list[list[str]] = []
-    entries: dict[tuple, int] = {}  # of the last chunk, by (shape, device)
+    stack budget (a single group larger than that is a chunk of its own, split by :func:`_make_stacks`),
+    evened out: the same number of chunks with the smallest even share of entries that still fits."""
+    needs = []  # entries of every group, by (shape, device)
     for group in groups:
         need: dict[tuple, int] = {}
         for name in group:
             key = (shapes[name], masks[name].device)
             need[key] = need.get(key, 0) + shapes[name][0] * shapes[name][1]
-        if chunks and all(entries.get(k, 0) + n <= _stack_budget(k[1]) for k, n in need.items()):
+        needs.append(need)
+    fewest = _pack(groups, needs, lambda key: _stack_budget(key[1]))
+    totals: dict[tuple, int] = {}
+    for need in needs:
+        for key, n in need.items():
+            totals[key] = totals.get(key, 0) + n
+    even = _pack(groups, needs, lambda key: min(_stack_budget(key[1]), -(-totals[key] // len(fewest))))
+    return even if len(even) == len(fewest) else fewest
+
+
+def _pack(groups: list[list[str]], needs: list[dict[tuple, int]], limit) -> list[list[str]]:
+    """Consecutive groups packed greedily while every key's entries stay within ``limit(key)``."""
+    chunks: list[list[str]] = []
+    entries: dict[tuple, int] = {}  # of the last chunk
+    for group, need in zip(groups, needs, strict=True):
+        if chunks and all(entries.get(k, 0) + n <= limit(k) for k, n in need.items()):
             chunks[-1] += group
             entries = {k: entries.get(k, 0) + need.get(k, 0) for k in entries.keys() | need.keys()}
         else:
