@@ -408,14 +408,25 @@ def _peak_mb_of_update(engine, masks, weights, device) -> float:
     return peak
 
 
-def write_update_markdown(rows, args, path):
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+def git_commit() -> str:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return head.stdout.strip()
+
+
+def command_line() -> str:
+    return f"python benchmarks/bench_topology.py {' '.join(os.sys.argv[1:])}"
+
+
+def write_update_markdown(rows, path):
+    runs = {(r.get("command", "?"), r.get("commit", "?"), r.get("reference_revision", "?")): r for r in rows}
     lines = [
-        "# One full topology update of a LLaMA layer set: this commit's engine vs a reference revision's",
+        "# One full topology update of a LLaMA layer set: an engine vs a reference revision's",
         "",
-        f"Command: `python benchmarks/bench_topology.py {' '.join(os.sys.argv[1:])}`",
-        f"Commit: {commit.strip()}; reference: `{args.reference}`; torch {torch.__version__}; "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        *(
+            f"- Command: `{command}`; commit {commit}, reference `{ref}`, rows measured {row['measured']}"
+            for (command, commit, ref), row in runs.items()
+        ),
+        f"- torch {torch.__version__}; written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
         "CHTss (RI density decay, soft magnitude removal, chain removal, soft CH2-L3n regrowth), the update",
         "at step 50 of 100 (update_interval 10), final density 0.3 (0.336 at step 50). Medians; CPU",
@@ -437,12 +448,15 @@ def write_update_markdown(rows, args, path):
             r = row.get(label)
             if r is None:
                 continue
-            name = f"reference ({args.reference})" if label == "reference" else "this commit"
+            if label == "reference":
+                name = f"reference ({row.get('reference_revision', '?')})"
+            else:
+                name = f"this commit ({row.get('commit', '?')})"
             lines.append(
                 f"| {row['device']} | {row['hardware']} | {row['layer_set']} ({row['blocks']} blocks) | "
                 f"{row['layers']} | {name} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | "
-                f"{r['peak_mb']:.0f} | {r['live_peak_mb']:.0f} | {r['working_mb']:.0f} | "
-                f"{r['returned_mb']:.0f} | {r['syncs']} | "
+                f"{r['peak_mb']:.0f} | {_mb(r, 'live_peak_mb')} | {_mb(r, 'working_mb')} | "
+                f"{_mb(r, 'returned_mb')} | {r['syncs']} | "
                 f"{r['ops']} | {row.get('same_masks', '-')} |"
             )
     lines.append("")
@@ -453,6 +467,10 @@ def write_update_markdown(rows, args, path):
                 f"{row['cpu_time_ratio']:.2f}, wall time {row['wall_time_ratio']:.2f}."
             )
     write_report(path, lines, rows)
+
+
+def _mb(result: dict, key: str) -> str:
+    return f"{result[key]:.0f}" if key in result else "-"
 
 
 def write_report(path: str, lines: list[str], rows: list[dict]) -> None:
@@ -524,10 +542,18 @@ def main(argv=None):
                 row = full_update_rows(
                     set_name, torch.device(device_name), reference, args.repeats, args.blocks, args.seed
                 )
+                row.update(command=command_line(), commit=git_commit(), reference_revision=args.reference)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         if args.out:
-            write_update_markdown(rows, args, args.out)
+            json_path = os.path.splitext(args.out)[0] + ".json"
+            if args.merge and os.path.exists(json_path):
+                with open(json_path) as f:
+                    old = json.load(f)
+                key = lambda r: (r["device"], r["layer_set"], r["blocks"])  # noqa: E731
+                fresh = {key(r): r for r in rows}
+                rows = [fresh.pop(key(r), r) for r in old] + list(fresh.values())
+            write_update_markdown(rows, args.out)
         return
     rows = []
     for device_name in devices:
