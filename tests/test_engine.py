@@ -344,6 +344,30 @@ def test_full_llama_130m_update_host_syncs():
     assert sum(s.decay_pruned for s in stats.layers.values()) > 0
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_llama_7b_layer_set_update_reads_at_most_once_per_layer(monkeypatch):
+    # The structure of LLaMA-7B on a GPU at a fraction of its size: 32 blocks of 7 layers, shapes in the
+    # ratio 11008 : 4096, a stack budget holding 8 square layers or 2 MLP layers as 2**27 entries do at 7B,
+    # and a GPU's chunk budget.
+    # The host reads a constant number of times per stack and per chunk, so chunking must keep its chunks
+    # large enough: chunks of one stack budget read 416 times here (the count a GPU paid in one chunk: 196).
+    import hf_chts.engine as engine_module
+    from hf_chts.profiling import OpCounter
+
+    shapes, chains = llama_layer_set(hidden=32, intermediate=86, layers=32, heads=4)
+    monkeypatch.setitem(engine_module._STACK_ENTRIES, "cpu", 8 * 32 * 32)
+    monkeypatch.setitem(engine_module._CHUNK_STACKS, "cpu", engine_module._CHUNK_STACKS_DEFAULT)
+    cfg = SparseTrainingConfig(method="chtss", density=0.3, update_interval=10, init="er")
+    engine = TopologyEngine(cfg, shapes, chains=chains, max_steps=100)
+    masks = engine.init_masks()
+    weights, _ = fake_training_state(masks)
+    assert len(engine_module._chunks(engine.groups(), masks, engine.shapes)) > 1  # the model is chunked
+    with OpCounter() as counter:
+        new, _, _ = engine.step(50, masks, weights)
+    assert counter.syncs <= len(shapes) == 224, dict(counter.sync_ops)
+    assert all(int(new[name].sum()) == engine.target_nnz(name, 50) for name in shapes)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("method", ["set", "mest"])
