@@ -50,14 +50,13 @@ import torch
 from hf_chts.config import SparseTrainingConfig
 from hf_chts.engine import TopologyEngine
 from hf_chts.profiling import OpCounter, PeakLiveBytes
+from hf_chts.topology._fused import ENV_VAR  # the fused kernels' off switch
 from hf_chts.topology.init import init_mask
 from hf_chts.topology.link_prediction import ch_scores
 from hf_chts.topology.percolation import LlamaBlockChain
 from hf_chts.topology.regrowth import regrow_links
 from hf_chts.topology.removal import remove_links
 from hf_chts.topology.rng import stream_key, uniform
-
-ENV_VAR = "HF_CHTS_COMPILE"  # the fused kernels' off switch (hf_chts/topology/_fused.py)
 
 SHAPES = {
     "768x2048": (768, 2048),
@@ -409,7 +408,10 @@ def _peak_mb_of_update(engine, masks, weights, device) -> float:
 
 
 def git_commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    except OSError:
+        return "unknown"
     return head.stdout.strip()
 
 
@@ -471,6 +473,18 @@ def write_update_markdown(rows, path):
 
 def _mb(result: dict, key: str) -> str:
     return f"{result[key]:.0f}" if key in result else "-"
+
+
+def merge_rows(path: str, rows: list[dict], fields: tuple[str, ...]) -> list[dict]:
+    """The rows of the JSON beside ``path``, with those of ``rows`` that match on ``fields`` replaced, in
+    place, and the other new rows appended (``--merge``: re-measured rows into an earlier run)."""
+    json_path = os.path.splitext(path)[0] + ".json"
+    if not os.path.exists(json_path):
+        return rows
+    with open(json_path) as f:
+        old = json.load(f)
+    fresh = {tuple(r[k] for k in fields): r for r in rows}
+    return [fresh.pop(tuple(r[k] for k in fields), r) for r in old] + list(fresh.values())
 
 
 def write_report(path: str, lines: list[str], rows: list[dict]) -> None:
@@ -546,13 +560,8 @@ def main(argv=None):
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         if args.out:
-            json_path = os.path.splitext(args.out)[0] + ".json"
-            if args.merge and os.path.exists(json_path):
-                with open(json_path) as f:
-                    old = json.load(f)
-                key = lambda r: (r["device"], r["layer_set"], r["blocks"])  # noqa: E731
-                fresh = {key(r): r for r in rows}
-                rows = [fresh.pop(key(r), r) for r in old] + list(fresh.values())
+            if args.merge:
+                rows = merge_rows(args.out, rows, ("device", "layer_set", "blocks"))
             write_update_markdown(rows, args.out)
         return
     rows = []
@@ -584,12 +593,8 @@ def main(argv=None):
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     if args.out:
-        if args.merge and os.path.exists(os.path.splitext(args.out)[0] + ".json"):
-            with open(os.path.splitext(args.out)[0] + ".json") as f:
-                old = json.load(f)
-            key = lambda r: (r["device"], r["shape"], r["density"], r["op"])  # noqa: E731
-            fresh = {key(r): r for r in rows}
-            rows = [fresh.pop(key(r), r) for r in old] + list(fresh.values())
+        if args.merge:
+            rows = merge_rows(args.out, rows, ("device", "shape", "density", "op"))
         write_markdown(rows, args, args.out)
 
 
@@ -602,16 +607,11 @@ def _fmt(result):
 
 
 def write_markdown(rows, args, path):
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        commit = "unknown"
+    commit = git_commit()
     lines = [
         "# Topology engine: speed and peak memory vs the research-code-style baseline",
         "",
-        f"Command: `python benchmarks/bench_topology.py {' '.join(os.sys.argv[1:])}`"
+        f"Command: `{command_line()}`"
         + (
             " (re-measured rows merged into the earlier full run; each row keeps its own `measured` time)"
             if args.merge
@@ -694,12 +694,11 @@ def run_precision_table(args, devices):
 
 
 def write_precision_markdown(rows, path):
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
     lines = [
         '# CH2-L3n: `ch_precision` settings vs `"exact"`',
         "",
-        f"Command: `python benchmarks/bench_topology.py {' '.join(os.sys.argv[1:])}`",
-        f"Commit: {commit.strip()}; torch {torch.__version__}; Python {platform.python_version()}; "
+        f"Command: `{command_line()}`",
+        f"Commit: {git_commit()}; torch {torch.__version__}; Python {platform.python_version()}; "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
         "ER masks. max error = max |score - exact| / max exact score over the candidates; mean rel = mean of",
