@@ -155,6 +155,26 @@ def _fused_soft_keys_(u: torch.Tensor, values: torch.Tensor, temperature: float)
     return _SOFT_KEYS(u, values, scale, out=u)
 
 
+def _soft_keys_(
+    u: torch.Tensor, values: torch.Tensor, temperature: float, *, reuse_values: bool = False
+) -> torch.Tensor:
+    """Exponential-race keys ``T * log(w) - log(E)``, ``E = -log(u)``, from uniforms ``u`` (overwritten).
+
+    On a GPU one fused kernel writes the keys over ``u``; elsewhere in-place ops turn ``u`` into ``log(E)``
+    and return the keys in a new tensor, or in ``values``' own memory with ``reuse_values`` (float32
+    ``values`` the caller does not read again). The same values either way, up to an ulp of a compiled
+    ``log``.
+    """
+    if _SOFT_KEYS.uses_compiled(u.device):
+        return _fused_soft_keys_(u, values, temperature)
+    # u in [0, 1); clamping 0 to the smallest normal keeps E = -log(u) finite (a 1-in-2**24 event per entry).
+    u.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_().log_()  # log(E)
+    logw = values.log_() if reuse_values else _log_weights(values)  # the same values as _log_weights
+    if temperature != 1.0:
+        logw.mul_(temperature)
+    return logw.sub_(u)  # zero weights give -inf: they never beat a positive one
+
+
 def _select_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """Sorted flat indices of the ``k`` largest entries of 1-D ``values``; ties go to the lowest index.
 
@@ -255,15 +275,7 @@ def _gumbel_keys(
     weights: torch.Tensor, temperature: float, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Exponential-race keys ``T * log(w) - log(E)``, ``E ~ Exp(1)``: the k largest form an exact sample."""
-    keys = _uniform(weights.numel(), weights.device, generator)
-    if _SOFT_KEYS.uses_compiled(weights.device):  # one kernel, the keys written over the uniforms
-        return _fused_soft_keys_(keys, weights, temperature)
-    # u in [0, 1); clamping 0 to the smallest normal keeps E = -log(u) finite (a 1-in-2**24 event per entry).
-    keys.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_().log_()  # log(E)
-    logw = _log_weights(weights)
-    if temperature != 1.0:
-        logw.mul_(temperature)
-    return logw.sub_(keys)  # zero weights give -inf: they never beat a positive one
+    return _soft_keys_(_uniform(weights.numel(), weights.device, generator), weights, temperature)
 
 
 def _uniform_fill(
@@ -806,20 +818,10 @@ def select_rows(
     if ranked:
         whole = len(ranked) == rows
         idx = None if whole else _index_tensor(ranked, device)
-        if mode == "soft" and _SOFT_KEYS.uses_compiled(values.device):
-            # One kernel (GPU): the keys written over the uniforms, no other pass or buffer.
+        if mode == "soft":
             u = uniforms if whole else uniforms[idx]
-            part = _fused_soft_keys_(u, values if whole else values[idx], temperature)
-        elif mode == "soft":
-            u = uniforms if whole else uniforms[idx]
-            u.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_().log_()  # log(E), E ~ Exp(1)
-            if whole and overwrite and values.dtype == torch.float32:
-                part = values.log_()  # the same values as _log_weights, in place
-            else:
-                part = _log_weights(values if whole else values[idx])
-            if temperature != 1.0:
-                part.mul_(temperature)
-            part.sub_(u)  # zero weights give -inf: they never beat a positive one
+            reuse = whole and overwrite and values.dtype == torch.float32
+            part = _soft_keys_(u, values if whole else values[idx], temperature, reuse_values=reuse)
         elif blocked is None:
             part = values if whole else values[idx]
         else:
