@@ -381,7 +381,7 @@ class TopologyEngine:
         # evolved and freed before the next chunk starts, so the working set is one chunk's, not the model's.
         for chunk in _chunks(group_list, masks, self.shapes):
             stacks = _make_stacks(chunk, masks, self.shapes)
-            self._evolve_stacks(stacks, chunk, step, weights, grads, zeta, temperature, stats)
+            self._evolve_stacks(stacks, chunk, step, evolve, weights, grads, zeta, temperature, stats)
             for s in stacks:
                 for b, name in enumerate(s.names):
                     new_masks[name], grown_masks[name] = s.mask[b], s.grown[b]
@@ -394,7 +394,9 @@ class TopologyEngine:
         stats.layers = {name: stats.layers[name] for name in order}
         return {n: new_masks[n] for n in order}, {n: grown_masks[n] for n in order}, stats
 
-    def _evolve_stacks(self, stacks: list[_Stack], names, step, weights, grads, zeta, temperature, stats):
+    def _evolve_stacks(
+        self, stacks: list[_Stack], names, step, evolve, weights, grads, zeta, temperature, stats
+    ):
         """Prune, chain removal, (EM_S keep-back,) regrowth and statistics of one chunk's stacks."""
         nnz_before = _read_counts(stacks, lambda s: count_true(s.old))
         for s in stacks:
@@ -403,7 +405,7 @@ class TopologyEngine:
             s.target = [self.target_nnz(name, step) for name in s.names]
             self._prune_stack(s, step, weights, grads, zeta, temperature)
         chain_removed = dict.fromkeys(names, 0)
-        if self.config.chain_removal and step <= self.t_end:
+        if self.config.chain_removal and evolve:
             chain_removed = self._chain_removal(stacks, names)
         final_prune = self._em_s and not self.density_schedule.regrows(step)
         for s in stacks:
