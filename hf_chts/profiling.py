@@ -57,9 +57,9 @@ class OpCounter(TorchDispatchMode):
 
     Example:
         >>> with OpCounter() as counter:
-        ...     _ = int(torch.ones(3).sum())
+        ...     _ = int(torch.ones(3).sum())  # ones, sum, and the read of the sum
         >>> counter.ops, counter.syncs
-        (2, 1)
+        (3, 1)
     """
 
     def __init__(self) -> None:
