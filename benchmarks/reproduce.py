@@ -96,6 +96,8 @@ class Experiment:
     ladder: tuple[str, ...] = ()
     ladder_rival: str = ""
     notes: str = ""  # shown under the claim: what the budget is and how it departs from the paper's
+    # long runs: a checkpoint every epoch in --work_dir, and a re-run of the same command resumes from it
+    resumable: bool = False
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -349,6 +351,59 @@ _register(
         "for EM_S runs (the best once the density is final). The runs used this code before it was rebased "
         "onto the counter-based random streams (commit da4baeb in each JSON): a re-run now draws other, "
         "equally distributed ER / BRF masks and CSTI tie-breaks.",
+    )
+)
+# The paper's MLP setting at its full budget (the research recipe, recipes/configs/mlp_mnist.yaml): 100 epochs
+# of the 60,000 training images, one topology update per epoch (1,875 steps), t_end 0.75 of the run. Every
+# sparse variant starts from swi weights. SET + EM_S is the control for the research CHTs: the same density
+# schedule (6% -> 3.5% -> 1%) with SET's random regrowth, so "CH regrowth" and "more links early" can be told
+# apart.
+_MLP_PAPER_CPU = dict(
+    hidden_sizes=[1000, 1000, 1000],
+    num_train_epochs=100,
+    per_device_train_batch_size=32,
+    update_interval=1875,
+    t_end_fraction=0.75,
+    zeta=0.3,
+    density=0.01,
+    sparse_init="swi",
+    eval_strategy="epoch",
+    logging_steps=1875,
+)
+_MLP_PAPER_SMOKE = dict(_MLP_RESEARCH_SMOKE, logging_steps=2)
+_EM_S = dict(density_schedule="em_s", zeta_schedule="constant")
+_register(
+    Experiment(
+        name="mlp_mnist_paper",
+        title="MLP 784-1000-1000-1000-10 on full MNIST, 1% density, the paper's budget (100 epochs)",
+        recipe="mlp",
+        variants=(
+            Variant("dense", "dense", label="Dense"),
+            Variant("set", "set", label="SET"),
+            Variant("set_ems", "set", _EM_S, label="SET + EM_S (control)"),
+            Variant("rigl", "rigl", label="RigL"),
+            Variant("chts", "chts", {"temperature_end": 3.0}, label="CHTs (BRF, CH2-L3n)"),
+            Variant("chts_research", "chts", _CHTS_RESEARCH, label="CHTs research (CSTI, CH3-L3p, EM_S)"),
+        ),
+        base={"cpu": _MLP_PAPER_CPU, "smoke": _MLP_PAPER_SMOKE},
+        metric="test_accuracy",
+        metric_label="final test accuracy",
+        higher_is_better=True,
+        seeds=(0, 1, 2),
+        claim="CHTs at 1% density matches or beats the fully connected MLP; under 30% of hidden neurons can "
+        "remain.",
+        comparisons=(
+            ("chts_research", ("dense",)),
+            ("chts", ("dense",)),
+            ("chts_research", ("set", "set_ems", "rigl", "chts")),
+            ("chts_research", ("set_ems",)),
+        ),
+        notes="Budget: the paper's, 100 epochs of the 60,000 training images (187,500 steps of batch 32), "
+        "SGD "
+        "momentum 0.9, lr 0.025 decayed linearly, weight decay 5e-4, one topology update per epoch until "
+        "t_end = 0.75 of the run (74 updates). Test accuracy on the 10,000 test images after each epoch; "
+        "'best after t_end' is what the research code reports for EM_S runs.",
+        resumable=True,
     )
 )
 _register(
@@ -648,26 +703,37 @@ def _llama_active_mlp_neurons(model) -> float:
     return active / total if total else 1.0
 
 
-def _make_recorder(probe: Callable[[Any], dict[str, float]]):
+def _make_recorder(probe: Callable[[Any], dict[str, float]], state_file: Path | None = None):
+    """A callback recording, at every log, the step, elapsed seconds and the probe's figures.
+
+    With ``state_file`` (resumable runs) it writes its trace and elapsed time there at every checkpoint and
+    takes them back when the run resumes, dropping rows past the checkpoint it resumes from.
+    """
     from transformers import TrainerCallback
 
     class RecorderCallback(TrainerCallback):
-        """At every log: step, elapsed seconds and the probe's figures (density, active neurons)."""
-
         def __init__(self) -> None:
             self.start = time.perf_counter()
+            self.offset = 0.0  # seconds spent before a resume
             self.trace: list[dict[str, float]] = []
+
+        def elapsed(self) -> float:
+            return self.offset + time.perf_counter() - self.start
 
         def _record(self, state, model) -> None:
             if model is None:
                 return
-            row = {"step": int(state.global_step), "seconds": time.perf_counter() - self.start}
+            row = {"step": int(state.global_step), "seconds": self.elapsed()}
             row.update(probe(model))
             if not self.trace or self.trace[-1]["step"] != row["step"]:
                 self.trace.append(row)
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             self.start = time.perf_counter()
+            if state_file is not None and state_file.is_file() and state.global_step > 0:
+                saved = json.loads(state_file.read_text())
+                self.trace = [row for row in saved["trace"] if row["step"] <= state.global_step]
+                self.offset = saved["seconds"]
 
         def on_step_begin(self, args, state, control, model=None, **kwargs):
             if state.global_step == 0:  # after the sparse callback drew the initial masks
@@ -676,18 +742,22 @@ def _make_recorder(probe: Callable[[Any], dict[str, float]]):
         def on_log(self, args, state, control, model=None, **kwargs):
             self._record(state, model)
 
+        def on_save(self, args, state, control, **kwargs):
+            if state_file is not None:
+                _write_atomic(state_file, json.dumps({"trace": self.trace, "seconds": self.elapsed()}))
+
     return RecorderCallback()
 
 
 @contextlib.contextmanager
-def _recorded(module, trainer_attr: str, probe) -> Iterator[dict[str, Any]]:
+def _recorded(module, trainer_attr: str, probe, state_file: Path | None = None) -> Iterator[dict[str, Any]]:
     """Swap ``module.<trainer_attr>`` for a subclass adding a recorder callback; yields what it captured."""
     original = getattr(module, trainer_attr)
     captured: dict[str, Any] = {}
 
     class Recorded(original):
         def __init__(self, *args, **kwargs):
-            recorder = _make_recorder(probe)
+            recorder = _make_recorder(probe, state_file)
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), recorder]
             super().__init__(*args, **kwargs)
             captured["trainer"], captured["recorder"] = self, recorder
@@ -730,6 +800,10 @@ def run_one(
     run_name = f"{experiment}__{variant}__s{seed}"
     out_dir = work_dir / "outputs" / scale / run_name
     common = {"output_dir": str(out_dir), "save_strategy": "no", "report_to": "none"}
+    state_file = None
+    if exp.resumable:  # a checkpoint every epoch; the same command continues from the newest complete one
+        common.update(save_strategy="epoch", save_total_limit=1, resume_from_checkpoint="latest")
+        state_file = out_dir / "reproduce_recorder.json"
     provenance = {"git": git_commit(), "hardware": hardware()}
     start = time.perf_counter()
 
@@ -746,7 +820,7 @@ def run_one(
         def probe(model):
             return {**_sparse_probe(model), "active_neurons": recipe.active_hidden_neurons(model)["all"]}
 
-        with _recorded(recipe, "Trainer", probe) as captured:
+        with _recorded(recipe, "Trainer", probe, state_file) as captured:
             result = recipe.main(*recipe.parse_args(argv))
         metrics = dict(result["metrics"])
         metrics["active_hidden_neurons"] = result["sparsity"]["active_hidden_neurons"]["all"]
@@ -782,7 +856,7 @@ def run_one(
         def probe(model):
             return {**_sparse_probe(model), "active_neurons": _llama_active_mlp_neurons(model)}
 
-        with _recorded(recipe, "PerplexityTrainer", probe) as captured:
+        with _recorded(recipe, "PerplexityTrainer", probe, state_file) as captured:
             result = recipe.main(argv)
         trainer = captured["trainer"]
         metrics = {
@@ -818,7 +892,7 @@ def run_one(
         def probe(model):
             return {**_sparse_probe(model), "active_neurons": recipe.active_ffn_neurons(model)}
 
-        with _recorded(recipe, "Seq2SeqTrainer", probe) as captured:
+        with _recorded(recipe, "Seq2SeqTrainer", probe, state_file) as captured:
             result = recipe.main(*recipe.parse_args(argv))
         metrics = dict(result["metrics"])
         metrics["density"] = result["sparsity"]["density"]
@@ -848,7 +922,7 @@ def run_one(
         "seed": seed,
         "scale": scale,
         "metrics": metrics,
-        "wall_time_seconds": time.perf_counter() - start,
+        "wall_time_seconds": captured["recorder"].offset + time.perf_counter() - start,
         "train_runtime_seconds": trainer.state.log_history[-1].get("train_runtime")
         if trainer.state.log_history
         else None,

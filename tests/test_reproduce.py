@@ -37,6 +37,7 @@ def smoke_results(reproduce, tmp_path_factory):
         (["brf_ablation"], ["er"]),
         (["mlp_mnist_research"], ["chts_research"]),
         (["llama_lm_research"], ["dense"]),
+        (["mlp_mnist_paper"], ["set_ems"]),
     ):
         paths += reproduce.run_grid(
             experiments, variants, [0], "smoke", reproduce.DEFAULT_DATA_DIR, work_dir, results_dir
@@ -50,6 +51,7 @@ def test_registry_covers_the_issue(reproduce):
         "mlp_mnist",
         "mlp_mnist_long",
         "mlp_mnist_research",
+        "mlp_mnist_paper",
         "llama_lm",
         "llama_lm_research",
         "brf_ablation",
@@ -63,6 +65,11 @@ def test_registry_covers_the_issue(reproduce):
     ]
     assert [v.flags.get("density") for v in exps["llama_lm_research"].variants][-4:] == [0.1, 0.3, 0.5, 1.0]
     assert exps["llama_lm_research"].seeds == (0, 1, 2)
+    paper = exps["mlp_mnist_paper"]
+    assert [v.name for v in paper.variants] == ["dense", "set", "set_ems", "rigl", "chts", "chts_research"]
+    assert paper.seeds == (0, 1, 2) and paper.resumable
+    assert paper.base["cpu"]["num_train_epochs"] == 100 and paper.base["cpu"]["update_interval"] == 1875
+    assert paper.variant("set_ems").flags["density_schedule"] == "em_s"
     assert [v.method for v in exps["mlp_mnist"].variants] == ["dense", "set", "rigl", "cht", "chts", "chtss"]
     assert [v.method for v in exps["llama_lm"].variants][:8] == [
         "dense", "set", "rigl", "mest", "granet", "cht", "chts", "chtss"
@@ -92,6 +99,7 @@ def test_smoke_runs_write_complete_records(reproduce, smoke_results):
         "brf_ablation__er__s0__smoke.json",
         "mlp_mnist_research__chts_research__s0__smoke.json",
         "llama_lm_research__dense__s0__smoke.json",
+        "mlp_mnist_paper__set_ems__s0__smoke.json",
     ]
     for path in paths:
         record = json.loads(path.read_text())
@@ -115,6 +123,9 @@ def test_smoke_runs_write_complete_records(reproduce, smoke_results):
                 assert sparse["init"] == "er"
             if record["method"] == "chtss":  # the density decays from 0.5 towards the target
                 assert record["trace"][0]["density"] == pytest.approx(0.5, abs=0.02)
+            if record["variant"] == "set_ems":  # SET with EM_S: starts at density + 0.05
+                assert sparse["density_schedule"] == "em_s"
+                assert record["trace"][0]["density"] == pytest.approx(sparse["density"] + 0.05, abs=0.002)
             if record["variant"] == "chts_research":  # CSTI, CH3-L3p, EM_S: starts at density + 0.05
                 assert (sparse["init"], sparse["ch_variant"], sparse["density_schedule"]) == (
                     "csti",
@@ -215,3 +226,17 @@ def test_verdict_and_static_ladder_lines(reproduce):
     text = "\n".join(reproduce.ladder_lines(exp, [_row("dense", [100, 101, 102], 1.0), *flipped]))
     assert "capacity-limited regime" in text and "**Yes**" in text
     assert reproduce.ladder_lines(reproduce.EXPERIMENTS["llama_lm"], rows) == []  # no ladder there
+
+
+def test_resumable_run_continues_its_trace_and_wall_time(reproduce, tmp_path):
+    """A resumable experiment checkpoints every epoch; a re-run resumes there and keeps the recorder trace."""
+    args = ("mlp_mnist_paper", "dense", 0, "smoke", tmp_path / "no_data", tmp_path / "work", tmp_path / "res")
+    first = reproduce.run_one(*args)
+    out = tmp_path / "work" / "outputs" / "smoke" / "mlp_mnist_paper__dense__s0"
+    assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{first['metrics']['global_step']}"]
+    trained = json.loads((out / "reproduce_recorder.json").read_text())["seconds"]
+    assert trained > 0
+    second = reproduce.run_one(*args)  # resumes at the last checkpoint: no step is trained again
+    assert second["metrics"]["global_step"] == first["metrics"]["global_step"]
+    assert second["trace"][: len(first["trace"])] == first["trace"]
+    assert second["wall_time_seconds"] > trained  # the first process's training time is carried over
