@@ -31,9 +31,9 @@ from .config import SparseTrainingConfig, config_for_run
 from .distributed import Collectives
 from .engine import TopologyEngine
 from .masking import (
-    MASK_NAME,
     apply_masks_,
     keep_masks_out_of_ddp_,
+    layer_mask,
     layer_view_shape,
     remask_every_step,
     set_grad_capture_,
@@ -259,7 +259,7 @@ class CHTssCallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------ what the events delegate
     def _write_sparse_state(self, args, state) -> None:
-        masks = {name: m._buffers[MASK_NAME] for name, m in self.modules.items()}
+        masks = {name: layer_mask(m) for name, m in self.modules.items()}
         if resume.write_state(args, state, masks, self._scalar_state(state.global_step)):
             self._saved_step = state.global_step
 

@@ -74,9 +74,11 @@ __all__ = [
     "find_sparse_modules",
     "from_layer_view",
     "get_masks",
+    "has_mask",
     "install_grad_masks_",
     "is_masked",
     "keeps_masked_weights_zero",
+    "layer_mask",
     "layer_view",
     "layer_view_shape",
     "make_masked_",
@@ -88,6 +90,28 @@ __all__ = [
     "unwrap_model",
     "zero_optimizer_state_",
 ]
+
+
+# ------------------------------------------------------------------------------ the mask of a layer
+def has_mask(module: nn.Module) -> bool:
+    """Whether ``module`` carries a ``weight_mask`` buffer (a masked layer, or one a checkpoint masked)."""
+    return MASK_NAME in module._buffers
+
+
+def layer_mask(module: nn.Module) -> torch.Tensor:
+    """The live ``weight_mask`` buffer of ``module`` (bool, in the layout of ``weight``).
+
+    The one accessor of a layer's mask.
+
+    Read straight from the module's buffers (no ``nn.Module.__getattr__`` on the hot path); raises a
+    ``KeyError`` naming the module's class when it has no mask.
+    """
+    try:
+        return module._buffers[MASK_NAME]
+    except KeyError:
+        raise KeyError(
+            f"{type(module).__name__} has no {MASK_NAME!r} buffer; it is not a masked layer."
+        ) from None
 
 
 # ------------------------------------------------------------------------------ masked forward
@@ -134,7 +158,7 @@ class _GradMask:
         if module is None or grad is None:
             return
         with torch.no_grad():
-            grad.mul_(module._buffers[MASK_NAME])
+            grad.mul_(layer_mask(module))
 
     def covers(self, weight: torch.Tensor) -> bool:
         if getattr(weight, _MASK_HOOK_ATTR, None) is not self:
@@ -203,7 +227,7 @@ def _forward_weight(module: nn.Module) -> torch.Tensor:
             return weight
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return weight
-    masked = _MaskGrad.apply(weight, module._buffers[MASK_NAME])
+    masked = _MaskGrad.apply(weight, layer_mask(module))
     if capture is not None:
         masked.register_hook(capture)
     return masked
@@ -348,7 +372,7 @@ def _masked_class_for(cls: type, name: str) -> type:
 
 def is_masked(module: nn.Module) -> bool:
     """Whether ``module`` carries a ``weight_mask`` buffer and uses the masked forward."""
-    return MASK_NAME in module._buffers and module.__class__.forward in (
+    return has_mask(module) and module.__class__.forward in (
         MaskedLinear.forward,
         MaskedConv1D.forward,
     )
@@ -564,7 +588,7 @@ def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     These are the live buffers, not copies: ``.clone()`` them to keep a snapshot.
     """
     model = unwrap_model(model)
-    return {name: m._buffers[MASK_NAME] for name, m in model.named_modules() if MASK_NAME in m._buffers}
+    return {name: layer_mask(m) for name, m in model.named_modules() if has_mask(m)}
 
 
 def keep_masks_out_of_ddp_(model: nn.Module) -> list[str]:
@@ -603,7 +627,7 @@ def set_masks_(model: nn.Module, masks: Mapping[str, torch.Tensor], *, apply: bo
     modules = dict(model.named_modules())
     for name, mask in masks.items():
         if name not in modules:
-            known = [n for n, m in modules.items() if MASK_NAME in m._buffers][:8]
+            known = [n for n, m in modules.items() if has_mask(m)][:8]
             raise ValueError(
                 f"No module named {name!r} in {type(model).__name__} to receive a mask; masked modules "
                 f"include {known}. Use the names returned by `get_masks(model)`."
@@ -614,7 +638,7 @@ def set_masks_(model: nn.Module, masks: Mapping[str, torch.Tensor], *, apply: bo
         if not is_masked(module):
             make_masked_(module, name=name)
         with torch.no_grad():
-            module._buffers[MASK_NAME].copy_(mask)
+            layer_mask(module).copy_(mask)
     if apply:
         apply_masks_({name: modules[name] for name in masks})
 
@@ -738,7 +762,7 @@ def zero_optimizer_state_(
         param_state = state.get(weight)
         if not param_state:
             continue
-        zero = ~module._buffers[MASK_NAME]
+        zero = ~layer_mask(module)
         if extra_positions is not None and name in extra_positions:
             zero = zero | extra_positions[name].to(zero.device)
         local_zero = None
@@ -761,7 +785,7 @@ def layer_view(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(
             f"{type(module).__name__} carries no `weight_mask`; sparsify it first (`sparsify_`)."
         )
-    weight, mask = module.weight, module._buffers[MASK_NAME]
+    weight, mask = module.weight, layer_mask(module)
     if isinstance(module, Conv1D):
         return weight.T, mask.T
     return weight, mask

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .masking import MASK_NAME, apply_masks_, is_masked, layer_view_shape, unwrap_model
+from .masking import apply_masks_, has_mask, is_masked, layer_mask, layer_view_shape, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def merge_and_unload(
             "model with `peft.get_peft_model` first."
         )
     base = unwrap_model(peft_model.get_base_model())
-    masked = [m for m in base.modules() if MASK_NAME in m._buffers]
+    masked = [m for m in base.modules() if has_mask(m)]
     if not masked:
         raise ValueError(
             f"The base model ({type(base).__name__}) carries no `weight_mask` buffers: it is not sparse, so "
@@ -164,11 +164,11 @@ def merge_and_unload(
         )
     before = {id(m): m.weight.detach().clone() for m in masked}
     merged = peft_model.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
-    modules = {name: m for name, m in merged.named_modules() if MASK_NAME in m._buffers}
+    modules = {name: m for name, m in merged.named_modules() if has_mask(m)}
     kept_sq = dropped_sq = 0.0
     for module in modules.values():
         delta = module.weight.detach().float() - before[id(module)].float()
-        mask = module._buffers[MASK_NAME]
+        mask = layer_mask(module)
         kept_sq += float(delta[mask].square().sum())
         dropped_sq += float(delta[~mask].square().sum())
         if not is_masked(module):  # a plain forward after unwrapping: switch back to the masked forward

@@ -35,9 +35,11 @@ from .masking import (
     apply_masks_,
     find_sparse_modules,
     from_layer_view,
+    has_mask,
     install_grad_masks_,
     is_masked,
     keep_masks_out_of_ddp_,
+    layer_mask,
     layer_view_shape,
     make_masked_,
     unwrap_model,
@@ -136,10 +138,10 @@ def run_modules(model: nn.Module, config: SparseTrainingConfig) -> tuple[dict[st
     checkpoint) keeps exactly those layers, switched to the masked forward where a plain layer holds the
     buffer; otherwise ``config.target_modules`` / ``config.exclude_modules`` select them.
     """
-    carried = any(MASK_NAME in m._buffers for m in model.modules())
+    carried = any(has_mask(m) for m in model.modules())
     if not carried:
         return find_sparse_modules(model, config.target_modules, config.exclude_modules), False
-    modules = {name: m for name, m in model.named_modules() if MASK_NAME in m._buffers}
+    modules = {name: m for name, m in model.named_modules() if has_mask(m)}
     for name, module in modules.items():
         if not is_masked(module):  # a buffer but a plain forward (e.g. loaded into nn.Linear)
             make_masked_(module, name=name)
@@ -176,10 +178,10 @@ def start_masks_(
     """
     _place_masks(model, modules, engine, carried=carried, masks=masks, fresh=fresh)
     if collectives is not None:
-        broadcast_from_rank0_(collectives, [m._buffers[MASK_NAME] for m in modules.values()])
+        broadcast_from_rank0_(collectives, [layer_mask(m) for m in modules.values()])
     apply_masks_(modules)
     install_grad_masks_(modules)  # weights replaced since masking (e.g. loaded) get the hook back
-    density = masks_density(m._buffers[MASK_NAME] for m in modules.values())
+    density = masks_density(layer_mask(m) for m in modules.values())
     config = engine.config
     logger.info(
         "hf_chts: %d sparse layers, method=%s, global density %.4f (target %.4f), update every %d steps "
@@ -210,23 +212,23 @@ def _place_masks(
             sparsify_(model, config, masks=masks)
             return
         for name, module in modules.items():
-            module._buffers[MASK_NAME].copy_(masks[name].to(module._buffers[MASK_NAME].device))
+            layer_mask(module).copy_(masks[name].to(layer_mask(module).device))
         return
     if carried and not fresh:
         return
     if carried:
-        counts = [(n, int(m._buffers[MASK_NAME].sum()), engine.target_nnz(n, 0)) for n, m in modules.items()]
+        counts = [(n, int(layer_mask(m).sum()), engine.target_nnz(n, 0)) for n, m in modules.items()]
         mismatch = [item for item in counts if item[1] != item[2]]
         if not mismatch:
             return
     first = next(iter(modules.values()))
-    init = engine.init_masks(first._buffers[MASK_NAME].device if carried else _device(first))
+    init = engine.init_masks(layer_mask(first).device if carried else _device(first))
     drawn = {name: from_layer_view(m, init[name]) for name, m in modules.items()}
     if not carried:
         sparsify_(model, config, masks=drawn)
         return
     for name, module in modules.items():
-        module._buffers[MASK_NAME].copy_(drawn[name])
+        layer_mask(module).copy_(drawn[name])
     name, nnz, target = mismatch[0]
     logger.warning(
         "hf_chts: the model's masks do not fit the step-0 schedule of %r (layer %r has %d links, expected "

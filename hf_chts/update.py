@@ -37,7 +37,7 @@ from torch import nn
 
 from .distributed import Collectives, full_tensor, mean_onto_owners, shard_groups, share_masks
 from .engine import LayerStats, StepStats, TopologyEngine
-from .masking import MASK_NAME, apply_masks_, from_layer_view, layer_view, zero_optimizer_state_
+from .masking import apply_masks_, from_layer_view, layer_mask, layer_view, zero_optimizer_state_
 from .stats import global_density, masks_density, update_log_dict
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def dense_gradients(
             if pgrad is not None:
                 grad = full_tensor(pgrad).detach().float()
             else:
-                grad = torch.zeros(module.weight.shape, device=module._buffers[MASK_NAME].device)
+                grad = torch.zeros(module.weight.shape, device=layer_mask(module).device)
         out[name] = grad
     return out
 
@@ -139,7 +139,7 @@ def topology_update(
         name: (from_layer_view(modules[name], new_masks[name]), from_layer_view(modules[name], grown[name]))
         for name in new_masks
     }
-    buffers = {name: m._buffers[MASK_NAME] for name, m in modules.items()}
+    buffers = {name: layer_mask(m) for name, m in modules.items()}
     new_w, grown_w = share_masks(collectives, owned, buffers, owner)
     # Nothing was written before the engine returned: a link removed and regrown in this update still holds
     # its weight, and only the positions in `grown` (absent before the update) are zeroed.

@@ -15,7 +15,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from hf_chts.callback import STATE_DIR, CHTssCallback
 from hf_chts.checkpointing import load_sparse_state, save_sparse_state
 from hf_chts.config import SparseTrainingConfig
-from hf_chts.masking import MASK_NAME, get_masks, set_masks_
+from hf_chts.masking import MASK_NAME, get_masks, layer_mask, set_masks_
 from hf_chts.sparsify import sparsify_
 
 VOCAB, SEQ = 100, 16
@@ -536,7 +536,7 @@ def _one_update_without_trainer(reset: bool, update: bool = True):
     for name, module in callback.modules.items():
         st = optimizer.state[module.weight]
         before[name] = (
-            module._buffers[MASK_NAME].clone(),
+            layer_mask(module).clone(),
             module.weight.detach().clone(),
             st["exp_avg"].clone(),
             st["exp_avg_sq"].clone(),
@@ -554,7 +554,7 @@ def test_returning_links_keep_weight_and_adam_moments(reset):
     changed_links = 0
     for name, module in callback.modules.items():
         old_mask, old_w, old_m, old_v = before[name]
-        mask = module._buffers[MASK_NAME]
+        mask = layer_mask(module)
         st = optimizer.state[module.weight]
         kept = mask & old_mask  # links before and after the update: kept ones and returners
         new = mask & ~old_mask

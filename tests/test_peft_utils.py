@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback
 import hf_chts
 from hf_chts import SparseLlamaConfig, SparseLlamaForCausalLM
 from hf_chts.callback import CHTssCallback
-from hf_chts.masking import MASK_NAME, get_masks
+from hf_chts.masking import MASK_NAME, get_masks, has_mask
 from hf_chts.peft_utils import SHIRA_MIN_PEFT, shira_mask_fn
 
 peft = pytest.importorskip("peft")
@@ -188,7 +188,7 @@ def test_merge_save_reload_keeps_the_masks(tmp_path):
     masks = get_masks(merged)
     assert set(masks) == set(masks0) and all(torch.equal(masks[n], masks0[n]) for n in masks0)
     for name, module in merged.named_modules():
-        if MASK_NAME in module._buffers:
+        if has_mask(module):
             assert not torch.any(module.weight[~module.weight_mask] != 0.0), name
             assert "lora" not in type(module).__module__
     with torch.no_grad():
@@ -290,5 +290,5 @@ def test_shira_adapter_with_brf_mask_trains(tmp_path):
     assert all(torch.equal(after[n], masks0[n]) for n in masks0)
     merged = hf_chts.merge_and_unload(peft_model)
     for module in merged.modules():
-        if MASK_NAME in module._buffers:
+        if has_mask(module):
             assert not torch.any(module.weight[~module.weight_mask] != 0.0)

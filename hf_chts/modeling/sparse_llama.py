@@ -61,8 +61,10 @@ from ..masking import (
     MASK_NAME,
     apply_masks_,
     get_masks,
+    has_mask,
     is_masked,
     keep_masks_out_of_ddp_,
+    layer_mask,
     layer_view,
     make_masked_,
     unwrap_model,
@@ -356,14 +358,13 @@ class SparseLlamaForCausalLM(LlamaForCausalLM):
         missing = [
             name
             for name, m in modules.items()
-            if not getattr(m._buffers[MASK_NAME], "_is_hf_initialized", False)
-            and m._buffers[MASK_NAME].device.type != "meta"
+            if not getattr(layer_mask(m), "_is_hf_initialized", False) and layer_mask(m).device.type != "meta"
         ]
         if missing:
             cfg = self.config.sparse_training_config
             masks = draw_masks(modules, cfg)
             for name in missing:
-                buffer = modules[name]._buffers[MASK_NAME]
+                buffer = layer_mask(modules[name])
                 buffer.copy_(masks[name].to(buffer.device))
                 buffer._is_hf_initialized = True
             logger.info(
@@ -429,7 +430,7 @@ class SparseLlamaForCausalLM(LlamaForCausalLM):
         bad = []
         for name in sorted(names):
             module = modules[name]
-            weight, mask = module.weight, module._buffers[MASK_NAME]
+            weight, mask = module.weight, layer_mask(module)
             if weight.device.type == "meta" or mask.device.type == "meta":
                 continue
             leaked = int(((weight != 0) & ~mask.to(weight.device)).sum())
@@ -450,7 +451,7 @@ class SparseLlamaForCausalLM(LlamaForCausalLM):
         """Validate the checkpoint's masks; return the sparse layers whose masks it holds."""
         modules = self.sparse_modules()
         # Only masks still to be materialised matter (adapter loading reuses this path on a live model).
-        pending = {name for name, m in modules.items() if m._buffers[MASK_NAME].device.type == "meta"}
+        pending = {name for name, m in modules.items() if layer_mask(m).device.type == "meta"}
         if not pending:
             return set()
         found = _checkpoint_mask_specs(state_dict, checkpoint_files)
@@ -523,7 +524,7 @@ class SparseLlamaForCausalLM(LlamaForCausalLM):
         """
         with torch.device("meta"):
             dense = LlamaForCausalLM(self.config.to_llama_config())
-        masked = {name: m for name, m in self.named_modules() if MASK_NAME in m._buffers}
+        masked = {name: m for name, m in self.named_modules() if has_mask(m)}
         copies: dict[int, torch.Tensor] = {}  # by id of the source: tied tensors stay tied
 
         for name, param in self.named_parameters(remove_duplicate=False):
@@ -532,7 +533,7 @@ class SparseLlamaForCausalLM(LlamaForCausalLM):
                 value = param.detach().clone()
                 source = masked.get(module_name)
                 if source is not None and leaf == "weight":
-                    value.masked_fill_(~source._buffers[MASK_NAME].to(value.device), 0.0)
+                    value.masked_fill_(~layer_mask(source).to(value.device), 0.0)
                 copies[id(param)] = nn.Parameter(value, requires_grad=param.requires_grad)
             dense.get_submodule(module_name)._parameters[leaf] = copies[id(param)]
         for name, buffer in self.named_buffers(remove_duplicate=False):
@@ -541,7 +542,7 @@ class SparseLlamaForCausalLM(LlamaForCausalLM):
                 continue
             if id(buffer) not in copies:
                 copies[id(buffer)] = buffer.detach().clone()
-            dense.get_submodule(module_name)._buffers[leaf] = copies[id(buffer)]
+            setattr(dense.get_submodule(module_name), leaf, copies[id(buffer)])  # a registered buffer
         left = [n for n, t in [*dense.named_parameters(), *dense.named_buffers()] if t.device.type == "meta"]
         if left:
             raise RuntimeError(f"to_dense() left tensors on the meta device: {left[:5]}; please report this.")
@@ -713,9 +714,9 @@ def sparsity_summary(model: nn.Module) -> dict[str, Any]:
     """
     model = unwrap_model(model)
     masks = {
-        name: layer_view(module)[1] if is_masked(module) else module._buffers[MASK_NAME]
+        name: layer_view(module)[1] if is_masked(module) else layer_mask(module)
         for name, module in model.named_modules()
-        if MASK_NAME in module._buffers
+        if has_mask(module)
     }
     return density_summary(mask_statistics(masks))
 
