@@ -462,7 +462,7 @@ def _masked_grads_are_zero(layer) -> bool:
 
 
 def test_forward_uses_the_weight_and_backward_masks_it_in_place():
-    from hf_chts.masking import _forward_weight
+    from hf_chts.masking.layers import _forward_weight
 
     torch.manual_seed(0)
     layer = make_masked_(nn.Linear(6, 5), checkerboard((5, 6)), name="fc")
@@ -476,7 +476,7 @@ def test_forward_uses_the_weight_and_backward_masks_it_in_place():
     "how", ["deepcopy", "pickle", "to_float64", "swap_tensors", "new_parameter", "assign"]
 )
 def test_gradient_stays_masked_when_the_weight_object_changes(how):
-    from hf_chts.masking import _forward_weight
+    from hf_chts.masking.layers import _forward_weight
 
     torch.manual_seed(0)
     layer = make_masked_(nn.Linear(6, 5), checkerboard((5, 6)), name="fc")
