@@ -1,4 +1,4 @@
-"""The sparse-training state on disk: atomic writes, checked reads, resume validation, complete checkpoints.
+"""The sparse-training state on disk: atomic writes, checked reads, complete checkpoints.
 
 A checkpoint folder ``<output_dir>/checkpoint-<step>`` written by ``Trainer`` with
 :class:`~hf_chts.CHTssCallback` holds, besides the Trainer's own files (``model.safetensors``,
@@ -63,13 +63,12 @@ __all__ = [
     "MASKS_FILE",
     "STATE_DIR",
     "STATE_FILE",
-    "check_resume_state",
     "check_safetensors_file",
-    "find_resume_state",
     "checkpoint_problem",
     "last_complete_checkpoint",
     "load_sparse_state",
     "masks_in_model_weights",
+    "model_weight_files",
     "save_sparse_state",
     "sparse_state_complete",
     "trainer_callback_state",
@@ -459,140 +458,13 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return None
 
 
-# ------------------------------------------------------------------------------------------ resume checks
-def check_resume_state(
-    masks: Mapping[str, torch.Tensor],
-    state: Mapping[str, Any],
-    *,
-    source: str,
-    trainer_step: int,
-    expected_nnz: Mapping[str, int],
-    model_masks: Mapping[str, torch.Tensor] | None = None,
-    model_source: str = "",
-) -> None:
-    """Refuse a sparse state that would not continue the run it claims to continue.
+# ------------------------------------------------------------------------------------------ weight files
+def model_weight_files(checkpoint: str) -> list[str]:
+    """The safetensors files holding a checkpoint folder's model (or adapter) weights; ``[]`` when none.
 
-    Args:
-        masks: the masks to resume with (``{layer name: bool mask}``).
-        state: the scalar state saved with them (``step`` is checked when present).
-        source (`str`): the file they come from, for the messages.
-        trainer_step (`int`): ``state.global_step`` of the resuming Trainer.
-        expected_nnz: the number of links each layer holds at ``trainer_step`` under the run's schedule.
-        model_masks: the masks stored in the same checkpoint's model weights, when it has any.
-        model_source (`str`): the file of ``model_masks``.
+    Listed by ``model.safetensors.index.json`` when the weights are sharded.
 
     Raises:
-        ValueError: naming the file, the numbers and the fix.
+        ValueError: when the index is unreadable, naming the file and the fix.
     """
-    step = state.get("step")
-    if step is not None and int(step) != int(trainer_step):
-        raise ValueError(
-            f"The sparse state {source} was saved at step {step}, but the Trainer resumes at step "
-            f"{trainer_step}: the masks would not continue this run. Resume the Trainer from the checkpoint "
-            f"that holds this state (checkpoint-{step}), or give CHTssCallback the state of "
-            f"checkpoint-{trainer_step} (or none: it reads the folder the Trainer resumes from)."
-        )
-    for name, target in expected_nnz.items():
-        nnz = int(masks[name].sum())
-        if nnz != target:
-            raise ValueError(
-                f"The sparse state {source} gives layer {name!r} {nnz} links where the schedule expects "
-                f"{target} at step {trainer_step} (mask size {masks[name].numel()}): it was written by "
-                "another run or config, or edited. Resume with the sparse-training config the checkpoint "
-                "was trained with, from an unmodified checkpoint."
-            )
-    if model_masks:
-        for name, mask in masks.items():
-            other = model_masks.get(name)
-            if other is None:
-                continue
-            if tuple(other.shape) != tuple(mask.shape) or not torch.equal(
-                other.to(torch.bool).cpu(), mask.to(torch.bool).cpu()
-            ):
-                raise ValueError(
-                    f"The masks of layer {name!r} in {source} differ from those in {model_source} (the model "
-                    "weights of the same checkpoint): one of the two files was replaced. Restore the "
-                    "checkpoint, or delete hf_chts_state/ to resume from the masks in the model weights."
-                )
-
-
-def find_resume_state(
-    candidates: list[str],
-    *,
-    trainer_step: int,
-    shapes: Mapping[str, tuple[int, ...]],
-    expected_nnz: Mapping[str, int],
-) -> tuple[dict[str, torch.Tensor], dict[str, Any], str] | None:
-    """The validated masks and scalar state to resume from, read from the first usable candidate folder.
-
-    A candidate with ``hf_chts_state/`` is read from there (and its masks compared with those in the same
-    checkpoint's model weights, when the weights carry masks). A candidate without it, whose model weights
-    carry the masks, is resumed from those masks and the scalar state the Trainer stored in
-    ``trainer_state.json``. Candidates with neither are skipped.
-
-    Args:
-        candidates: checkpoint folders, in order of preference.
-        trainer_step (`int`): the step the Trainer resumes at.
-        shapes: ``{layer name: weight shape}`` of the model's sparse layers.
-        expected_nnz: ``{layer name: links}`` the schedule gives each layer at ``trainer_step``.
-
-    Returns:
-        ``(masks, state, source file)``, or ``None`` when no candidate holds masks.
-
-    Raises:
-        ValueError: see :func:`load_sparse_state` and :func:`check_resume_state`.
-    """
-    for path in candidates:
-        if not os.path.isdir(path):
-            continue
-        folder = os.path.join(path, STATE_DIR)
-        has_state = os.path.isfile(os.path.join(folder, MASKS_FILE)) or os.path.isfile(
-            os.path.join(folder, STATE_FILE)
-        )
-        problem = sparse_state_complete(path)
-        weight_files = _weight_files(path)
-        model_masks = masks_in_model_weights(path)
-        model_source = weight_files[0] if weight_files else ""
-        if problem is None or (has_state and not model_masks):
-            masks, state = load_sparse_state(path)  # raises with the file and the fix when broken
-            source = os.path.join(folder, MASKS_FILE)
-        elif model_masks:
-            if has_state:
-                logger.warning(
-                    "hf_chts: the sparse state in %s is incomplete (%s); resuming from the masks in %s.",
-                    folder,
-                    problem,
-                    model_source,
-                )
-            masks, source = dict(model_masks), model_source
-            state = dict(trainer_callback_state(path) or {})
-            model_masks = {}
-        else:
-            continue
-        expected = set(shapes)
-        if set(masks) != expected:
-            missing, extra = sorted(expected - set(masks)), sorted(set(masks) - expected)
-            raise ValueError(
-                f"Masks in {source} do not match the sparse layers: missing {missing[:4]}, unexpected "
-                f"{extra[:4]}. Resume with the same model and target_modules/exclude_modules as the "
-                "checkpoint."
-            )
-        for name, shape in shapes.items():
-            mask = masks[name]
-            if tuple(mask.shape) != tuple(shape) or mask.dtype != torch.bool:
-                raise ValueError(
-                    f"Checkpoint mask of layer {name!r} in {path!r} has shape {tuple(mask.shape)} and dtype "
-                    f"{mask.dtype}; expected {tuple(shape)} and torch.bool. The checkpoint was "
-                    "written for another model; resume with the model it was trained with."
-                )
-        check_resume_state(
-            masks,
-            state,
-            source=source,
-            trainer_step=trainer_step,
-            expected_nnz=expected_nnz,
-            model_masks=model_masks,
-            model_source=model_source,
-        )
-        return masks, state, source
-    return None
+    return _weight_files(checkpoint)

@@ -5,8 +5,9 @@ needs its masks and the engine's scalar state (early-stop flags, the last update
 to ``<checkpoint>/hf_chts_state/`` (:func:`hf_chts.checkpointing.save_sparse_state`: safetensors + JSON,
 never pickle) and found again from the Trainer's public surface only (:func:`checkpoint_candidates`):
 ``args.resume_from_checkpoint`` when it is a path, else ``<args.output_dir>/checkpoint-<state.global_step>``.
-The checks that refuse a state which would not continue the run live in :mod:`hf_chts.checkpointing`
-(docs/reliability.md).
+:func:`find_resume_state` reads the first usable candidate and :func:`check_resume_state` refuses a state
+which would not continue the run (docs/reliability.md); :mod:`hf_chts.checkpointing` only writes and reads
+the files.
 
 Example:
 
@@ -28,15 +29,28 @@ import torch
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .checkpointing import FORMAT_VERSION, STATE_DIR, find_resume_state, save_sparse_state
+from .checkpointing import (
+    FORMAT_VERSION,
+    MASKS_FILE,
+    STATE_DIR,
+    STATE_FILE,
+    load_sparse_state,
+    masks_in_model_weights,
+    model_weight_files,
+    save_sparse_state,
+    sparse_state_complete,
+    trainer_callback_state,
+)
 from .config import SparseTrainingConfig
 from .masking import layer_view_shape
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "check_resume_state",
     "checkpoint_candidates",
     "checkpoint_folder",
+    "find_resume_state",
     "find_state",
     "last_update_before",
     "restore_progress",
@@ -209,6 +223,145 @@ def restore_progress(engine: Any, scalar: Mapping[str, Any] | None, step: int) -
     engine.load_state_dict(scalar.get("engine", {}))
     last = int(scalar.get("last_update_step", last_update_before(config, engine.last_update, step)))
     return last, float(scalar.get("update_seconds_total", 0.0))
+
+
+# ------------------------------------------------------------------------------------------ resume checks
+def check_resume_state(
+    masks: Mapping[str, torch.Tensor],
+    state: Mapping[str, Any],
+    *,
+    source: str,
+    trainer_step: int,
+    expected_nnz: Mapping[str, int],
+    model_masks: Mapping[str, torch.Tensor] | None = None,
+    model_source: str = "",
+) -> None:
+    """Refuse a sparse state that would not continue the run it claims to continue.
+
+    Args:
+        masks: the masks to resume with (``{layer name: bool mask}``).
+        state: the scalar state saved with them (``step`` is checked when present).
+        source (`str`): the file they come from, for the messages.
+        trainer_step (`int`): ``state.global_step`` of the resuming Trainer.
+        expected_nnz: the number of links each layer holds at ``trainer_step`` under the run's schedule.
+        model_masks: the masks stored in the same checkpoint's model weights, when it has any.
+        model_source (`str`): the file of ``model_masks``.
+
+    Raises:
+        ValueError: naming the file, the numbers and the fix.
+    """
+    step = state.get("step")
+    if step is not None and int(step) != int(trainer_step):
+        raise ValueError(
+            f"The sparse state {source} was saved at step {step}, but the Trainer resumes at step "
+            f"{trainer_step}: the masks would not continue this run. Resume the Trainer from the checkpoint "
+            f"that holds this state (checkpoint-{step}), or give CHTssCallback the state of "
+            f"checkpoint-{trainer_step} (or none: it reads the folder the Trainer resumes from)."
+        )
+    for name, target in expected_nnz.items():
+        nnz = int(masks[name].sum())
+        if nnz != target:
+            raise ValueError(
+                f"The sparse state {source} gives layer {name!r} {nnz} links where the schedule expects "
+                f"{target} at step {trainer_step} (mask size {masks[name].numel()}): it was written by "
+                "another run or config, or edited. Resume with the sparse-training config the checkpoint "
+                "was trained with, from an unmodified checkpoint."
+            )
+    if model_masks:
+        for name, mask in masks.items():
+            other = model_masks.get(name)
+            if other is None:
+                continue
+            if tuple(other.shape) != tuple(mask.shape) or not torch.equal(
+                other.to(torch.bool).cpu(), mask.to(torch.bool).cpu()
+            ):
+                raise ValueError(
+                    f"The masks of layer {name!r} in {source} differ from those in {model_source} (the model "
+                    "weights of the same checkpoint): one of the two files was replaced. Restore the "
+                    "checkpoint, or delete hf_chts_state/ to resume from the masks in the model weights."
+                )
+
+
+def find_resume_state(
+    candidates: list[str],
+    *,
+    trainer_step: int,
+    shapes: Mapping[str, tuple[int, ...]],
+    expected_nnz: Mapping[str, int],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], str] | None:
+    """The validated masks and scalar state to resume from, read from the first usable candidate folder.
+
+    A candidate with ``hf_chts_state/`` is read from there (and its masks compared with those in the same
+    checkpoint's model weights, when the weights carry masks). A candidate without it, whose model weights
+    carry the masks, is resumed from those masks and the scalar state the Trainer stored in
+    ``trainer_state.json``. Candidates with neither are skipped.
+
+    Args:
+        candidates: checkpoint folders, in order of preference.
+        trainer_step (`int`): the step the Trainer resumes at.
+        shapes: ``{layer name: weight shape}`` of the model's sparse layers.
+        expected_nnz: ``{layer name: links}`` the schedule gives each layer at ``trainer_step``.
+
+    Returns:
+        ``(masks, state, source file)``, or ``None`` when no candidate holds masks.
+
+    Raises:
+        ValueError: see :func:`load_sparse_state` and :func:`check_resume_state`.
+    """
+    for path in candidates:
+        if not os.path.isdir(path):
+            continue
+        folder = os.path.join(path, STATE_DIR)
+        has_state = os.path.isfile(os.path.join(folder, MASKS_FILE)) or os.path.isfile(
+            os.path.join(folder, STATE_FILE)
+        )
+        problem = sparse_state_complete(path)
+        weight_files = model_weight_files(path)
+        model_masks = masks_in_model_weights(path)
+        model_source = weight_files[0] if weight_files else ""
+        if problem is None or (has_state and not model_masks):
+            masks, state = load_sparse_state(path)  # raises with the file and the fix when broken
+            source = os.path.join(folder, MASKS_FILE)
+        elif model_masks:
+            if has_state:
+                logger.warning(
+                    "hf_chts: the sparse state in %s is incomplete (%s); resuming from the masks in %s.",
+                    folder,
+                    problem,
+                    model_source,
+                )
+            masks, source = dict(model_masks), model_source
+            state = dict(trainer_callback_state(path) or {})
+            model_masks = {}
+        else:
+            continue
+        expected = set(shapes)
+        if set(masks) != expected:
+            missing, extra = sorted(expected - set(masks)), sorted(set(masks) - expected)
+            raise ValueError(
+                f"Masks in {source} do not match the sparse layers: missing {missing[:4]}, unexpected "
+                f"{extra[:4]}. Resume with the same model and target_modules/exclude_modules as the "
+                "checkpoint."
+            )
+        for name, shape in shapes.items():
+            mask = masks[name]
+            if tuple(mask.shape) != tuple(shape) or mask.dtype != torch.bool:
+                raise ValueError(
+                    f"Checkpoint mask of layer {name!r} in {path!r} has shape {tuple(mask.shape)} and dtype "
+                    f"{mask.dtype}; expected {tuple(shape)} and torch.bool. The checkpoint was "
+                    "written for another model; resume with the model it was trained with."
+                )
+        check_resume_state(
+            masks,
+            state,
+            source=source,
+            trainer_step=trainer_step,
+            expected_nnz=expected_nnz,
+            model_masks=model_masks,
+            model_source=model_source,
+        )
+        return masks, state, source
+    return None
 
 
 def _resolved(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
