@@ -16,7 +16,15 @@ from hf_chts.config import SparseTrainingConfig
 # Each module may import only modules of a lower layer (at the top or inside a function alike). A new module
 # goes into the lowest layer above everything it imports.
 LAYERS: list[set[str]] = [
-    {"_validation", "_step_cost", "profiling", "rewarmup", "topology._fused", "modeling.llama_layout"},
+    {
+        "_validation",
+        "_step_cost",
+        "profiling",
+        "rewarmup",
+        "topology._fused",
+        "modeling.llama_layout",
+        "weights_io",
+    },
     {
         "stats",
         "distributed",

@@ -44,7 +44,7 @@ import copy
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -68,6 +68,7 @@ from ..masking import (
 from ..sparsify import draw_masks
 from ..stats import density_summary, mask_statistics
 from ..topology.percolation import LlamaBlockChain
+from ..weights_io import mask_specs
 from .configuration_sparse_llama import SparseLlamaConfig
 from .llama_layout import projection_name, sparse_layer_names
 
@@ -85,20 +86,6 @@ __all__ = [
 _INIT_MISSING_MASKS: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "init_missing_masks", default=False
 )
-
-# safetensors dtype names -> torch names, for error messages.
-_SAFETENSORS_DTYPES = {
-    "BOOL": "torch.bool",
-    "U8": "torch.uint8",
-    "I8": "torch.int8",
-    "I16": "torch.int16",
-    "I32": "torch.int32",
-    "I64": "torch.int64",
-    "F16": "torch.float16",
-    "BF16": "torch.bfloat16",
-    "F32": "torch.float32",
-    "F64": "torch.float64",
-}
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -274,7 +261,7 @@ class SparseLlamaForCausalLM(LlamaForCausalLM):
         pending = {name for name, m in modules.items() if layer_mask(m).device.type == "meta"}
         if not pending:
             return set()
-        found = _checkpoint_mask_specs(state_dict, checkpoint_files)
+        found = mask_specs(state_dict, checkpoint_files)
         if found is None:  # unreadable format: the loader's own checks apply
             return set()
         expected_keys = {f"{name}.{MASK_NAME}": name for name in modules}
@@ -372,50 +359,6 @@ class SparseLlamaForCausalLM(LlamaForCausalLM):
 
 
 # -------------------------------------------------------------------------------- checkpoint inspection
-def _checkpoint_mask_specs(
-    state_dict: Mapping[str, Any] | None, checkpoint_files: list[str] | None
-) -> dict[str, tuple[str, tuple[int, ...]]] | None:
-    """``{key: (torch dtype name, shape)}`` of every ``*.weight_mask`` entry of the checkpoint.
-
-    Reads no tensor data (safetensors headers; ``.bin`` files are mapped to ``meta``). ``None`` when the
-    checkpoint format cannot be inspected (the loader's own checks then apply).
-    """
-    suffix = f".{MASK_NAME}"
-    if state_dict is not None:
-        specs = {}
-        for key, value in state_dict.items():
-            if key.endswith(suffix):
-                if isinstance(value, torch.Tensor):
-                    specs[key] = (str(value.dtype), tuple(value.shape))
-                else:  # a lazy safetensors slice
-                    specs[key] = (
-                        _SAFETENSORS_DTYPES.get(value.get_dtype(), value.get_dtype()),
-                        value.get_shape(),
-                    )
-        return specs
-    if not checkpoint_files:
-        return None
-    specs = {}
-    for file in checkpoint_files:
-        if file.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(file, framework="pt") as handle:
-                for key in handle.keys():
-                    if key.endswith(suffix):
-                        piece = handle.get_slice(key)
-                        dtype = piece.get_dtype()
-                        specs[key] = (_SAFETENSORS_DTYPES.get(dtype, dtype), tuple(piece.get_shape()))
-        elif file.endswith((".bin", ".pt", ".pth")):
-            data = torch.load(file, map_location="meta", weights_only=True)
-            for key, value in data.items():
-                if key.endswith(suffix) and isinstance(value, torch.Tensor):
-                    specs[key] = (str(value.dtype), tuple(value.shape))
-        else:
-            return None
-    return specs
-
-
 def _checkpoint_model_type(load_config) -> str | None:
     """The ``model_type`` in the checkpoint's own ``config.json`` (``None`` when there is none)."""
     path = getattr(load_config, "pretrained_model_name_or_path", None)
