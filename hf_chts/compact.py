@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from .checkpointing import write_atomic
-from .masking import has_mask, keep_masks_out_of_ddp_, layer_mask, unmask_
+from .masking import MASK_NAME, has_mask, keep_masks_out_of_ddp_, layer_mask, unmask_
 
 # re-exported: the statistics live in hf_chts.stats
 from .stats import layer_sort_key, mask_statistics, mlp_active_neurons, summarize_by_layer_type
@@ -223,11 +223,10 @@ def is_compact(folder: str | os.PathLike) -> bool:
 
 
 def _read_compact_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    check_safetensors_file(str(path), fix="Export the checkpoint again (save_compact / hf-chts export).")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    header = check_safetensors_file(
+        str(path), fix="Export the checkpoint again (save_compact / hf-chts export)."
+    )
+    metadata = header.get("__metadata__") or {}
     if metadata.get("format") != FORMAT_NAME:
         raise ValueError(f"{path} is not an hf_chts compact checkpoint (metadata {metadata!r}).")
     if metadata.get("format_version") != FORMAT_VERSION:
@@ -251,7 +250,7 @@ def _attach_masks_(model: torch.nn.Module, masks: Mapping[str, torch.Tensor]) ->
             )
         mask = mask.to(device=module.weight.device, dtype=torch.bool)
         if not has_mask(module) or layer_mask(module).is_meta:
-            module.register_buffer("weight_mask", mask.clone(), persistent=True)
+            module.register_buffer(MASK_NAME, mask.clone(), persistent=True)
         else:
             layer_mask(module).copy_(mask)
     keep_masks_out_of_ddp_(model)
