@@ -2,8 +2,9 @@
 
 Chain removal (docs/method.md section 5) needs to know how the sparse layers connect. A model says so itself,
 either with a method ``sparse_chains(names) -> list`` or through :func:`register_chains` for its class (the
-LLaMA classes register :func:`hf_chts.modeling.llama_chains` when :mod:`hf_chts.modeling` is imported, which
-``import hf_chts`` does). The callback asks :func:`chains_for`; it knows no model type.
+LLaMA classes register :func:`hf_chts.modeling.llama_chains` when
+:mod:`hf_chts.modeling.modeling_sparse_llama` is imported, which ``import hf_chts`` does). The callback asks
+:func:`chains_for`; it knows no model type.
 
 Example:
 
@@ -28,7 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from .topology.percolation import LayerChain, LlamaBlockChain
+from .topology.percolation import CHAIN_KINDS
 
 __all__ = [
     "as_chain_specs",
@@ -43,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 ChainFactory = Callable[[nn.Module, list[str]], Sequence[Any]]
 _REGISTRY: dict[type, ChainFactory] = {}
-_KINDS = {"LayerChain": LayerChain, "LlamaBlockChain": LlamaBlockChain}
 
 
 def register_chains(model_class: type, factory: ChainFactory) -> None:
@@ -72,7 +72,7 @@ def chains_to_json(chains) -> list[dict[str, Any]] | None:
         return None
     out = []
     for chain in chains:
-        if not isinstance(chain, tuple(_KINDS.values())):
+        if not isinstance(chain, tuple(CHAIN_KINDS.values())):
             return None
         out.append({"kind": type(chain).__name__, **asdict(chain)})
     return out
@@ -84,13 +84,11 @@ def chains_from_json(items: Sequence[Mapping[str, Any]]) -> list[Any]:
     for item in items:
         data = dict(item)
         kind = data.pop("kind", None)
-        if kind not in _KINDS:
+        if kind not in CHAIN_KINDS:
             raise ValueError(
-                f"Unknown chain kind {kind!r} in the callback state; expected one of {sorted(_KINDS)}."
+                f"Unknown chain kind {kind!r} in the callback state; expected one of {sorted(CHAIN_KINDS)}."
             )
-        if kind == "LayerChain":
-            data["layers"] = tuple(data["layers"])
-        chains.append(_KINDS[kind](**data))
+        chains.append(CHAIN_KINDS[kind](**data))  # each kind turns JSON lists back into its tuples
     return chains
 
 

@@ -34,12 +34,13 @@ import json
 import logging
 import os
 import re
-import struct
 import zipfile
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+from .weights_io import check_safetensors_file, masks_in_files, read_file, weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,6 @@ STATE_FILE = "state.json"
 COMPLETE_FILE = "COMPLETE"
 FORMAT_VERSION = 1
 TRAINER_STATE_FILE = "trainer_state.json"
-MASK_SUFFIX = ".weight_mask"
 CALLBACK_NAME = "CHTssCallback"
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -152,51 +152,6 @@ def save_sparse_state(directory: str, masks: Mapping[str, torch.Tensor], state: 
 
 
 # ------------------------------------------------------------------------------------------ checked reads
-def check_safetensors_file(path: str, *, fix: str = "") -> dict[str, Any]:
-    """Check that ``path`` is a whole safetensors file (not empty, not truncated); return its header.
-
-    Reads the 8-byte header length and the JSON header only, and compares the file size with the end of the
-    last tensor the header declares.
-
-    Raises:
-        ValueError: naming the file, what is wrong and ``fix``.
-    """
-    hint = f" {fix}" if fix else ""
-    try:
-        size = os.path.getsize(path)
-    except OSError as err:
-        raise ValueError(f"Cannot read {path}: {err}.{hint}") from err
-    if size < 8:
-        raise ValueError(
-            f"{path} is empty or truncated ({size} bytes): not a complete safetensors file, probably a write "
-            f"that was interrupted.{hint}"
-        )
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        if length > size - 8:
-            raise ValueError(
-                f"{path} is truncated: its header needs {length} bytes but the file has {size - 8} after the "
-                f"length field (an interrupted write, or not a safetensors file).{hint}"
-            )
-        raw = handle.read(length)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        end = max(
-            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
-            default=0,
-        )
-    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not a valid safetensors file (bad header: {err}).{hint}") from err
-    if size < 8 + length + end:
-        raise ValueError(
-            f"{path} is truncated: {size} bytes where its header declares {8 + length + end} (an interrupted "
-            f"write).{hint}"
-        )
-    return header
-
-
 def _read_json(path: str, what: str, fix: str) -> Any:
     try:
         with open(path, encoding="utf-8") as handle:
@@ -282,8 +237,6 @@ def load_sparse_state(directory: str) -> tuple[dict[str, torch.Tensor], dict[str
         ValueError: a missing, incomplete, truncated or mistyped file (naming the file and the fix), or an
             unknown ``format_version``.
     """
-    from safetensors.torch import load_file
-
     folder = _state_folder(directory)
     masks_path, state_path = os.path.join(folder, MASKS_FILE), os.path.join(folder, STATE_FILE)
     fix = "Resume from another checkpoint (hf_chts.last_complete_checkpoint(output_dir)) or delete this one."
@@ -298,7 +251,7 @@ def load_sparse_state(directory: str) -> tuple[dict[str, torch.Tensor], dict[str
             raise ValueError(f"The sparse state in {folder} is incomplete: {problem}. {fix}")
     state = _check_state_types(_read_json(state_path, "The sparse state", fix), state_path)
     check_safetensors_file(masks_path, fix=fix)
-    masks = load_file(masks_path)
+    masks, _ = read_file(masks_path)
     for name, mask in masks.items():
         if mask.dtype != torch.bool:
             raise ValueError(
@@ -308,58 +261,27 @@ def load_sparse_state(directory: str) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 # ------------------------------------------------------------------------------------------ model weights
-def _weight_files(checkpoint: str) -> list[str]:
-    """The safetensors files holding the model (or adapter) weights of a checkpoint folder."""
-    index = os.path.join(checkpoint, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        data = _read_json(index, "The weight index", "Re-save the checkpoint.")
-        try:
-            files = sorted(set(data["weight_map"].values()))
-        except (KeyError, AttributeError, TypeError) as err:
-            raise ValueError(f"{index} has no valid `weight_map` ({err}). Re-save the checkpoint.") from err
-        return [os.path.join(checkpoint, f) for f in files]
-    for name in ("model.safetensors", "adapter_model.safetensors"):
-        path = os.path.join(checkpoint, name)
-        if os.path.isfile(path):
-            return [path]
-    return []
-
-
-class _WeightMasks(Mapping):
-    """``{layer name: bool mask}`` read lazily, one tensor at a time, from a checkpoint's weight files."""
-
-    def __init__(self, files: dict[str, str]) -> None:
-        self._files = files  # layer name -> file
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(self._files[name], framework="pt") as handle:
-            return handle.get_tensor(name + MASK_SUFFIX)
-
-    def __iter__(self):
-        return iter(self._files)
-
-    def __len__(self) -> int:
-        return len(self._files)
-
-
 def masks_in_model_weights(checkpoint: str) -> Mapping[str, torch.Tensor]:
     """``{layer name: bool mask}`` of the ``*.weight_mask`` tensors in a checkpoint's model weights, or {}.
 
-    The mapping reads each mask when it is accessed (a 7B model's masks take gigabytes), after checking
-    that every weight file is whole.
+    The mapping (a :class:`hf_chts.weights_io.FileMasks`) reads each mask when it is accessed (a 7B model's
+    masks take gigabytes), after checking that every weight file is whole.
     """
-    from safetensors import safe_open
+    return masks_in_files(
+        model_weight_files(checkpoint),
+        fix="Resume from another checkpoint (hf_chts.last_complete_checkpoint).",
+    )
 
-    files = {}
-    for path in _weight_files(checkpoint):
-        check_safetensors_file(path, fix="Resume from another checkpoint (hf_chts.last_complete_checkpoint).")
-        with safe_open(path, framework="pt") as handle:
-            for key in handle.keys():
-                if key.endswith(MASK_SUFFIX):
-                    files[key[: -len(MASK_SUFFIX)]] = path
-    return _WeightMasks(files)
+
+def model_weight_files(checkpoint: str) -> list[str]:
+    """The safetensors files holding a checkpoint folder's model (or adapter) weights; ``[]`` when none.
+
+    Listed by ``model.safetensors.index.json`` when the weights are sharded.
+
+    Raises:
+        ValueError: when the index is unreadable, naming the file and the fix.
+    """
+    return weight_files(checkpoint, adapter=True, fix="Re-save the checkpoint.")
 
 
 def trainer_callback_state(checkpoint: str) -> dict[str, Any] | None:
@@ -399,7 +321,7 @@ def checkpoint_problem(checkpoint: str) -> str | None:
     if match and int(match.group(1)) != step:
         return f"{trainer_state} says global_step {step}, the folder name {match.group(1)}"
     try:
-        files = _weight_files(checkpoint)
+        files = model_weight_files(checkpoint)
         if not files and not os.path.isfile(os.path.join(checkpoint, "pytorch_model.bin")):
             return f"no model weights (model.safetensors) in {checkpoint}"
         for path in files:
@@ -456,15 +378,3 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
         if checkpoint_problem(path) is None:
             return path
     return None
-
-
-# ------------------------------------------------------------------------------------------ weight files
-def model_weight_files(checkpoint: str) -> list[str]:
-    """The safetensors files holding a checkpoint folder's model (or adapter) weights; ``[]`` when none.
-
-    Listed by ``model.safetensors.index.json`` when the weights are sharded.
-
-    Raises:
-        ValueError: when the index is unreadable, naming the file and the fix.
-    """
-    return _weight_files(checkpoint)

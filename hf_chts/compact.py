@@ -58,16 +58,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpointing import check_safetensors_file, write_atomic
-from .masking import keep_masks_out_of_ddp_, unmask_
+from .checkpointing import write_atomic
+from .masking import MASK_NAME, has_mask, keep_masks_out_of_ddp_, layer_mask, unmask_
 
 # re-exported: the statistics live in hf_chts.stats
 from .stats import layer_sort_key, mask_statistics, mlp_active_neurons, summarize_by_layer_type
+from .weights_io import (
+    MASK_SUFFIX,
+    check_safetensors_file,
+    masks_in_files,
+    read_file,
+    read_tensor,
+    tensor_files,
+    weight_files,
+)
 
 COMPACT_FILE = "model.compact.safetensors"
 FORMAT_NAME = "hf_chts.compact"
 FORMAT_VERSION = "1"
-MASK_SUFFIX = ".weight_mask"
 _VALUES, _BITMASK, _SHAPE = ".values", ".bitmask", ".shape"
 # model types whose sparse weights are stored (n_in, n_out) (GPT-2 Conv1D), see DESIGN.md "Masks"
 _TRANSPOSED_MODEL_TYPES = ("gpt2",)
@@ -215,11 +223,10 @@ def is_compact(folder: str | os.PathLike) -> bool:
 
 
 def _read_compact_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    check_safetensors_file(str(path), fix="Export the checkpoint again (save_compact / hf-chts export).")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    header = check_safetensors_file(
+        str(path), fix="Export the checkpoint again (save_compact / hf-chts export)."
+    )
+    metadata = header.get("__metadata__") or {}
     if metadata.get("format") != FORMAT_NAME:
         raise ValueError(f"{path} is not an hf_chts compact checkpoint (metadata {metadata!r}).")
     if metadata.get("format_version") != FORMAT_VERSION:
@@ -241,12 +248,11 @@ def _attach_masks_(model: torch.nn.Module, masks: Mapping[str, torch.Tensor]) ->
             raise ValueError(
                 f"Mask of {name!r} has shape {tuple(mask.shape)}, its weight {tuple(module.weight.shape)}."
             )
-        existing = module._buffers.get("weight_mask")
         mask = mask.to(device=module.weight.device, dtype=torch.bool)
-        if existing is None or existing.is_meta:
-            module.register_buffer("weight_mask", mask.clone(), persistent=True)
+        if not has_mask(module) or layer_mask(module).is_meta:
+            module.register_buffer(MASK_NAME, mask.clone(), persistent=True)
         else:
-            existing.copy_(mask)
+            layer_mask(module).copy_(mask)
     keep_masks_out_of_ddp_(model)
 
 
@@ -395,7 +401,7 @@ def load_sparse_model(
 
     files = _safetensors_files(folder)
     for file in files:
-        check_safetensors_file(str(file), fix="Save the model again, or use another checkpoint.")
+        check_safetensors_file(file, fix="Save the model again, or use another checkpoint.")
     masks = read_masks(folder)
     check_masked_weights_zero(folder, masks)
     kwargs = {"dtype": dtype} if dtype is not None else {}
@@ -418,23 +424,17 @@ def check_masked_weights_zero(
     Raises:
         ValueError: naming the file, the layer, the count and the fix.
     """
-    from safetensors import safe_open
-
     folder = Path(folder)
     masks = read_masks(folder) if masks is None else masks
     if not masks:
         return
-    location: dict[str, Path] = {}
-    for file in _safetensors_files(folder):
-        with safe_open(str(file), framework="pt") as handle:
-            location.update(dict.fromkeys(handle.keys(), file))
+    location = tensor_files(_safetensors_files(folder), suffix=".weight")
     bad = []
     for name, mask in masks.items():
         file = location.get(name + ".weight")
         if file is None:
             continue
-        with safe_open(str(file), framework="pt") as handle:
-            weight = handle.get_tensor(name + ".weight")
+        weight = read_tensor(file, name + ".weight")
         if weight.shape == mask.shape:
             leaked = int(((weight != 0) & ~mask).sum())
             if leaked:
@@ -456,17 +456,13 @@ def zero_masked_weights(folder: str | os.PathLike) -> int:
     The repair for a folder that :func:`check_masked_weights_zero` refuses, when its masks are the ones to
     keep. Each file is rewritten atomically (temporary name, fsync, rename) with its metadata.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
     from safetensors.torch import save as safetensors_bytes
 
     folder = Path(folder)
     masks = read_masks(folder)
     zeroed = 0
     for file in _safetensors_files(folder):
-        with safe_open(str(file), framework="pt") as handle:
-            metadata = handle.metadata()
-        tensors = load_file(str(file))
+        tensors, metadata = read_file(file)
         changed = False
         for name, mask in masks.items():
             weight = tensors.get(name + ".weight")
@@ -482,17 +478,11 @@ def zero_masked_weights(folder: str | os.PathLike) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- reading files
-def _safetensors_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{index} is not a valid weight index ({err}); save the model again.") from err
-        return [folder / f for f in files]
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
+def _safetensors_files(folder: Path) -> list[str]:
+    """The folder's weight files (:func:`hf_chts.weights_io.weight_files`); refuses a folder without any."""
+    files = weight_files(folder, fix="Save the model again.")
+    if files:
+        return files
     raise FileNotFoundError(
         f"No model.safetensors, model.safetensors.index.json or {COMPACT_FILE} in {folder}; "
         "pass a folder written by save_pretrained or hf-chts export."
@@ -524,12 +514,8 @@ def read_masks(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
                     shape = _checked_shape(handle.get_tensor(weight + _SHAPE), weight, path)
                     masks[weight[: -len(".weight")]] = unpack_mask(handle.get_tensor(key), shape)
         return dict(sorted(masks.items(), key=lambda kv: layer_sort_key(kv[0])))
-    for file in _safetensors_files(folder):
-        check_safetensors_file(str(file), fix=fix)
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                if key.endswith(MASK_SUFFIX):
-                    masks[key[: -len(MASK_SUFFIX)]] = handle.get_tensor(key).to(torch.bool)
+    for name, mask in masks_in_files(_safetensors_files(folder), fix=fix).items():
+        masks[name] = mask.to(torch.bool)
     return dict(sorted(masks.items(), key=lambda kv: layer_sort_key(kv[0])))
 
 

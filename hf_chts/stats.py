@@ -9,6 +9,9 @@ comes from these functions, so they agree by construction. Definitions (docs/met
   output (row) / input (column) neurons of a layer seen as ``(n_out, n_in)``; ``active_neurons`` is their
   mean, and the plain mean of that over layers for a set of layers.
 
+Tables list layer types in :data:`LAYER_ORDER` (the LLaMA projections, as :mod:`hf_chts.modeling.llama_layout`
+names them), any other type after them, by name.
+
 Example:
 
 ```python
@@ -27,6 +30,8 @@ from typing import Any
 
 import torch
 
+from .modeling.llama_layout import BLOCK_ROLES, LAYER_ORDER, MLP_PROJECTIONS
+
 __all__ = [
     "LAYER_ORDER",
     "density_summary",
@@ -41,9 +46,6 @@ __all__ = [
     "summarize_by_layer_type",
     "update_log_dict",
 ]
-
-# Layer types in the order tables show them (LLaMA projections first, any other type after, by name).
-LAYER_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def global_density(counts: Iterable[tuple[int, int]]) -> float:
@@ -231,13 +233,13 @@ def mlp_active_neurons(masks: Mapping[str, torch.Tensor]) -> float | None:
     blocks: dict[str, dict[str, torch.Tensor]] = {}
     for name, mask in masks.items():
         prefix, _, kind = name.rpartition(".")
-        if kind in ("gate_proj", "up_proj", "down_proj"):
+        if kind in MLP_PROJECTIONS:
             blocks.setdefault(prefix, {})[kind] = mask
     active = total = 0
     for parts in blocks.values():
         alive = None
         for kind, mask in parts.items():
-            degree = mask.sum(0) if kind == "down_proj" else mask.sum(1)
+            degree = mask.sum(0) if kind == BLOCK_ROLES["down"] else mask.sum(1)  # down reads the neuron
             alive = degree > 0 if alive is None else alive & (degree > 0)
         active += int(alive.sum())
         total += alive.numel()

@@ -63,7 +63,8 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "hf_chts"
 
 
-def _sha256(parts: Iterable[str]) -> str:
+def content_hash(parts: Iterable[str]) -> str:
+    """Hex SHA-256 of ``parts``, each followed by a NUL byte: the cache keys and dataset fingerprints."""
     digest = hashlib.sha256()
     for part in parts:
         digest.update(part.encode("utf-8"))
@@ -235,6 +236,6 @@ def embedded_dataset(
             gen_kwargs={"split": split, "validation_fraction": validation_fraction},
             cache_dir=folder,
             split=split,
-            fingerprint=_sha256(key)[:16],
+            fingerprint=content_hash(key)[:16],
         )
     return datasets.DatasetDict(splits)

@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .._validation import check_mask_2d, check_positive_int
+from ..modeling.llama_layout import BLOCK_ROLES, projection_name
 
 __all__ = [
+    "CHAIN_KINDS",
     "LayerChain",
     "LlamaBlockChain",
     "PercolationStats",
@@ -122,6 +124,10 @@ class LayerChain:
 class LlamaBlockChain:
     """The sparse layers of one LLaMA decoder block and how their neurons depend on each other.
 
+    The rule is stated over roles (q, k, v, o: attention with grouped-query heads; gate, up, down: a gated
+    MLP), so it holds for every block built that way; which module plays each role in a LLaMA is
+    :data:`hf_chts.modeling.llama_layout.BLOCK_ROLES`, read by :meth:`from_prefix`.
+
     Shapes (``D`` hidden size, ``H``/``Hkv`` query/key-value heads, ``hd`` head dim, ``I`` intermediate):
     q ``(H*hd, D)``, k and v ``(Hkv*hd, D)``, o ``(D, H*hd)``, gate and up ``(I, D)``, down ``(D, I)``.
     Query head ``h`` reads key-value head ``h // (H / Hkv)``.
@@ -182,16 +188,10 @@ class LlamaBlockChain:
     def from_prefix(
         cls, prefix: str, *, num_heads: int, num_kv_heads: int, head_dim: int, rotary: bool = True
     ) -> LlamaBlockChain:
-        """The chain of a Hugging Face ``LlamaDecoderLayer`` whose module path is ``prefix``."""
-        prefix = prefix.rstrip(".")
+        """The chain of a Hugging Face ``LlamaDecoderLayer`` whose module path is ``prefix`` (the module of
+        each role as :mod:`hf_chts.modeling.llama_layout` names it)."""
         return cls(
-            q=f"{prefix}.self_attn.q_proj",
-            k=f"{prefix}.self_attn.k_proj",
-            v=f"{prefix}.self_attn.v_proj",
-            o=f"{prefix}.self_attn.o_proj",
-            gate=f"{prefix}.mlp.gate_proj",
-            up=f"{prefix}.mlp.up_proj",
-            down=f"{prefix}.mlp.down_proj",
+            **{role: projection_name(prefix, projection) for role, projection in BLOCK_ROLES.items()},
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
@@ -288,6 +288,8 @@ def _clear_cols_stacked_(masks: torch.Tensor, cols: torch.Tensor) -> torch.Tenso
 
 
 Chain = LayerChain | LlamaBlockChain
+# Every kind of chain spec, by class name (the `kind` of a chain in its JSON form, see hf_chts.chains).
+CHAIN_KINDS: dict[str, type] = {kind.__name__: kind for kind in (LayerChain, LlamaBlockChain)}
 
 
 def chain_removal(

@@ -1,10 +1,11 @@
-"""`SparseLlamaConfig` and `SparseLlamaForCausalLM`: a LLaMA whose q,k,v,o,gate,up,down carry masks.
+"""`SparseLlamaForCausalLM`: a LLaMA whose q,k,v,o,gate,up,down carry masks, with its chains and registration.
 
 The model is a plain :class:`~transformers.LlamaForCausalLM` whose selected projections are swapped to the
 masked forward of :mod:`hf_chts.masking` and carry a persistent ``torch.bool`` buffer ``weight_mask`` shaped
 like their weight (docs/DESIGN.md, "Masks"). Embeddings, norms and ``lm_head`` stay dense. The sparse-training
 settings travel with the model in ``config.sparsity`` (a :class:`~hf_chts.config.SparseTrainingConfig` as a
-dict), so ``save_pretrained`` / ``from_pretrained`` round-trip masks, zeros and the recipe together.
+dict), so ``save_pretrained`` / ``from_pretrained`` round-trip masks, zeros and the recipe together. The
+configuration class is in :mod:`.configuration_sparse_llama`, the LLaMA module names in :mod:`.llama_layout`.
 
 How masks come to exist (transformers 5 builds models on the ``meta`` device, then loads the checkpoint):
 
@@ -40,23 +41,18 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
-import dataclasses
 import json
 import logging
 import os
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
-from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
-from .._validation import check_choice
 from ..chains import register_chains
-from ..config import SparseTrainingConfig
 from ..masking import (
     MASK_NAME,
     apply_masks_,
@@ -72,213 +68,24 @@ from ..masking import (
 from ..sparsify import draw_masks
 from ..stats import density_summary, mask_statistics
 from ..topology.percolation import LlamaBlockChain
+from ..weights_io import mask_specs
+from .configuration_sparse_llama import SparseLlamaConfig
+from .llama_layout import projection_name, sparse_layer_names
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "SPARSE_PROJECTIONS",
-    "SparseLlamaConfig",
     "SparseLlamaForCausalLM",
     "llama_chains",
     "register",
     "sparsity_summary",
 ]
 
-# transformers >= 5.? declares configs as strict dataclasses; earlier releases take fields in `__init__`.
-_DATACLASS_CONFIGS = dataclasses.is_dataclass(LlamaConfig)
-
-# Projection name -> the sub-module of a LlamaDecoderLayer that holds it.
-_PROJECTION_PARENT = {
-    "q_proj": "self_attn",
-    "k_proj": "self_attn",
-    "v_proj": "self_attn",
-    "o_proj": "self_attn",
-    "gate_proj": "mlp",
-    "up_proj": "mlp",
-    "down_proj": "mlp",
-}
-SPARSE_PROJECTIONS: tuple[str, ...] = tuple(_PROJECTION_PARENT)
 
 # Set by `SparseLlamaForCausalLM.from_pretrained(..., init_missing_masks=True)` for the duration of the load.
 _INIT_MISSING_MASKS: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "init_missing_masks", default=False
 )
-
-# safetensors dtype names -> torch names, for error messages.
-_SAFETENSORS_DTYPES = {
-    "BOOL": "torch.bool",
-    "U8": "torch.uint8",
-    "I8": "torch.int8",
-    "I16": "torch.int16",
-    "I32": "torch.int32",
-    "I64": "torch.int64",
-    "F16": "torch.float16",
-    "BF16": "torch.bfloat16",
-    "F32": "torch.float32",
-    "F64": "torch.float64",
-}
-
-
-# ------------------------------------------------------------------------------------------ configuration
-def _normalise_sparsity(value: Any) -> dict[str, Any]:
-    """Every field's value (``to_dict(resolved=True)``), validated, from a config object or a (partial) dict.
-
-    The checkpoint then records the settings that trained it, whatever later versions make of the presets.
-    """
-    if isinstance(value, SparseTrainingConfig):
-        return SparseTrainingConfig.from_dict(value.to_dict()).to_dict(resolved=True)
-    if isinstance(value, Mapping):
-        return SparseTrainingConfig.from_dict(dict(value)).to_dict(resolved=True)
-    raise ValueError(
-        f"`sparsity` must be a SparseTrainingConfig or a dict of its fields, got {type(value).__name__}; "
-        "e.g. sparsity={'method': 'chts', 'density': 0.3}."
-    )
-
-
-def _normalise_projections(value: Any) -> list[str]:
-    if isinstance(value, str) or not isinstance(value, Iterable):
-        raise ValueError(
-            f"`sparse_projections` must be a list of projection names from {list(SPARSE_PROJECTIONS)}, "
-            f"got {value!r}."
-        )
-    value = list(value)
-    if not value:
-        raise ValueError(
-            "`sparse_projections` is empty; list at least one of "
-            f"{list(SPARSE_PROJECTIONS)}, or use a plain LlamaForCausalLM for a dense model."
-        )
-    for name in value:
-        check_choice("sparse projection", name, SPARSE_PROJECTIONS)
-    if len(set(value)) != len(value):
-        raise ValueError(f"`sparse_projections` repeats a name: {value!r}.")
-    # Canonical order, so two configs naming the same set compare equal.
-    return [name for name in SPARSE_PROJECTIONS if name in value]
-
-
-def _compile_patterns(patterns: list[str] | None, field: str) -> list[re.Pattern]:
-    compiled = []
-    for pattern in patterns or []:
-        try:
-            compiled.append(re.compile(pattern))
-        except re.error as err:
-            raise ValueError(
-                f"`sparsity[{field!r}]` entry {pattern!r} is not a valid regular expression: {err}."
-            ) from err
-    return compiled
-
-
-class SparseLlamaConfig(LlamaConfig):
-    r"""Configuration of a [`SparseLlamaForCausalLM`]: a `LlamaConfig` plus the sparse-training settings.
-
-    Args:
-        sparsity (`dict` or `SparseTrainingConfig`, *optional*):
-            The sparse-training settings, stored as ``SparseTrainingConfig.to_dict()`` (every field resolved
-            from the preset). A partial dict such as ``{"method": "chtss", "density": 0.3}`` is completed;
-            bad values raise a ``ValueError`` when the config is built (or the field assigned). Defaults to
-            ``SparseTrainingConfig()`` (CHTs at density 0.3, seed 0). Its ``seed`` seeds the initial masks;
-            its ``target_modules`` / ``exclude_modules`` (regular expressions, ``re.search`` on the module
-            name) further narrow the sparse layers.
-        sparse_projections (`list[str]`, *optional*):
-            Which projections of every decoder block are sparse, among ``q_proj, k_proj, v_proj, o_proj,
-            gate_proj, up_proj, down_proj`` (the default: all seven). Embeddings, norms and ``lm_head`` are
-            always dense.
-        **kwargs: every `LlamaConfig` field (``hidden_size``, ``num_hidden_layers``, ...).
-
-    Example:
-
-    ```python
-    >>> config = SparseLlamaConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
-    ...                            intermediate_size=64, sparsity={"method": "chtss", "density": 0.1})
-    >>> config.model_type, config.sparse_training_config.initial_density
-    ('sparse_llama', 0.5)
-    >>> config.sparse_layer_names()[:2]
-    ['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.k_proj']
-    ```
-    """
-
-    model_type = "sparse_llama"
-
-    if _DATACLASS_CONFIGS:  # transformers whose configs are (strict) dataclasses
-        sparsity: dict[str, Any] | None = None
-        sparse_projections: list[str] | None = None
-
-        def __post_init__(self, **kwargs):
-            # A dense LLaMA config.json loaded into this class carries `model_type: llama`; the class decides
-            # the model type (it is what `to_dict` / `config.json` write), so drop the stale attribute.
-            kwargs.pop("model_type", None)
-            self._default_sparsity()
-            super().__post_init__(**kwargs)
-
-    else:  # transformers whose configs take their fields in `__init__`
-
-        def __init__(self, sparsity: Any = None, sparse_projections: Any = None, **kwargs):
-            kwargs.pop("model_type", None)
-            self.sparsity, self.sparse_projections = sparsity, sparse_projections
-            self._default_sparsity()
-            super().__init__(**kwargs)
-
-    def _default_sparsity(self) -> None:
-        if self.sparsity is None:
-            self.sparsity = SparseTrainingConfig().to_dict(resolved=True)
-        if self.sparse_projections is None:
-            self.sparse_projections = list(SPARSE_PROJECTIONS)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Normalise and validate on every assignment, including the ones `from_pretrained(..., sparsity=...)`
-        # makes after construction (they bypass `__post_init__`).
-        if name == "sparsity" and value is not None:
-            value = _normalise_sparsity(value)
-        elif name == "sparse_projections" and value is not None:
-            value = _normalise_projections(value)
-        super().__setattr__(name, value)
-
-    @property
-    def sparse_training_config(self) -> SparseTrainingConfig:
-        """``sparsity`` as a :class:`~hf_chts.config.SparseTrainingConfig` (a new object on every access)."""
-        return SparseTrainingConfig.from_dict(self.sparsity)
-
-    def sparse_layer_names(self) -> list[str]:
-        """Module names of the sparse layers of a ``SparseLlamaForCausalLM`` built from this config.
-
-        Every ``model.layers.<i>.<self_attn|mlp>.<projection>`` for the projections in ``sparse_projections``,
-        kept only if it matches one of ``sparsity["target_modules"]`` (when set) and none of
-        ``sparsity["exclude_modules"]`` (regular expressions, ``re.search``, as in
-        :func:`hf_chts.masking.find_sparse_modules`).
-        """
-        targets = _compile_patterns(self.sparsity.get("target_modules"), "target_modules")
-        excludes = _compile_patterns(self.sparsity.get("exclude_modules"), "exclude_modules")
-        names = []
-        for layer in range(self.num_hidden_layers):
-            for proj in self.sparse_projections:
-                name = f"model.layers.{layer}.{_PROJECTION_PARENT[proj]}.{proj}"
-                if targets and not any(p.search(name) for p in targets):
-                    continue
-                if any(p.search(name) for p in excludes):
-                    continue
-                names.append(name)
-        if not names:
-            raise ValueError(
-                f"No sparse layer left: sparse_projections={self.sparse_projections}, "
-                f"target_modules={self.sparsity.get('target_modules')}, "
-                f"exclude_modules={self.sparsity.get('exclude_modules')} select none of the "
-                f"model.layers.<i>.<self_attn|mlp>.<projection> modules. Widen `target_modules` or drop "
-                "`exclude_modules`, or use a plain LlamaForCausalLM for a dense model."
-            )
-        return names
-
-    def to_llama_config(self) -> LlamaConfig:
-        """The same architecture as a plain `LlamaConfig` (no sparsity fields, ``model_type: llama``)."""
-        data = self.to_dict()
-        for key in ("sparsity", "sparse_projections", "model_type", "transformers_version"):
-            data.pop(key, None)
-        data["architectures"] = ["LlamaForCausalLM"]
-        config = LlamaConfig.from_dict(data)
-        config._attn_implementation = self._attn_implementation
-        return config
-
-
-if _DATACLASS_CONFIGS:
-    SparseLlamaConfig = strict(SparseLlamaConfig)
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -454,7 +261,7 @@ class SparseLlamaForCausalLM(LlamaForCausalLM):
         pending = {name for name, m in modules.items() if layer_mask(m).device.type == "meta"}
         if not pending:
             return set()
-        found = _checkpoint_mask_specs(state_dict, checkpoint_files)
+        found = mask_specs(state_dict, checkpoint_files)
         if found is None:  # unreadable format: the loader's own checks apply
             return set()
         expected_keys = {f"{name}.{MASK_NAME}": name for name in modules}
@@ -552,50 +359,6 @@ class SparseLlamaForCausalLM(LlamaForCausalLM):
 
 
 # -------------------------------------------------------------------------------- checkpoint inspection
-def _checkpoint_mask_specs(
-    state_dict: Mapping[str, Any] | None, checkpoint_files: list[str] | None
-) -> dict[str, tuple[str, tuple[int, ...]]] | None:
-    """``{key: (torch dtype name, shape)}`` of every ``*.weight_mask`` entry of the checkpoint.
-
-    Reads no tensor data (safetensors headers; ``.bin`` files are mapped to ``meta``). ``None`` when the
-    checkpoint format cannot be inspected (the loader's own checks then apply).
-    """
-    suffix = f".{MASK_NAME}"
-    if state_dict is not None:
-        specs = {}
-        for key, value in state_dict.items():
-            if key.endswith(suffix):
-                if isinstance(value, torch.Tensor):
-                    specs[key] = (str(value.dtype), tuple(value.shape))
-                else:  # a lazy safetensors slice
-                    specs[key] = (
-                        _SAFETENSORS_DTYPES.get(value.get_dtype(), value.get_dtype()),
-                        value.get_shape(),
-                    )
-        return specs
-    if not checkpoint_files:
-        return None
-    specs = {}
-    for file in checkpoint_files:
-        if file.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(file, framework="pt") as handle:
-                for key in handle.keys():
-                    if key.endswith(suffix):
-                        piece = handle.get_slice(key)
-                        dtype = piece.get_dtype()
-                        specs[key] = (_SAFETENSORS_DTYPES.get(dtype, dtype), tuple(piece.get_shape()))
-        elif file.endswith((".bin", ".pt", ".pth")):
-            data = torch.load(file, map_location="meta", weights_only=True)
-            for key, value in data.items():
-                if key.endswith(suffix) and isinstance(value, torch.Tensor):
-                    specs[key] = (str(value.dtype), tuple(value.shape))
-        else:
-            return None
-    return specs
-
-
 def _checkpoint_model_type(load_config) -> str | None:
     """The ``model_type`` in the checkpoint's own ``config.json`` (``None`` when there is none)."""
     path = getattr(load_config, "pretrained_model_name_or_path", None)
@@ -659,11 +422,7 @@ def llama_chains(
             names = get_masks(model_or_config).keys()
     elif isinstance(model_or_config, LlamaConfig):
         config = model_or_config
-        module_names = [
-            f"model.layers.{i}.{_PROJECTION_PARENT[p]}.{p}"
-            for i in range(config.num_hidden_layers)
-            for p in SPARSE_PROJECTIONS
-        ]
+        module_names = sparse_layer_names(config.num_hidden_layers)
         if names is None:
             names = (
                 config.sparse_layer_names() if isinstance(config, SparseLlamaConfig) else list(module_names)
@@ -676,7 +435,7 @@ def llama_chains(
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    suffix = ".self_attn.q_proj"
+    suffix = projection_name("", "q_proj")  # ".self_attn.q_proj": one per decoder block
     chains = []
     for name in module_names:
         if not name.endswith(suffix):
