@@ -316,13 +316,13 @@ def _load_streaming(
     import datasets
     from datasets.distributed import split_dataset_by_node
 
-    from .corpus import _sha256
+    from .corpus import sha256_hex
 
     tokenizer = get_tokenizer(
         tokenizer_name,
         documents=lambda: _texts(train, text_field, tokenizer_train_documents),
         vocab_size=tokenizer_vocab_size,
-        fingerprint=None if fingerprint is None else _sha256(fingerprint),
+        fingerprint=None if fingerprint is None else sha256_hex(fingerprint),
         cache_dir=cache_dir,
     )
     # The validation blocks are materialised (a fixed set for comparable perplexities).

@@ -63,7 +63,18 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "hf_chts"
 
 
-def _sha256(parts: Iterable[str]) -> str:
+def sha256_hex(parts: Iterable[str]) -> str:
+    """Hex SHA-256 of ``parts``, each followed by a NUL byte (so ``["ab", "c"]`` and ``["a", "bc"]`` differ).
+
+    The cache fingerprints of the corpus, the trained tokenizer and the tokenized / packed datasets.
+
+    Args:
+        parts (`Iterable[str]`): the strings that identify a cached artefact, in order.
+
+    Example:
+        >>> sha256_hex(["stdlib", "1"])[:8] != sha256_hex(["stdlib1"])[:8]
+        True
+    """
     digest = hashlib.sha256()
     for part in parts:
         digest.update(part.encode("utf-8"))
@@ -235,6 +246,6 @@ def embedded_dataset(
             gen_kwargs={"split": split, "validation_fraction": validation_fraction},
             cache_dir=folder,
             split=split,
-            fingerprint=_sha256(key)[:16],
+            fingerprint=sha256_hex(key)[:16],
         )
     return datasets.DatasetDict(splits)

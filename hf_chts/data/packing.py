@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .corpus import _sha256
+from .corpus import sha256_hex
 from .tokenizer import tokenizer_fingerprint
 
 PACKING_VERSION = 1
@@ -123,14 +123,14 @@ def pack_dataset(
         return datasets.Dataset.from_dict({"input_ids": []}, features=features).with_format("torch")
     key = [dataset._fingerprint, tokenizer_fingerprint(tokenizer), text_field, str(PACKING_VERSION)]
     tokens = dataset.map(
-        _tokenize, new_fingerprint=_sha256([*key, "tokens"])[:16], desc="Tokenizing", **tokenize_kwargs
+        _tokenize, new_fingerprint=sha256_hex([*key, "tokens"])[:16], desc="Tokenizing", **tokenize_kwargs
     )
     packed = tokens.map(
         _Packer(max_seq_length, carry=True),
         batched=True,
         batch_size=batch_size,
         remove_columns=["input_ids"],
-        new_fingerprint=_sha256([*key, "blocks", str(max_seq_length)])[:16],
+        new_fingerprint=sha256_hex([*key, "blocks", str(max_seq_length)])[:16],
         desc=f"Packing into blocks of {max_seq_length}",
     )
     return packed.with_format("torch")

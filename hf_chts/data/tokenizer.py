@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .corpus import _sha256, default_cache_dir
+from .corpus import default_cache_dir, sha256_hex
 
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
@@ -86,7 +86,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         body = backend.to_str()
     else:  # slow tokenizer: its vocabulary
         body = json.dumps(sorted(tokenizer.get_vocab().items()))
-    return _sha256([type(tokenizer).__name__, body, str(tokenizer.eos_token_id)])[:16]
+    return sha256_hex([type(tokenizer).__name__, body, str(tokenizer.eos_token_id)])[:16]
 
 
 def get_tokenizer(
@@ -118,7 +118,7 @@ def get_tokenizer(
         raise ValueError("Pass a tokenizer name/path, or documents to train a byte-level BPE on.")
     folder = None
     if fingerprint is not None:
-        key = _sha256([fingerprint, str(vocab_size), str(min_frequency), "bpe-v1"])[:16]
+        key = sha256_hex([fingerprint, str(vocab_size), str(min_frequency), "bpe-v1"])[:16]
         folder = Path(cache_dir or default_cache_dir()) / "tokenizers" / f"bpe{vocab_size}-{key}"
         if (folder / "tokenizer.json").is_file():
             return PreTrainedTokenizerFast.from_pretrained(folder)
