@@ -32,6 +32,11 @@ Finished runs are skipped (their JSON exists) unless ``--force``. ``--scale cpu`
 setting sized for a shared 2-core CPU; ``--scale smoke`` a few steps on tiny data (synthetic when the shared
 data is absent).
 
+Every run trains on one torch thread. Run as a script, this file sets ``OMP_NUM_THREADS=1`` and
+``MKL_NUM_THREADS=1`` (unless they are set) before torch is imported, so the runs of ``--jobs 1`` (in this
+process) get the same single-thread pools as the subprocesses of ``--jobs 2`` and more:
+``torch.set_num_threads(1)`` alone left OpenMP's other threads spinning.
+
 The harness itself is the package ``benchmarks/repro/`` (``registry.py``: the experiments as data;
 ``running.py``: data preparation, recording, the runs; ``reporting.py``: tables, claim checks, plots);
 this file is its command line.
@@ -39,10 +44,16 @@ this file is its command line.
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
-import tempfile
-from pathlib import Path
+
+if __name__ == "__main__":  # before anything imports torch (see above); not when a test loads this file
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests): make `repro` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent))

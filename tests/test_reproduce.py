@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -95,6 +97,26 @@ def test_unknown_names_fail_early(reproduce, repro, tmp_path):
         repro.run_grid(["mlp_mnist"], ["nope"], [0], "smoke", tmp_path, tmp_path, tmp_path)
     with pytest.raises(SystemExit, match="Unknown experiment"):
         reproduce.main(["run", "--experiment", "nope", "--scale", "smoke"])
+
+
+def test_script_pins_one_thread_before_torch_loads():
+    """Run as a script, the entry point sets OMP/MKL_NUM_THREADS=1 before torch is imported (the in-process
+    runs of --jobs 1 then get the subprocesses' single-thread pools); a value already set is kept."""
+    code = (
+        "import os, runpy, sys\n"
+        "sys.argv = ['reproduce.py', 'list']\n"
+        "try:\n"
+        f"    runpy.run_path({str(ROOT / 'benchmarks' / 'reproduce.py')!r}, run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(os.environ['OMP_NUM_THREADS'], os.environ['MKL_NUM_THREADS'], 'torch' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "1 1 False"
+    env["OMP_NUM_THREADS"] = "3"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "3 1 False"
 
 
 def test_smoke_runs_write_complete_records(repro, smoke_results):

@@ -478,7 +478,12 @@ def run_grid(
     jobs: int = 1,
     force: bool = False,
 ) -> list[Path]:
-    """Run every missing (experiment, variant, seed), ``jobs`` at a time in subprocesses (1 = in process)."""
+    """Run every missing (experiment, variant, seed), ``jobs`` at a time in subprocesses (1 = in process).
+
+    Every run trains on one torch thread. The subprocesses start with ``OMP_NUM_THREADS=1`` and
+    ``MKL_NUM_THREADS=1`` unless set; for runs in this process, ``benchmarks/reproduce.py`` sets both before
+    torch is imported (``torch.set_num_threads(1)`` alone can leave OpenMP's other threads spinning).
+    """
     todo = []
     known = {v.name for name in experiments for v in EXPERIMENTS[name].variants}
     unknown = sorted(set(variants or ()) - known)
@@ -532,6 +537,7 @@ def run_grid(
                 log = open(logs / f"{item[0]}__{item[1]}__s{item[2]}__{scale}.log", "w")  # noqa: SIM115
                 env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
                 env.setdefault("OMP_NUM_THREADS", "1")
+                env.setdefault("MKL_NUM_THREADS", "1")
                 running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), item))
                 _log(f"start {item[0]}/{item[1]}/s{item[2]}")
             time.sleep(2)
