@@ -1,4 +1,5 @@
-"""benchmarks/reproduce.py: every experiment's smallest configuration runs a few steps and reports.
+"""benchmarks/reproduce.py and its package benchmarks/repro/: every experiment's smallest configuration runs a
+few steps and reports.
 
 The smoke scale trains tiny models for a few optimizer steps on the shared data when it is present (the
 first lines / samples of it) and on synthetic data otherwise, so the benchmark scripts keep working.
@@ -6,8 +7,11 @@ first lines / samples of it) and on synthetic data otherwise, so the benchmark s
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +30,13 @@ def reproduce():
 
 
 @pytest.fixture(scope="module")
-def smoke_results(reproduce, tmp_path_factory):
+def repro(reproduce):
+    """The harness package (importable once the command-line script has put ``benchmarks/`` on the path)."""
+    return importlib.import_module("repro")
+
+
+@pytest.fixture(scope="module")
+def smoke_results(repro, tmp_path_factory):
     """One sparse variant of every experiment (and the MLP's dense baseline), a few optimizer steps each."""
     results_dir = tmp_path_factory.mktemp("results")
     work_dir = tmp_path_factory.mktemp("work")
@@ -39,14 +49,14 @@ def smoke_results(reproduce, tmp_path_factory):
         (["llama_lm_research"], ["dense"]),
         (["mlp_mnist_paper"], ["set_ems"]),
     ):
-        paths += reproduce.run_grid(
-            experiments, variants, [0], "smoke", reproduce.DEFAULT_DATA_DIR, work_dir, results_dir
+        paths += repro.run_grid(
+            experiments, variants, [0], "smoke", repro.DEFAULT_DATA_DIR, work_dir, results_dir
         )
     return results_dir, paths
 
 
-def test_registry_covers_the_issue(reproduce):
-    exps = reproduce.EXPERIMENTS
+def test_registry_covers_the_issue(repro):
+    exps = repro.EXPERIMENTS
     assert set(exps) == {
         "mlp_mnist",
         "mlp_mnist_long",
@@ -82,14 +92,34 @@ def test_registry_covers_the_issue(reproduce):
             assert not {"max_steps", "num_train_epochs", "max_train_samples"} & set(variant.flags)
 
 
-def test_unknown_names_fail_early(reproduce, tmp_path):
+def test_unknown_names_fail_early(reproduce, repro, tmp_path):
     with pytest.raises(ValueError, match="Unknown variants"):
-        reproduce.run_grid(["mlp_mnist"], ["nope"], [0], "smoke", tmp_path, tmp_path, tmp_path)
+        repro.run_grid(["mlp_mnist"], ["nope"], [0], "smoke", tmp_path, tmp_path, tmp_path)
     with pytest.raises(SystemExit, match="Unknown experiment"):
         reproduce.main(["run", "--experiment", "nope", "--scale", "smoke"])
 
 
-def test_smoke_runs_write_complete_records(reproduce, smoke_results):
+def test_script_pins_one_thread_before_torch_loads():
+    """Run as a script, the entry point sets OMP/MKL_NUM_THREADS=1 before torch is imported (the in-process
+    runs of --jobs 1 then get the subprocesses' single-thread pools); a value already set is kept."""
+    code = (
+        "import os, runpy, sys\n"
+        "sys.argv = ['reproduce.py', 'list']\n"
+        "try:\n"
+        f"    runpy.run_path({str(ROOT / 'benchmarks' / 'reproduce.py')!r}, run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(os.environ['OMP_NUM_THREADS'], os.environ['MKL_NUM_THREADS'], 'torch' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "1 1 False"
+    env["OMP_NUM_THREADS"] = "3"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "3 1 False"
+
+
+def test_smoke_runs_write_complete_records(repro, smoke_results):
     results_dir, paths = smoke_results
     assert [p.name for p in paths] == [
         "mlp_mnist__dense__s0__smoke.json",
@@ -103,7 +133,7 @@ def test_smoke_runs_write_complete_records(reproduce, smoke_results):
     ]
     for path in paths:
         record = json.loads(path.read_text())
-        exp = reproduce.EXPERIMENTS[record["experiment"]]
+        exp = repro.EXPERIMENTS[record["experiment"]]
         assert record["scale"] == "smoke" and record["seed"] == 0
         assert isinstance(record["metrics"][exp.metric], float)
         assert record["wall_time_seconds"] > 0
@@ -136,12 +166,12 @@ def test_smoke_runs_write_complete_records(reproduce, smoke_results):
                 assert record["metrics"]["best_test_accuracy"] >= record["metrics"]["test_accuracy"] - 1e-9
 
 
-def test_report_renders_tables_and_plots(reproduce, smoke_results):
+def test_report_renders_tables_and_plots(repro, smoke_results):
     results_dir, _ = smoke_results
-    tables = reproduce.report(results_dir, "smoke")
-    assert set(tables) == set(reproduce.EXPERIMENTS) - {"mlp_mnist_long"}  # same smoke run as mlp_mnist
+    tables = repro.report(results_dir, "smoke")
+    assert set(tables) == set(repro.EXPERIMENTS) - {"mlp_mnist_long"}  # same smoke run as mlp_mnist
     for name in tables:
-        text = (results_dir / f"{reproduce._page_of(name)}.md").read_text()
+        text = (results_dir / f"{repro.page_of(name)}.md").read_text()
         assert "| method |" in text and "## Commands" in text
         png = results_dir / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -150,7 +180,7 @@ def test_report_renders_tables_and_plots(reproduce, smoke_results):
     # the research setting first, the earlier harness's results below it, labelled
     assert mlp_page.index("research MLP recipe") < mlp_page.index("## Earlier results: MLP 784")
     assert "best over epochs" in mlp_page
-    for page in {reproduce._page_of(name) for name in tables}:  # one title per page, then its sections
+    for page in {repro.page_of(name) for name in tables}:  # one title per page, then its sections
         lines = (results_dir / f"{page}.md").read_text().splitlines()
         fenced = [i for i, line in enumerate(lines) if line.startswith("```")]
         in_code = {i for a, b in zip(fenced[::2], fenced[1::2], strict=True) for i in range(a, b)}
@@ -158,19 +188,19 @@ def test_report_renders_tables_and_plots(reproduce, smoke_results):
         assert lines[0].startswith("# ") and titles == [lines[0]], page
         assert "final final" not in "\n".join(lines).lower(), page
     # the bar chart's title says "final" once, whether the metric's label has it or not
-    assert reproduce._final_label(reproduce.EXPERIMENTS["mlp_mnist_research"]) == "final test accuracy"
-    assert reproduce._final_label(reproduce.EXPERIMENTS["llama_lm"]) == "final validation perplexity"
+    assert repro.final_label(repro.EXPERIMENTS["mlp_mnist_research"]) == "final test accuracy"
+    assert repro.final_label(repro.EXPERIMENTS["llama_lm"]) == "final validation perplexity"
     assert "training tokens" in (results_dir / "llama_lm.md").read_text().split("Earlier results")[0]
 
 
-def test_identical_variant_reuses_the_run(reproduce, smoke_results):
+def test_identical_variant_reuses_the_run(repro, smoke_results):
     results_dir, _ = smoke_results
     llama = json.loads((results_dir / "runs" / "llama_lm__chtss__s0__smoke.json").read_text())
     # pretend llama_lm's CHTs run exists: the ablation's BRF r=0.3 variant (the same config) reuses it
     llama.update(variant="chts", method="chts")
     (results_dir / "runs" / "llama_lm__chts__s0__smoke.json").write_text(json.dumps(llama))
-    [path] = reproduce.run_grid(
-        ["brf_ablation"], ["brf_r0.3"], [0], "smoke", reproduce.DEFAULT_DATA_DIR, results_dir, results_dir
+    [path] = repro.run_grid(
+        ["brf_ablation"], ["brf_r0.3"], [0], "smoke", repro.DEFAULT_DATA_DIR, results_dir, results_dir
     )
     record = json.loads(path.read_text())
     assert record["reused_from"] == "llama_lm__chts__s0__smoke.json"
@@ -178,14 +208,14 @@ def test_identical_variant_reuses_the_run(reproduce, smoke_results):
 
 
 @pytest.mark.parametrize("method", ["dense", "chts"])
-def test_llama_lr_schedules_come_from_the_recipe(reproduce, method):
+def test_llama_lr_schedules_come_from_the_recipe(repro, method):
     # llama_lm_research: the recipe's research schedule for every method (2 of every 20 steps re-warmed,
     # cosine floor 0.1); llama_lm / brf_ablation keep the earlier one (cosine to 0, re-warm-up after updates)
-    recipe = reproduce._load_recipe("llama_pretrain")
+    recipe = repro.load_recipe("llama_pretrain")
     expected = {"llama_lm_research": ((20, 2), 0, "cosine_with_min_lr"), "llama_lm": (None, 5, "cosine")}
     for name, (cycle, after_updates, scheduler) in expected.items():
-        flags = dict(reproduce.EXPERIMENTS[name].base["cpu"], method=method)
-        _, _, sparse, _, training = recipe.parse_args(reproduce.llama_recipe_argv(flags))
+        flags = dict(repro.EXPERIMENTS[name].base["cpu"], method=method)
+        _, _, sparse, _, training = recipe.parse_args(repro.llama_recipe_argv(flags))
         config = recipe.build_sparse_config(sparse, training)
         rewarmup = recipe.build_rewarmup(sparse, config)
         assert (rewarmup and (rewarmup.every, rewarmup.steps)) == cycle
@@ -201,8 +231,8 @@ def _row(variant, values, density=0.3):
             "mean": mean, "std": std, "density": density}  # fmt: skip
 
 
-def test_verdict_and_static_ladder_lines(reproduce):
-    exp = reproduce.EXPERIMENTS["llama_lm_research"]
+def test_verdict_and_static_ladder_lines(repro):
+    exp = repro.EXPERIMENTS["llama_lm_research"]
     ladder = [_row(v, [p, p + 2, p + 4], d) for v, p, d in
               (("static_d0.1", 150, 0.1), ("static_d0.3", 180, 0.3), ("static_d0.5", 215, 0.5),
                ("static_d1", 260, 1.0))]  # fmt: skip
@@ -210,33 +240,33 @@ def test_verdict_and_static_ladder_lines(reproduce):
     rivals = [_row(v, [200, 202, 204]) for v in ("set", "rigl", "mest", "granet", "cht")]
     # CHTs beats every rival beyond the seed spread, CHTss does not: not reproduced as a whole
     rows = [dense, _row("chts", [170, 172, 174]), _row("chtss", [230, 232, 234]), *rivals, *ladder]
-    (line,) = reproduce.claim_verdict(exp, rows)
+    (line,) = repro.claim_verdict(exp, rows)
     assert "**not reproduced**" in line and "1 agrees, 1 disagrees" in line
     rows[2] = _row("chtss", [190, 192, 194])
-    assert "**reproduced**" in reproduce.claim_verdict(exp, rows)[0]
+    assert "**reproduced**" in repro.claim_verdict(exp, rows)[0]
     rows[2] = _row("chtss", [199, 203, 201])  # within the seed spread
-    assert "**not resolved**" in reproduce.claim_verdict(exp, rows)[0]
-    assert "**not resolved**" in reproduce.claim_verdict(exp, rows[:2] + rows[3:])[0]  # CHTss missing
-    text = "\n".join(reproduce.ladder_lines(exp, rows))
+    assert "**not resolved**" in repro.claim_verdict(exp, rows)[0]
+    assert "**not resolved**" in repro.claim_verdict(exp, rows[:2] + rows[3:])[0]  # CHTss missing
+    text = "\n".join(repro.ladder_lines(exp, rows))
     assert "10% 152.00 ± 2.00, 30% 182.00 ± 2.00" in text and "under-trained regime" in text
     assert "Does dense beat static_d0.3 at this budget? **No**: 262.00 vs 182.00" in text
     assert "-82.00, -76.00, -82.00 (same sign on every seed)" in text
     # the other way round: more density helps, dense beats static 30%
     flipped = [_row(r["variant"], [400 - v for v in r["values"]], r["density"]) for r in ladder]
-    text = "\n".join(reproduce.ladder_lines(exp, [_row("dense", [100, 101, 102], 1.0), *flipped]))
+    text = "\n".join(repro.ladder_lines(exp, [_row("dense", [100, 101, 102], 1.0), *flipped]))
     assert "capacity-limited regime" in text and "**Yes**" in text
-    assert reproduce.ladder_lines(reproduce.EXPERIMENTS["llama_lm"], rows) == []  # no ladder there
+    assert repro.ladder_lines(repro.EXPERIMENTS["llama_lm"], rows) == []  # no ladder there
 
 
-def test_resumable_run_continues_its_trace_and_wall_time(reproduce, tmp_path):
+def test_resumable_run_continues_its_trace_and_wall_time(repro, tmp_path):
     """A resumable experiment checkpoints every epoch; a re-run resumes there and keeps the recorder trace."""
     args = ("mlp_mnist_paper", "dense", 0, "smoke", tmp_path / "no_data", tmp_path / "work", tmp_path / "res")
-    first = reproduce.run_one(*args)
+    first = repro.run_one(*args)
     out = tmp_path / "work" / "outputs" / "smoke" / "mlp_mnist_paper__dense__s0"
     assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{first['metrics']['global_step']}"]
     trained = json.loads((out / "reproduce_recorder.json").read_text())["seconds"]
     assert trained > 0
-    second = reproduce.run_one(*args)  # resumes at the last checkpoint: no step is trained again
+    second = repro.run_one(*args)  # resumes at the last checkpoint: no step is trained again
     assert second["metrics"]["global_step"] == first["metrics"]["global_step"]
     assert second["trace"][: len(first["trace"])] == first["trace"]
     assert second["wall_time_seconds"] > trained  # the first process's training time is carried over
