@@ -42,7 +42,9 @@ The package, by job (each module imports only those listed before it):
 - :mod:`~hf_chts.masking.masks`: a model's masks by name (:func:`get_masks`, :func:`set_masks_`,
   :func:`keep_masks_out_of_ddp_`);
 - :mod:`~hf_chts.masking.optim`: the optimizer policy (:data:`ZERO_PRESERVING_OPTIMIZERS`,
-  :func:`remask_every_step`, :func:`zero_optimizer_state_`).
+  :func:`remask_every_step`, :func:`zero_optimizer_state_`);
+- :mod:`~hf_chts.masking.compute`: sparse compute, a masked ``nn.Linear`` whose trainable weight is its link
+  values (:func:`to_sparse_compute_`, :func:`to_dense_compute_`, :func:`relink_`).
 
 Example:
 
@@ -58,6 +60,7 @@ Example:
 from __future__ import annotations
 
 from .buffer import MASK_NAME, apply_masks_, has_mask, layer_mask
+from .compute import is_sparse_compute, link_count, relink_, to_dense_compute_, to_sparse_compute_
 from .layers import (
     MaskedConv1D,
     MaskedLinear,
@@ -93,15 +96,20 @@ __all__ = [
     "has_mask",
     "install_grad_masks_",
     "is_masked",
+    "is_sparse_compute",
     "keeps_masked_weights_zero",
     "layer_mask",
     "layer_view",
+    "link_count",
     "layer_view_shape",
     "make_masked_",
     "masked_weight",
+    "relink_",
     "remask_every_step",
     "set_grad_capture_",
     "set_masks_",
+    "to_dense_compute_",
+    "to_sparse_compute_",
     "unmask_",
     "unwrap_model",
     "zero_optimizer_state_",

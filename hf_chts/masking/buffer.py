@@ -124,10 +124,12 @@ def apply_masks_(modules, extra_positions: Mapping[str, torch.Tensor] | None = N
         mask = module._buffers.get(MASK_NAME)
         if mask is None:
             raise ValueError(f"Module {name!r} carries no `weight_mask`; sparsify it first (`sparsify_`).")
+        weight = module._parameters.get("weight")
+        if weight is None:
+            continue  # sparse compute (hf_chts.masking.compute): only the links are stored
         keep = mask
         if extra_positions is not None and name in extra_positions:
             keep = mask & ~extra_positions[name].to(mask.device)
-        weight = module.weight
         weights.append(local_tensor(weight))
         keeps.append(local_mask(keep, weight))
     if weights:

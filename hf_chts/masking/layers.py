@@ -37,7 +37,7 @@ from .selection import unwrap_model
 # on), the dense-gradient capture hook of :func:`set_grad_capture_` and the handle of that hook when it sits
 # on the weight itself.
 _MASK_HOOK_ATTR = "_hf_chts_grad_mask"
-_GRAD_HOOK_ATTR = "_hf_chts_grad_hook"
+GRAD_CAPTURE_ATTR = "_hf_chts_grad_hook"  # a dense-gradient capture hook, in a module's __dict__
 _GRAD_HANDLE_ATTR = "_hf_chts_grad_hook_handle"
 
 __all__ = [
@@ -161,7 +161,7 @@ def _forward_weight(module: nn.Module) -> torch.Tensor:
     that could not sit on the weight itself is then registered on that function's output.
     """
     weight = module.weight
-    capture = module.__dict__.get(_GRAD_HOOK_ATTR)
+    capture = module.__dict__.get(GRAD_CAPTURE_ATTR)
     mark = module.__dict__.get(_MASK_HOOK_ATTR)
     if mark is not None and mark.covers(weight):
         if capture is None or module.__dict__.get(_GRAD_HANDLE_ATTR) is not None:
@@ -183,7 +183,7 @@ def masked_weight(module: nn.Module) -> torch.Tensor:
     its hook is registered on the product, which receives the dense gradient.
     """
     weight = module.weight * module.weight_mask
-    hook = module.__dict__.get(_GRAD_HOOK_ATTR)
+    hook = module.__dict__.get(GRAD_CAPTURE_ATTR)
     if hook is not None and weight.requires_grad:
         weight.register_hook(hook)
     return weight
@@ -192,6 +192,8 @@ def masked_weight(module: nn.Module) -> torch.Tensor:
 class _MaskedMixin:
     """Keeps the masked-forward contract across conversions, copies and loads (see :mod:`hf_chts.masking`)."""
 
+    masked_forward = True  # is_masked(): the forward of this class honours weight_mask
+
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         install_grad_masks_(self)
@@ -199,7 +201,7 @@ class _MaskedMixin:
 
     def __getstate__(self):
         state = super().__getstate__()
-        for key in (_MASK_HOOK_ATTR, _GRAD_HOOK_ATTR, _GRAD_HANDLE_ATTR):
+        for key in (_MASK_HOOK_ATTR, GRAD_CAPTURE_ATTR, _GRAD_HANDLE_ATTR):
             state.pop(key, None)
         return state
 
@@ -312,11 +314,8 @@ def _masked_class_for(cls: type, name: str) -> type:
 
 
 def is_masked(module: nn.Module) -> bool:
-    """Whether ``module`` carries a ``weight_mask`` buffer and uses the masked forward."""
-    return has_mask(module) and module.__class__.forward in (
-        MaskedLinear.forward,
-        MaskedConv1D.forward,
-    )
+    """Whether ``module`` carries a ``weight_mask`` buffer and a masked forward (dense or sparse compute)."""
+    return has_mask(module) and getattr(type(module), "masked_forward", False)
 
 
 def make_masked_(module: nn.Module, mask: torch.Tensor | None = None, *, name: str = "module") -> nn.Module:
@@ -388,7 +387,7 @@ def set_grad_capture_(modules, store: dict[str, torch.Tensor] | None) -> None:
     (see :func:`_forward_weight`), it is registered on the identity function's output instead.
     """
     for name, module in as_named_modules(modules):
-        module.__dict__.pop(_GRAD_HOOK_ATTR, None)
+        module.__dict__.pop(GRAD_CAPTURE_ATTR, None)
         handle = module.__dict__.pop(_GRAD_HANDLE_ATTR, None)
         if handle is not None:
             handle.remove()
@@ -402,7 +401,7 @@ def set_grad_capture_(modules, store: dict[str, torch.Tensor] | None) -> None:
             else:
                 store[_name] = grad.clone()
 
-        module.__dict__[_GRAD_HOOK_ATTR] = hook
+        module.__dict__[GRAD_CAPTURE_ATTR] = hook
         weight = module.weight
         mark = module.__dict__.get(_MASK_HOOK_ATTR)
         if mark is not None and mark.covers(weight):
@@ -442,7 +441,7 @@ def unmask_(model: nn.Module) -> nn.Module:
         handle = module.__dict__.pop(_GRAD_HANDLE_ATTR, None)
         if handle is not None:
             handle.remove()
-        module.__dict__.pop(_GRAD_HOOK_ATTR, None)
+        module.__dict__.pop(GRAD_CAPTURE_ATTR, None)
         del module._buffers[MASK_NAME]
         cls = type(module)
         plain = _PLAIN.get(cls) or originals.get(cls)

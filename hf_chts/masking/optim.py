@@ -98,7 +98,9 @@ def zero_optimizer_state_(
     state = inner.state
     touched = 0
     for name, module in as_named_modules(modules):
-        weight = module.weight
+        weight = module._parameters.get("weight")
+        if weight is None:
+            continue  # sparse compute: relink_ carries the state of the link values
         param_state = state.get(weight)
         if not param_state:
             continue
