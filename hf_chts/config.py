@@ -42,6 +42,7 @@ DecayPruning = Literal["ri", "magnitude"]
 ZetaSchedule = Literal["constant", "cosine"]
 DegreeDistribution = Literal["fixed", "uniform"]
 RemaskMode = Literal["auto", "every_step", "update_steps"]
+ComputeMode = Literal["auto", "sparse", "dense"]
 
 INIT_METHODS = typing.get_args(InitMethod)
 REMOVAL_METHODS = typing.get_args(RemovalMethod)
@@ -54,6 +55,7 @@ DENSITY_DISTRIBUTIONS = typing.get_args(DensityDistribution)
 DECAY_PRUNING = typing.get_args(DecayPruning)
 ZETA_SCHEDULES = typing.get_args(ZetaSchedule)
 REMASK_MODES = typing.get_args(RemaskMode)
+COMPUTE_MODES = typing.get_args(ComputeMode)
 
 # docs/method.md section 6. Only the fields a preset decides are listed; the rest keep their defaults.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -256,6 +258,13 @@ class SparseTrainingConfig:
         "otherwise at topology updates), 'every_step', or 'update_steps' (trust the optimizer).",
         "auto",
     )
+    compute: ComputeMode = _help(
+        "How sparse layers compute: 'sparse' (sparse kernels; the trainable weight and the optimizer state "
+        "hold the links only), 'dense' (dense products on masked weights), or 'auto' (sparse for each layer "
+        "where it is measured faster: see docs/DESIGN.md, 'Sparse compute'; dense otherwise, and wherever "
+        "sparse compute cannot run, with one log line).",
+        "auto",
+    )
 
     def __post_init__(self) -> None:
         _check_type("method", self.method, Method)
@@ -326,6 +335,7 @@ class SparseTrainingConfig:
         check_choice("density_schedule", self.density_schedule, DENSITY_SCHEDULES)
         check_choice("decay_pruning", self.decay_pruning, DECAY_PRUNING)
         check_choice("remask", self.remask, REMASK_MODES)
+        check_choice("compute", self.compute, COMPUTE_MODES)
         check_positive_int(self.decay_start, "decay_start", allow_zero=True)
         if self.decay_end is not None:
             check_positive_int(self.decay_end, "decay_end")

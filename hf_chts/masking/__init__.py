@@ -60,7 +60,15 @@ Example:
 from __future__ import annotations
 
 from .buffer import MASK_NAME, apply_masks_, has_mask, layer_mask
-from .compute import is_sparse_compute, link_count, relink_, to_dense_compute_, to_sparse_compute_
+from .compute import (
+    is_sparse_compute,
+    link_count,
+    relink_,
+    set_compute_,
+    to_dense_compute_,
+    to_sparse_compute_,
+    write_weight_,
+)
 from .layers import (
     MaskedConv1D,
     MaskedLinear,
@@ -107,10 +115,12 @@ __all__ = [
     "relink_",
     "remask_every_step",
     "set_grad_capture_",
+    "set_compute_",
     "set_masks_",
     "to_dense_compute_",
     "to_sparse_compute_",
     "unmask_",
     "unwrap_model",
+    "write_weight_",
     "zero_optimizer_state_",
 ]

@@ -41,12 +41,17 @@ from .layers import GRAD_CAPTURE_ATTR, MaskedLinear, install_grad_masks_
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "SPARSE_MAX_DENSITY_CPU",
     "VALUES_NAME",
+    "auto_prefers_sparse",
     "is_sparse_compute",
     "link_count",
     "relink_",
+    "set_compute_",
+    "sparse_compute_blocker",
     "to_dense_compute_",
     "to_sparse_compute_",
+    "write_weight_",
 ]
 
 VALUES_NAME = "weight_values"
@@ -265,3 +270,102 @@ def relink_(modules, optimizer: Any = None) -> int:
         _store_index(module, new)
         changed += 1
     return changed
+
+
+# ------------------------------------------------------------------------------ which layers run sparse
+# The largest density at which sparse compute beats dense on a CPU in float32, measured per layer shape with
+# benchmarks/bench_sparse_compute.py (benchmarks/results/sparse_compute_cpu.md); docs/DESIGN.md has the rule.
+SPARSE_MAX_DENSITY_CPU = 0.1
+
+
+def sparse_compute_blocker(module: nn.Module) -> str | None:
+    """Why ``module`` cannot run sparse compute (a phrase naming the obstacle), or None when it can."""
+    if is_sparse_compute(module):
+        return None
+    if not isinstance(module, MaskedLinear):
+        return f"it is a {type(module).__name__} (sparse compute takes masked nn.Linear layers)"
+    weight = module._parameters.get("weight")
+    if weight is None:
+        return "it has no weight parameter"
+    if hasattr(weight, "device_mesh"):
+        return "its weight is sharded (FSDP2)"
+    if not weight.requires_grad:
+        return "its weight is frozen (e.g. the base layer of a PEFT adapter)"
+    return None
+
+
+def auto_prefers_sparse(module: nn.Module) -> tuple[bool, str]:
+    """The ``compute="auto"`` rule for one layer: ``(sparse, why)`` from its device, dtype and density."""
+    mask = layer_mask(module)
+    density = link_count(module) / mask.numel() if is_sparse_compute(module) else float(mask.float().mean())
+    dtype = (
+        module._parameters.get("weight") if not is_sparse_compute(module) else module.weight_values
+    ).dtype
+    where = f"density {density:.1%}, {mask.device.type}, {str(dtype).replace('torch.', '')}"
+    if mask.device.type != "cpu":
+        return False, f"{where}: sparse kernels are not measured faster than dense on {mask.device.type} yet"
+    if dtype != torch.float32:
+        return False, f"{where}: sparse compute is measured in float32 only"
+    if density > SPARSE_MAX_DENSITY_CPU:
+        return False, f"{where}: above {SPARSE_MAX_DENSITY_CPU:.0%}, dense products are as fast"
+    return True, f"{where}: at most {SPARSE_MAX_DENSITY_CPU:.0%}, sparse kernels are faster"
+
+
+def set_compute_(modules, mode: str, *, optimizer: Any = None, blocker: str | None = None) -> dict[str, bool]:
+    """Put masked layers on sparse or dense compute by ``mode`` (``SparseTrainingConfig.compute``), in place.
+
+    Args:
+        modules: masked modules by name.
+        mode (`str`): ``"sparse"`` (every layer; a layer that cannot raises a ``ValueError`` naming it and the
+            fix), ``"dense"``, or ``"auto"`` (:func:`auto_prefers_sparse` per layer; layers that cannot run
+            sparse stay dense).
+        optimizer (*optional*): an optimizer already holding the layers' weights: its references and state
+            follow the switch (:func:`to_sparse_compute_`).
+        blocker (`str`, *optional*): a reason the whole run cannot use sparse compute (e.g. FSDP2 or
+            torch.compile): ``"auto"`` then keeps every layer dense, ``"sparse"`` raises.
+
+    Returns:
+        `dict[str, bool]`: per layer name, whether it now runs sparse compute. ``"auto"`` and ``"sparse"`` log
+        the choice of every layer once (one line).
+    """
+    items = as_named_modules(modules)
+    if mode == "dense":
+        to_dense_compute_(dict(items), optimizer)
+        return {name: False for name, _ in items}
+    if mode not in ("auto", "sparse"):
+        raise ValueError(f"Unknown compute {mode!r}; valid values are: 'auto', 'sparse', 'dense'.")
+    choice, why = {}, {}
+    for name, module in items:
+        reason = blocker or sparse_compute_blocker(module)
+        if reason is not None:
+            if mode == "sparse":
+                raise ValueError(
+                    f"compute='sparse' cannot run layer {name!r}: {reason}. Use compute='auto' (which keeps "
+                    "such layers dense) or compute='dense'."
+                )
+            choice[name], why[name] = False, reason
+        elif mode == "sparse":
+            choice[name], why[name] = True, "compute='sparse'"
+        else:
+            choice[name], why[name] = auto_prefers_sparse(module)
+    to_sparse_compute_({n: m for n, m in items if choice[n]}, optimizer)
+    to_dense_compute_({n: m for n, m in items if not choice[n]}, optimizer)
+    logger.info(
+        "hf_chts: compute=%r: %d of %d sparse layers run sparse compute (%s).",
+        mode,
+        sum(choice.values()),
+        len(choice),
+        "; ".join(f"{n}: {'sparse' if choice[n] else 'dense'}, {why[n]}" for n in choice),
+    )
+    return choice
+
+
+@torch.no_grad()
+def write_weight_(module: nn.Module, weight: torch.Tensor) -> None:
+    """Set a masked layer's weight (layout of ``weight``; masked positions are ignored) in either compute."""
+    if is_sparse_compute(module):
+        index = _index(module)
+        values = module._parameters[VALUES_NAME]
+        values[: index.nnz] = link_values(weight.to(values.device, values.dtype), index)
+    else:
+        module.weight.copy_(weight.to(module.weight.device, module.weight.dtype) * layer_mask(module))
