@@ -17,6 +17,7 @@ gradients out of the clipping norm (the gradient at a masked position is exactly
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -32,10 +33,13 @@ from .distributed import Collectives
 from .engine import TopologyEngine
 from .masking import (
     apply_masks_,
+    has_mask,
+    is_masked,
     keep_masks_out_of_ddp_,
     layer_mask,
     layer_view_shape,
     remask_every_step,
+    set_compute_,
     set_grad_capture_,
     unwrap_model,
     zero_optimizer_state_,
@@ -135,6 +139,7 @@ class CHTssCallback(TrainerCallback, ExportableState):
         self._saved_step: int | None = None
         self._collectives: Collectives | None = None  # created in on_train_begin, on every rank
         self._attached = False
+        self._compute_set = False  # config.compute applied to the model's masked layers
 
     # ------------------------------------------------------------------ ExportableState (JSON, never pickle)
     def state(self) -> dict[str, Any]:
@@ -162,10 +167,18 @@ class CHTssCallback(TrainerCallback, ExportableState):
         return resume.scalar_state(self.config, self.engine, self.modules, step, *progress)
 
     # ------------------------------------------------------------------ events
-    def on_init_end(self, args, state, control, model=None, **kwargs):
-        """Before the Trainer wraps the model: masks it already carries stay out of DDP's buffer broadcast."""
-        if model is not None:
-            keep_masks_out_of_ddp_(model)
+    def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """Before the Trainer wraps the model and builds its optimizer: masks the model carries stay out of
+        DDP's buffer broadcast, and its masked layers go on the compute ``config.compute`` asks for."""
+        if model is None:
+            return
+        keep_masks_out_of_ddp_(model)
+        model = unwrap_model(model)
+        masked = {name: m for name, m in model.named_modules() if has_mask(m) and is_masked(m)}
+        if masked and not is_peft_model(model):
+            config = config_for_run(model, self.config, given=self._config_given)
+            set_compute_(masked, config.compute, optimizer=optimizer, blocker=_run_blocker(args))
+            self._compute_set = True
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         """Config, sparse layers, engine for ``state.max_steps`` steps, masks (the checkpoint's on resume)."""
@@ -201,6 +214,15 @@ class CHTssCallback(TrainerCallback, ExportableState):
         self._density = start_masks_(
             model, self.modules, self.engine, self._collectives, carried=carried, masks=masks, fresh=fresh
         )
+        if not self._compute_set:  # masks drawn just now: switch the layers, and the optimizer's references
+            blocker = _run_blocker(args)
+            if blocker is None and self._collectives.world > 1:
+                blocker = (
+                    "the masks were drawn after the Trainer wrapped the model for DDP (make the model sparse "
+                    "with `sparsify_(model, config)` before building the Trainer)"
+                )
+            set_compute_(self.modules, self.config.compute, optimizer=optimizer, blocker=blocker)
+            self._compute_set = True
         self._remask_every_step = None
         if optimizer is not None:
             zero_optimizer_state_(optimizer, self.modules)
@@ -291,3 +313,16 @@ class CHTssCallback(TrainerCallback, ExportableState):
         handler.callbacks.insert(0, self)
         self._attached = True
         return self
+
+
+def _run_blocker(args: Any) -> str | None:
+    """What in the Trainer's arguments rules out sparse compute for the whole run, or None."""
+    if args is None:
+        return None
+    if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return "the run shards its weights with FSDP"
+    if getattr(args, "deepspeed", None):
+        return "the run uses DeepSpeed"
+    if getattr(args, "torch_compile", False):
+        return "the run uses torch.compile, which does not trace the sparse kernels"
+    return None

@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 
 from ._validation import check_choice, check_density, check_positive_int, check_shape_2d
 from .config import METHODS, SparseTrainingConfig
+from .masking import is_sparse_compute, write_weight_
 from .rewarmup import LearningRateScale
 
 __all__ = [
@@ -135,7 +136,10 @@ def scale_sparse_init_(modules: Mapping[str, nn.Module]) -> None:
     for module in modules.values():
         density = module.weight_mask.float().mean().item()
         if 0 < density < 1:
-            module.weight.mul_(density**-0.5)
+            if is_sparse_compute(module):
+                module.weight_values.mul_(density**-0.5)
+            else:
+                module.weight.mul_(density**-0.5)
 
 
 def swi_std(shape: typing.Sequence[int], density: float) -> float:
@@ -178,7 +182,7 @@ def init_sparse_weights_(
         std = swi_std(mask.shape, density)
         device = generator.device if generator is not None else module.weight.device
         noise = torch.randn(mask.shape, generator=generator, device=device, dtype=torch.float32)
-        module.weight.copy_((noise * std).to(module.weight.device, module.weight.dtype) * mask)
+        write_weight_(module, noise * std)
 
 
 class CyclicRewarmup(TrainerCallback):

@@ -42,6 +42,8 @@ from .masking import (
     layer_mask,
     layer_view_shape,
     make_masked_,
+    relink_,
+    set_compute_,
     unwrap_model,
 )
 from .stats import masks_density
@@ -83,6 +85,7 @@ def sparsify_(
     generator: torch.Generator | None = None,
     masks: Mapping[str, torch.Tensor] | None = None,
     csti_inputs: Any = None,
+    apply_compute: bool = True,
 ) -> dict[str, nn.Module]:
     """Make ``model``'s selected linear layers sparse, in place.
 
@@ -100,6 +103,10 @@ def sparsify_(
         masks (`dict[str, torch.Tensor]`, *optional*): masks to use instead of drawing them (layout of
             ``weight``), e.g. the ones a ``TopologyEngine`` produced.
         csti_inputs (*optional*): calibration inputs (samples x n_features) of ``config.init == "csti"``.
+        apply_compute (`bool`, *optional*, defaults to `True`): put the layers on the compute that
+            ``config.compute`` asks for (:func:`~hf_chts.masking.set_compute_`; build the optimizer
+            afterwards: sparse compute replaces a layer's ``weight`` parameter by ``weight_values``).
+            ``False`` leaves them on dense compute (the callback switches them itself, with the optimizer).
 
     Returns:
         `dict[str, nn.Module]`: the sparse modules by name.
@@ -128,6 +135,8 @@ def sparsify_(
             make_masked_(module, name=name)
     apply_masks_(modules)
     keep_masks_out_of_ddp_(model)
+    if apply_compute:
+        set_compute_(modules, config.compute)
     return modules
 
 
@@ -180,6 +189,7 @@ def start_masks_(
     if collectives is not None:
         broadcast_from_rank0_(collectives, [layer_mask(m) for m in modules.values()])
     apply_masks_(modules)
+    relink_(modules)  # sparse-compute layers whose mask was set here re-index their links
     install_grad_masks_(modules)  # weights replaced since masking (e.g. loaded) get the hook back
     density = masks_density(layer_mask(m) for m in modules.values())
     config = engine.config
@@ -209,7 +219,7 @@ def _place_masks(
     config = engine.config
     if masks is not None:
         if not carried:
-            sparsify_(model, config, masks=masks)
+            sparsify_(model, config, masks=masks, apply_compute=False)
             return
         for name, module in modules.items():
             layer_mask(module).copy_(masks[name].to(layer_mask(module).device))
@@ -225,7 +235,7 @@ def _place_masks(
     init = engine.init_masks(layer_mask(first).device if carried else _device(first))
     drawn = {name: from_layer_view(m, init[name]) for name, m in modules.items()}
     if not carried:
-        sparsify_(model, config, masks=drawn)
+        sparsify_(model, config, masks=drawn, apply_compute=False)
         return
     for name, module in modules.items():
         layer_mask(module).copy_(drawn[name])

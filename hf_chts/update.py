@@ -37,7 +37,14 @@ from torch import nn
 
 from .distributed import Collectives, full_tensor, mean_onto_owners, shard_groups, share_masks
 from .engine import LayerStats, StepStats, TopologyEngine
-from .masking import apply_masks_, from_layer_view, layer_mask, layer_view, zero_optimizer_state_
+from .masking import (
+    apply_masks_,
+    from_layer_view,
+    layer_mask,
+    layer_view,
+    relink_,
+    zero_optimizer_state_,
+)
 from .stats import global_density, masks_density, update_log_dict
 
 logger = logging.getLogger(__name__)
@@ -145,6 +152,7 @@ def topology_update(
     # its weight, and only the positions in `grown` (absent before the update) are zeroed.
     for name, buf in buffers.items():
         buf.copy_(new_w[name])
+    relink_(modules, optimizer)  # sparse compute: kept links keep value and state, new links start at 0
     apply_masks_(modules, extra_positions=grown_w)  # removed links and new links start at 0.0
     if optimizer is not None:
         zero_optimizer_state_(optimizer, modules, extra_positions=grown_w)

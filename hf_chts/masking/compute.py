@@ -56,6 +56,7 @@ __all__ = [
 
 VALUES_NAME = "weight_values"
 _INDEX_ATTR = "_hf_chts_link_index"  # (LinkIndex, mask._version it was built at) in the module's __dict__
+_CHOICE_ATTR = "_hf_chts_compute_choice"  # (sparse, why) of the last set_compute_, in the module's __dict__
 
 
 def is_sparse_compute(module: nn.Module) -> bool:
@@ -350,13 +351,17 @@ def set_compute_(modules, mode: str, *, optimizer: Any = None, blocker: str | No
             choice[name], why[name] = auto_prefers_sparse(module)
     to_sparse_compute_({n: m for n, m in items if choice[n]}, optimizer)
     to_dense_compute_({n: m for n, m in items if not choice[n]}, optimizer)
-    logger.info(
-        "hf_chts: compute=%r: %d of %d sparse layers run sparse compute (%s).",
-        mode,
-        sum(choice.values()),
-        len(choice),
-        "; ".join(f"{n}: {'sparse' if choice[n] else 'dense'}, {why[n]}" for n in choice),
-    )
+    news = [n for n, m in items if m.__dict__.get(_CHOICE_ATTR) != (choice[n], why[n])]
+    for name, module in items:
+        module.__dict__[_CHOICE_ATTR] = (choice[name], why[name])
+    if news:  # each layer's choice is logged once, and again only if it changes
+        logger.info(
+            "hf_chts: compute=%r: %d of %d sparse layers run sparse compute (%s).",
+            mode,
+            sum(choice.values()),
+            len(choice),
+            "; ".join(f"{n}: {'sparse' if choice[n] else 'dense'}, {why[n]}" for n in news),
+        )
     return choice
 
 
