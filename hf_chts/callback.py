@@ -17,7 +17,6 @@ gradients out of the clipping norm (the gradient at a masked position is exactly
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -33,8 +32,6 @@ from .distributed import Collectives
 from .engine import TopologyEngine
 from .masking import (
     apply_masks_,
-    has_mask,
-    is_masked,
     keep_masks_out_of_ddp_,
     layer_mask,
     layer_view_shape,
@@ -46,7 +43,7 @@ from .masking import (
 )
 from .peft_utils import callback_modules, is_peft_model
 from .rewarmup import LearningRateScale, rewarmup_factor
-from .sparsify import run_modules, start_masks_
+from .sparsify import compute_blocker, run_modules, set_carried_compute_, start_masks_
 from .update import topology_update
 
 logger = logging.getLogger(__name__)
@@ -139,7 +136,6 @@ class CHTssCallback(TrainerCallback, ExportableState):
         self._saved_step: int | None = None
         self._collectives: Collectives | None = None  # created in on_train_begin, on every rank
         self._attached = False
-        self._compute_set = False  # config.compute applied to the model's masked layers
 
     # ------------------------------------------------------------------ ExportableState (JSON, never pickle)
     def state(self) -> dict[str, Any]:
@@ -168,17 +164,11 @@ class CHTssCallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------ events
     def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        """Before the Trainer wraps the model and builds its optimizer: masks the model carries stay out of
-        DDP's buffer broadcast, and its masked layers go on the compute ``config.compute`` asks for."""
-        if model is None:
-            return
-        keep_masks_out_of_ddp_(model)
-        model = unwrap_model(model)
-        masked = {name: m for name, m in model.named_modules() if has_mask(m) and is_masked(m)}
-        if masked and not is_peft_model(model):
-            config = config_for_run(model, self.config, given=self._config_given)
-            set_compute_(masked, config.compute, optimizer=optimizer, blocker=_run_blocker(args))
-            self._compute_set = True
+        """Before the Trainer wraps the model: carried masks out of DDP's broadcast, layers on ``compute``."""
+        if model is not None:
+            keep_masks_out_of_ddp_(model)
+            config = config_for_run(unwrap_model(model), self.config, given=self._config_given)
+            set_carried_compute_(unwrap_model(model), config, args, optimizer)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         """Config, sparse layers, engine for ``state.max_steps`` steps, masks (the checkpoint's on resume)."""
@@ -214,15 +204,9 @@ class CHTssCallback(TrainerCallback, ExportableState):
         self._density = start_masks_(
             model, self.modules, self.engine, self._collectives, carried=carried, masks=masks, fresh=fresh
         )
-        if not self._compute_set:  # masks drawn just now: switch the layers, and the optimizer's references
-            blocker = _run_blocker(args)
-            if blocker is None and self._collectives.world > 1:
-                blocker = (
-                    "the masks were drawn after the Trainer wrapped the model for DDP (make the model sparse "
-                    "with `sparsify_(model, config)` before building the Trainer)"
-                )
-            set_compute_(self.modules, self.config.compute, optimizer=optimizer, blocker=blocker)
-            self._compute_set = True
+        # layers masked just now switch with the optimizer's references (carried ones switched at init end)
+        blocker = compute_blocker(args, drawn_after_wrap=self._collectives.world > 1 and not carried)
+        set_compute_(self.modules, self.config.compute, optimizer=optimizer, blocker=blocker)
         self._remask_every_step = None
         if optimizer is not None:
             zero_optimizer_state_(optimizer, self.modules)
@@ -313,16 +297,3 @@ class CHTssCallback(TrainerCallback, ExportableState):
         handler.callbacks.insert(0, self)
         self._attached = True
         return self
-
-
-def _run_blocker(args: Any) -> str | None:
-    """What in the Trainer's arguments rules out sparse compute for the whole run, or None."""
-    if args is None:
-        return None
-    if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        return "the run shards its weights with FSDP"
-    if getattr(args, "deepspeed", None):
-        return "the run uses DeepSpeed"
-    if getattr(args, "torch_compile", False):
-        return "the run uses torch.compile, which does not trace the sparse kernels"
-    return None

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -249,3 +250,34 @@ def _place_masks(
         target,
         len(modules),
     )
+
+
+def compute_blocker(args: Any, *, drawn_after_wrap: bool = False) -> str | None:
+    """What rules out sparse compute for a whole ``Trainer`` run (from its ``TrainingArguments``), or None.
+
+    ``drawn_after_wrap``: the masks were drawn after the Trainer wrapped the model for DDP, whose gradient
+    buckets then hold the dense weights.
+    """
+    if args is not None:
+        if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+            return "the run shards its weights with FSDP"
+        if getattr(args, "deepspeed", None):
+            return "the run uses DeepSpeed"
+        if getattr(args, "torch_compile", False):
+            return "the run uses torch.compile, which does not trace the sparse kernels"
+    if drawn_after_wrap:
+        return (
+            "the masks were drawn after the Trainer wrapped the model for DDP (make the model sparse with "
+            "`sparsify_(model, config)` before building the Trainer)"
+        )
+    return None
+
+
+def set_carried_compute_(model: nn.Module, config: SparseTrainingConfig, args: Any, optimizer: Any) -> bool:
+    """Put the masked layers a model carries on ``config.compute`` before a Trainer wraps it; whether it had
+    any."""
+    masked = {name: m for name, m in model.named_modules() if has_mask(m) and is_masked(m)}
+    if not masked:
+        return False
+    set_compute_(masked, config.compute, optimizer=optimizer, blocker=compute_blocker(args))
+    return True

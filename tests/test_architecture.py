@@ -24,6 +24,7 @@ LAYERS: list[set[str]] = [
         "topology._fused",
         "modeling.llama_layout",
         "weights_io",
+        "sparse_ops",
     },
     {
         "stats",
@@ -56,6 +57,7 @@ LAYERS: list[set[str]] = [
     {"engine"},
     {"masking.buffer", "masking.selection"},
     {"masking.layers"},
+    {"masking.compute"},
     {"masking.masks", "masking.optim"},
     {"masking"},
     {"sparsify", "checkpointing", "chains", "peft_utils", "update"},
