@@ -9,9 +9,9 @@ Per layer (``y = x @ W.T + b`` forward, then backward to the input, the weight a
 density, thread count and dtype:
 
 - ``dense``: ``nn.Linear`` on the masked weight (what a masked layer computes without sparse compute);
-- ``torch_csr``: a plain torch CSR reference: ``torch.sparse.mm`` on the weight's CSR for the output and the
-  input gradient (int64 indices, the operands as they come) and ``torch.sparse.sampled_addmm`` for the
-  gradient at the links;
+- ``torch_csr``: a plain torch CSR layer (an autograd function like ours): ``torch.sparse.mm`` on the
+  weight's CSR for the output and the input gradient (int64 indices, the operands as they come) and
+  ``torch.sparse.sampled_addmm`` for the gradient at the links;
 - ``sparseprop``: ``sparseprop.modules.SparseLinear`` (CPU only; a row is left out when the package is not
   installed: ``pip install sparseprop`` in the benchmark's environment, it is not a dependency);
 - ``hf_chts``: :func:`hf_chts.sparse_ops.sparse_linear`.
@@ -103,6 +103,38 @@ def _random_mask(out_features: int, in_features: int, density: float, device: st
     return mask.view(out_features, in_features).to(device)
 
 
+class _ReferenceIndex:
+    def __init__(self, crow, col, t_order, csr_t):
+        self.crow, self.col, self.t_order = crow, col, t_order
+        self.t_crow, self.t_col = csr_t.crow_indices(), csr_t.col_indices()
+
+
+class _ReferenceCSR(torch.autograd.Function):
+    """The plain torch CSR layer: ``torch.sparse.mm`` for the output and the input gradient,
+    ``torch.sparse.sampled_addmm`` for the gradient at the links; int64 indices, operands as they come."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, ref):
+        out_f, in_f = len(ref.crow) - 1, x.shape[-1]
+        x2 = x.reshape(-1, in_f)
+        w = torch.sparse_csr_tensor(ref.crow, ref.col, values, (out_f, in_f))
+        ctx.save_for_backward(x2, values)
+        ctx.ref, ctx.shape = ref, x.shape
+        return (torch.sparse.mm(w, x2.t()).t() + bias).reshape(*x.shape[:-1], out_f)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, values = ctx.saved_tensors
+        ref = ctx.ref
+        out_f, in_f = len(ref.crow) - 1, x2.shape[1]
+        g2 = grad_y.reshape(-1, out_f)
+        w = torch.sparse_csr_tensor(ref.crow, ref.col, values, (out_f, in_f))
+        w_t = torch.sparse_csr_tensor(ref.t_crow, ref.t_col, values[ref.t_order], (in_f, out_f))
+        grad_x = torch.sparse.mm(w_t, g2.t()).t().reshape(ctx.shape)
+        grad_values = torch.sparse.sampled_addmm(w, g2.t(), x2, beta=0.0).values()
+        return grad_x, grad_values, g2.sum(0), None
+
+
 def layer_arms(in_f: int, out_f: int, batch: tuple, density: float, device: str, dtype: torch.dtype) -> dict:
     mask = _random_mask(out_f, in_f, density, device)
     weight = torch.randn(out_f, in_f, device=device, dtype=dtype) * mask
@@ -126,22 +158,14 @@ def layer_arms(in_f: int, out_f: int, batch: tuple, density: float, device: str,
         sparse_linear(x, values, index, bias_p).backward(grad_y)
 
     csr = weight.to_sparse_csr()
-    crow, col = csr.crow_indices(), csr.col_indices()
-    csr_t = weight.t().contiguous().to_sparse_csr()
-    t_crow, t_col = csr_t.crow_indices(), csr_t.col_indices()
-    ref_values = csr.values().clone()
-    t_order = index.t_order
+    ref = _ReferenceIndex(
+        csr.crow_indices(), csr.col_indices(), index.t_order, weight.t().contiguous().to_sparse_csr()
+    )
+    ref_values = csr.values().clone().requires_grad_()
+    ref_bias = bias.clone().requires_grad_()
 
-    def run_csr():  # the plain reference: no layout care, int64 indices
-        x2 = x.detach().reshape(-1, in_f)
-        g2 = grad_y.reshape(-1, out_f)
-        w = torch.sparse_csr_tensor(crow, col, ref_values, (out_f, in_f))
-        y = torch.sparse.mm(w, x2.t()).t() + bias
-        w_t = torch.sparse_csr_tensor(t_crow, t_col, ref_values[t_order], (in_f, out_f))
-        gx = torch.sparse.mm(w_t, g2.t()).t()
-        gw = torch.sparse.sampled_addmm(w, g2.t(), x2, beta=0.0).values()
-        gb = g2.sum(0)
-        return y, gx, gw, gb
+    def run_csr():
+        _ReferenceCSR.apply(x, ref_values, ref_bias, ref).backward(grad_y)
 
     arms = {"dense": run_dense, "torch_csr": run_csr, "hf_chts": run_ours}
     if device == "cpu" and dtype == torch.float32:
