@@ -25,7 +25,8 @@ from .topology.csti import abs_correlation, load_calibration_inputs
 from .topology.init import allocate_densities, init_mask
 from .topology.link_prediction import ch_scores
 from .topology.rng import stream_key
-from .topology.sampling import _scatter_rows, count_true, host_values, row_positions, select_rows
+from .topology.rows import count_true, host_values, row_positions, scatter_rows
+from .topology.sampling import select_rows
 from .topology.schedules import DropFraction, EMSDensity, Temperature, make_density_schedule
 from .topology.scores import removal_scores
 
@@ -817,7 +818,7 @@ def _keep_links(mask, link_pos, values, nnz, keep, mode, temperature, streams) -
         values, keep, mode=mode, temperature=temperature, lengths=nnz, streams=streams, overwrite=True
     )
     picked = torch.where(chosen, link_pos, rows * n)
-    return _scatter_rows(rows, n, picked, mask.device).view(mask.shape)
+    return scatter_rows(rows, n, picked, mask.device).view(mask.shape)
 
 
 def _ch_scores_stack(masks: torch.Tensor, variant: str, precision: str, nnz: Sequence[int]) -> torch.Tensor:
