@@ -33,14 +33,32 @@ from hf_chts.profiling import OpCounter, PeakLiveBytes  # noqa: E402
 GPU_STACK_ENTRIES = 1 << 27  # the engine's stack budget off the CPU
 
 
+def _budgets(engine_module) -> dict:
+    """The stack and chunk budgets an engine runs under: its package's ``topology.stacks``, or, in earlier
+    revisions, the engine module's own."""
+    if hasattr(engine_module, "_STACK_ENTRIES"):
+        return {
+            "stack": engine_module._STACK_ENTRIES,
+            "chunk": getattr(engine_module, "_CHUNK_STACKS", None),
+            "chunk_default": getattr(engine_module, "_CHUNK_STACKS_DEFAULT", None),
+        }
+    stacks = importlib.import_module(engine_module.__name__.rsplit(".", 1)[0] + ".topology.stacks")
+    return {
+        "stack": stacks.STACK_ENTRIES,
+        "chunk": stacks.CHUNK_STACKS,
+        "chunk_default": stacks.CHUNK_STACKS_DEFAULT,
+    }
+
+
 def measure(engine_module, hidden: int, intermediate: int) -> dict:
     name = f"7B structure at hidden {hidden}"
     bench_topology.LAYER_SETS[name] = (hidden, intermediate, 32, 4)
     shapes, chains = bench_topology.llama_layer_set(name)
     # as many square layers per stack as 2**27 entries hold of 4096 x 4096
-    engine_module._STACK_ENTRIES["cpu"] = GPU_STACK_ENTRIES // (4096 * 4096) * hidden * hidden
-    if hasattr(engine_module, "_CHUNK_STACKS"):
-        engine_module._CHUNK_STACKS["cpu"] = engine_module._CHUNK_STACKS_DEFAULT
+    budgets = _budgets(engine_module)
+    budgets["stack"]["cpu"] = GPU_STACK_ENTRIES // (4096 * 4096) * hidden * hidden
+    if budgets["chunk"] is not None:
+        budgets["chunk"]["cpu"] = budgets["chunk_default"]
     cfg = SparseTrainingConfig(method="chtss", density=0.3, update_interval=10, init="er", seed=0)
     engine = engine_module.TopologyEngine(cfg, shapes, chains=chains, max_steps=100)
     masks = engine.init_masks()

@@ -23,7 +23,7 @@ Peak memory is the peak resident-set growth during the call on CPU (sampled ever
 
 ``--full-model 130M 7B`` measures one whole topology update of a LLaMA layer set instead (CHTss settings,
 the update at step 50 of 100, density 0.3): the engine of this checkout against the per-layer engine of
-``--reference`` (a git revision; its ``hf_chts/engine.py`` is loaded beside this one), run alternately in
+``--reference`` (a git revision; its ``hf_chts`` package is loaded beside this one), run alternately in
 one process: wall and CPU time, peak memory, the working set (the most bytes held at once by tensors the
 update frees before it returns, counted by :class:`hf_chts.profiling.PeakLiveBytes`), host synchronisations
 and dispatched ops per update (counted by :class:`hf_chts.profiling.OpCounter`), and whether both give the
@@ -38,7 +38,6 @@ import gc
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import threading
@@ -46,6 +45,15 @@ import time
 from collections.abc import Callable
 
 import torch
+from bench_report import (
+    command_line,
+    git_commit,
+    hardware,
+    merge_rows,
+    write_markdown,
+    write_precision_markdown,
+    write_update_markdown,
+)
 
 from hf_chts.config import SparseTrainingConfig
 from hf_chts.engine import TopologyEngine
@@ -297,28 +305,37 @@ def llama_layer_set(name: str, blocks: int | None = None):
 
 
 def reference_engine_module(revision: str):
-    """The ``hf_chts/engine.py`` of a git revision (or a copy of it in a file, for machines without the
-    repository's history), importable beside this checkout's package."""
+    """The engine module of a git revision, with the whole ``hf_chts`` package of that revision beside this
+    checkout's (as ``hf_chts_reference``: its topology functions too, not this checkout's). A file is taken
+    for a copy of an ``engine.py`` that runs on this checkout's package (machines without the history)."""
     import importlib.util
+    import io
+    import sys
+    import tarfile
     import tempfile
+    import types
 
     if os.path.isfile(revision):
         with open(revision, encoding="utf-8") as f:
-            source = f.read()
-    else:
-        source = subprocess.run(
-            ["git", "show", f"{revision}:hf_chts/engine.py"], capture_output=True, text=True, check=True
-        ).stdout
-    source = source.replace("from .", "from hf_chts.")
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "reference_engine.py")
-        with open(path, "w") as f:
-            f.write(source)
-        spec = importlib.util.spec_from_file_location("reference_engine", path)
-        module = importlib.util.module_from_spec(spec)
-        os.sys.modules["reference_engine"] = module  # dataclasses look their module up while being built
-        spec.loader.exec_module(module)
-    return module
+            source = f.read().replace("from .", "from hf_chts.")
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "reference_engine.py")
+            with open(path, "w") as f:
+                f.write(source)
+            spec = importlib.util.spec_from_file_location("reference_engine", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["reference_engine"] = module  # dataclasses look their module up while being built
+            spec.loader.exec_module(module)
+        return module
+    archive = subprocess.run(["git", "archive", revision, "hf_chts"], capture_output=True, check=True).stdout
+    folder = tempfile.mkdtemp(prefix="hf_chts_reference_")
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    # The package without its __init__ (which registers the models with transformers a second time).
+    package = types.ModuleType("hf_chts_reference")
+    package.__path__ = [os.path.join(folder, "hf_chts")]
+    sys.modules["hf_chts_reference"] = package
+    return importlib.import_module("hf_chts_reference.engine")
 
 
 def full_update_rows(set_name, device, reference, repeats, blocks, seed):
@@ -332,7 +349,8 @@ def full_update_rows(set_name, device, reference, repeats, blocks, seed):
     weights = {n: (torch.randn(m.shape, generator=g, device=device) * m).to(dtype) for n, m in masks.items()}
     engines = {"ours": ours}
     if reference is not None:
-        engines["reference"] = reference.TopologyEngine(cfg, shapes, chains=chains, max_steps=100)
+        ref_cfg = reference.SparseTrainingConfig.from_dict(cfg.to_dict())  # the reference's own config class
+        engines["reference"] = reference.TopologyEngine(ref_cfg, shapes, chains=chains, max_steps=100)
     results = {label: {"seconds": [], "cpu_seconds": []} for label in engines}
     if device.type == "cuda":  # compile the fused kernels and run their one-time checks untimed
         for engine in engines.values():
@@ -405,107 +423,6 @@ def _peak_mb_of_update(engine, masks, weights, device) -> float:
     peak = parent.recv()
     proc.join()
     return peak
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    except OSError:
-        return "unknown"
-    return head.stdout.strip()
-
-
-def command_line() -> str:
-    return f"python benchmarks/bench_topology.py {' '.join(os.sys.argv[1:])}"
-
-
-def write_update_markdown(rows, path):
-    runs = {(r.get("command", "?"), r.get("commit", "?"), r.get("reference_revision", "?")): r for r in rows}
-    lines = [
-        "# One full topology update of a LLaMA layer set: an engine vs a reference revision's",
-        "",
-        *(
-            f"- Command: `{command}`; commit {commit}, reference `{ref}`, rows measured {row['measured']}"
-            for (command, commit, ref), row in runs.items()
-        ),
-        f"- torch {torch.__version__}; written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        "",
-        "CHTss (RI density decay, soft magnitude removal, chain removal, soft CH2-L3n regrowth), the update",
-        "at step 50 of 100 (update_interval 10), final density 0.3 (0.336 at step 50). Medians; CPU",
-        "time is the process's CPU time (stable on a shared machine, where wall time is not); host syncs are",
-        "reads of device data by the host and ops are dispatched aten ops, both per update (OpCounter).",
-        "Peak MB: growth of resident memory during one update, each engine in a fresh forked process (CPU),",
-        "or of allocated memory (CUDA). Live MB and working MB count the bytes of the tensors the update",
-        "allocates (PeakLiveBytes, independent of what the allocator keeps): live, the most held at once;",
-        "working, the most held at once by those freed before the update returns (its working set beyond",
-        "the returned new and grown masks). Same masks: whether both engines return the same masks (an",
-        "engine before the counter-based streams, such as 2f232e3, draws other masks).",
-        "",
-        "| device | hardware | layer set | layers | engine | wall s | CPU s | peak MB | live MB | working MB "
-        "| returned MB | host syncs | ops | same masks |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        for label in ("reference", "ours"):
-            r = row.get(label)
-            if r is None:
-                continue
-            if label == "reference":
-                name = f"reference ({row.get('reference_revision', '?')})"
-            else:
-                name = f"this commit ({row.get('commit', '?')})"
-            lines.append(
-                f"| {row['device']} | {row['hardware']} | {row['layer_set']} ({row['blocks']} blocks) | "
-                f"{row['layers']} | {name} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | "
-                f"{r['peak_mb']:.0f} | {_mb(r, 'live_peak_mb')} | {_mb(r, 'working_mb')} | "
-                f"{_mb(r, 'returned_mb')} | {r['syncs']} | "
-                f"{r['ops']} | {row.get('same_masks', '-')} |"
-            )
-    lines.append("")
-    for row in rows:
-        if "cpu_time_ratio" in row:
-            lines.append(
-                f"- {row['device']} {row['layer_set']}: CPU time this commit / reference = "
-                f"{row['cpu_time_ratio']:.2f}, wall time {row['wall_time_ratio']:.2f}."
-            )
-    write_report(path, lines, rows)
-
-
-def _mb(result: dict, key: str) -> str:
-    return f"{result[key]:.0f}" if key in result else "-"
-
-
-def merge_rows(path: str, rows: list[dict], fields: tuple[str, ...]) -> list[dict]:
-    """The rows of the JSON beside ``path``, with those of ``rows`` that match on ``fields`` replaced, in
-    place, and the other new rows appended (``--merge``: re-measured rows into an earlier run)."""
-    json_path = os.path.splitext(path)[0] + ".json"
-    if not os.path.exists(json_path):
-        return rows
-    with open(json_path) as f:
-        old = json.load(f)
-    fresh = {tuple(r[k] for k in fields): r for r in rows}
-    return [fresh.pop(tuple(r[k] for k in fields), r) for r in old] + list(fresh.values())
-
-
-def write_report(path: str, lines: list[str], rows: list[dict]) -> None:
-    """The Markdown report at ``path`` and its rows as JSON beside it (same name, ``.json``)."""
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.splitext(path)[0] + ".json", "w") as f:
-        json.dump(rows, f, indent=1)
-    print(f"wrote {path}")
-
-
-def hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {torch.get_num_threads()} threads"
 
 
 def main(argv=None):
@@ -598,47 +515,6 @@ def main(argv=None):
         write_markdown(rows, args, args.out)
 
 
-def _fmt(result):
-    if result is None:
-        return "-", "-"
-    if "error" in result:
-        return "fails: " + result["error"], "-"
-    return f"{result['seconds']:.3f}", f"{result['peak_mb']:.0f}"
-
-
-def write_markdown(rows, args, path):
-    commit = git_commit()
-    lines = [
-        "# Topology engine: speed and peak memory vs the research-code-style baseline",
-        "",
-        f"Command: `{command_line()}`"
-        + (
-            " (re-measured rows merged into the earlier full run; each row keeps its own `measured` time)"
-            if args.merge
-            else ""
-        ),
-        f"Commit: {commit}; torch {torch.__version__}; Python {platform.python_version()}; "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        "",
-        "Times are medians (ours over several runs, the slow baselines once); memory is the peak growth",
-        "during the call. speedup = baseline time / ours; mem = our peak / baseline peak.",
-        "",
-        "| device | hardware | shape | density | op | ours s | ours MB | baseline s | baseline MB "
-        "| speedup | mem |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        o_t, o_m = _fmt(row["ours"])
-        b_t, b_m = _fmt(row["baseline"])
-        speed = f"{row['speedup']:.2f}x" if "speedup" in row else "-"
-        mem = f"{row['memory_ratio']:.2f}" if "memory_ratio" in row else "-"
-        lines.append(
-            f"| {row['device']} | {row['hardware']} | {row['shape']} ({row['model']}) | {row['density']} | "
-            f"{row['op']} | {o_t} | {o_m} | {b_t} | {b_m} | {speed} | {mem} |"
-        )
-    write_report(path, lines, rows)
-
-
 # ---------------------------------------------------------------------------------------------- CH precision
 def precision_rows(shape_name, density, device, repeats, seed):
     """CH2-L3n at each ``ch_precision`` vs ``"exact"`` on one ER layer: error, top-k agreement, time."""
@@ -691,35 +567,6 @@ def run_precision_table(args, devices):
     if args.out:
         write_precision_markdown(rows, args.out)
     return rows
-
-
-def write_precision_markdown(rows, path):
-    lines = [
-        '# CH2-L3n: `ch_precision` settings vs `"exact"`',
-        "",
-        f"Command: `{command_line()}`",
-        f"Commit: {git_commit()}; torch {torch.__version__}; Python {platform.python_version()}; "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        "",
-        "ER masks. max error = max |score - exact| / max exact score over the candidates; mean rel = mean of",
-        "|score - exact| / exact over candidates with a positive exact score; agree = fraction of the exact",
-        "top-k candidates also in the top-k at this precision (k_update = 10% of the links, what one update",
-        "regrows at zeta = 0.1; k_1pct = the top 1% of the candidates). On CPU the reduced precisions round",
-        "the node weights as the GPU GEMMs read them (same error, no speed-up).",
-        "",
-        "| device | hardware | shape | density | precision | max error | mean rel | agree k_update | "
-        "agree k_1pct | s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        t = r["timing"]
-        secs = f"{t['seconds']:.3f}" if "seconds" in t else "fails: " + t["error"]
-        lines.append(
-            f"| {r['device']} | {r['hardware']} | {r['shape']} ({r['model']}) | {r['density']} | "
-            f"{r['precision']} | {r['max_error']:.2e} | {r['mean_rel_error']:.2e} | "
-            f"{r['agree_k_update']:.4f} | {r['agree_k_1pct']:.4f} | {secs} |"
-        )
-    write_report(path, lines, rows)
 
 
 if __name__ == "__main__":

@@ -26,36 +26,39 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ._validation import check_choice, check_density, check_fraction, check_positive_int
+from .sparse_ops import COMPUTE_MODES
+from .topology.init import DEGREE_DISTRIBUTIONS, DENSITY_DISTRIBUTIONS, INIT_METHODS
+from .topology.link_prediction import CH_PRECISIONS, CH_VARIANTS
+from .topology.regrowth import REGROWTH_METHODS as GROWTH_METHODS
+from .topology.sampling import SELECTION_MODES
+from .topology.schedules import DENSITY_SCHEDULES, DROP_FRACTION_KINDS
+from .topology.scores import DECAY_SCORES
+from .topology.scores import REMOVAL_METHODS as SCORE_METHODS
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["static", "set", "rigl", "mest", "granet", "cht", "chts", "chtss"]
-InitMethod = Literal["er", "brf", "bsw", "bsf", "csti"]
-RemovalMethod = Literal["none", "magnitude", "ri", "mest"]
-RegrowthMethod = Literal["none", "random", "gradient", "ch"]
-SelectionMode = Literal["hard", "soft"]
-CHVariant = Literal["CH2_L3n", "CH3_L3n", "CH3.1_L3n", "CH3_L3p"]
-CHPrecision = Literal["exact", "tf32", "bf16"]
-DensitySchedule = Literal["constant", "sigmoid", "cubic", "linear", "em_s"]
-DensityDistribution = Literal["uniform", "erk"]
-DecayPruning = Literal["ri", "magnitude"]
-ZetaSchedule = Literal["constant", "cosine"]
-DegreeDistribution = Literal["fixed", "uniform"]
-RemaskMode = Literal["auto", "every_step", "update_steps"]
-ComputeMode = Literal["auto", "sparse", "dense"]
+# Every option list is the topology's own (the layer that runs the option); a config value is one of them,
+# or "none" where a phase can be switched off.
+REMOVAL_METHODS = ("none", *SCORE_METHODS)
+REGROWTH_METHODS = ("none", *GROWTH_METHODS)
+DECAY_PRUNING = DECAY_SCORES
+ZETA_SCHEDULES = DROP_FRACTION_KINDS
+REMASK_MODES = ("auto", "every_step", "update_steps")
 
-INIT_METHODS = typing.get_args(InitMethod)
-REMOVAL_METHODS = typing.get_args(RemovalMethod)
-REGROWTH_METHODS = typing.get_args(RegrowthMethod)
-SELECTION_MODES = typing.get_args(SelectionMode)
-CH_VARIANTS = typing.get_args(CHVariant)
-CH_PRECISIONS = typing.get_args(CHPrecision)
-DENSITY_SCHEDULES = typing.get_args(DensitySchedule)
-DENSITY_DISTRIBUTIONS = typing.get_args(DensityDistribution)
-DECAY_PRUNING = typing.get_args(DecayPruning)
-ZETA_SCHEDULES = typing.get_args(ZetaSchedule)
-REMASK_MODES = typing.get_args(RemaskMode)
-COMPUTE_MODES = typing.get_args(ComputeMode)
+Method = Literal["static", "set", "rigl", "mest", "granet", "cht", "chts", "chtss"]
+InitMethod = Literal[INIT_METHODS]
+RemovalMethod = Literal[REMOVAL_METHODS]
+RegrowthMethod = Literal[REGROWTH_METHODS]
+SelectionMode = Literal[SELECTION_MODES]
+CHVariant = Literal[CH_VARIANTS]
+CHPrecision = Literal[CH_PRECISIONS]
+DensitySchedule = Literal[DENSITY_SCHEDULES]
+DensityDistribution = Literal[DENSITY_DISTRIBUTIONS]
+DecayPruning = Literal[DECAY_PRUNING]
+ZetaSchedule = Literal[ZETA_SCHEDULES]
+DegreeDistribution = Literal[DEGREE_DISTRIBUTIONS]
+RemaskMode = Literal[REMASK_MODES]
+ComputeMode = Literal[COMPUTE_MODES]
 
 # docs/method.md section 6. Only the fields a preset decides are listed; the rest keep their defaults.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -258,6 +261,7 @@ class SparseTrainingConfig:
         "otherwise at topology updates), 'every_step', or 'update_steps' (trust the optimizer).",
         "auto",
     )
+
     compute: ComputeMode = _help(
         "How sparse layers compute: 'sparse' (sparse kernels; the trainable weight and the optimizer state "
         "hold the links only), 'dense' (dense products on masked weights), or 'auto' (sparse for each layer "
@@ -311,31 +315,17 @@ class SparseTrainingConfig:
     def validate(self) -> None:
         """Raise a ``ValueError`` naming the first bad field, its value and what is allowed."""
         hints = _type_hints()
-        for f in dataclasses.fields(self):
+        for f in dataclasses.fields(self):  # types, and every option against its list (the Literal hints)
             _check_type(f.name, getattr(self, f.name), hints[f.name])
         check_density(self.density, "density")
         check_density(self.initial_density, "initial_density")
-        check_choice("density_distribution", self.density_distribution, DENSITY_DISTRIBUTIONS)
-        check_choice("init", self.init, INIT_METHODS)
         check_fraction(self.brf_r, "brf_r")
-        check_choice("brf_degree_dist", self.brf_degree_dist, ("fixed", "uniform"))
         check_fraction(self.bsw_beta, "bsw_beta")
         check_positive_int(self.update_interval, "update_interval")
         if self.t_end is not None:
             check_positive_int(self.t_end, "t_end", allow_zero=True)
         check_fraction(self.t_end_fraction, "t_end_fraction")
         check_fraction(self.zeta, "zeta", high_open=True)
-        check_choice("zeta_schedule", self.zeta_schedule, ZETA_SCHEDULES)
-        check_choice("removal", self.removal, REMOVAL_METHODS)
-        check_choice("removal_mode", self.removal_mode, SELECTION_MODES)
-        check_choice("regrowth", self.regrowth, REGROWTH_METHODS)
-        check_choice("regrowth_mode", self.regrowth_mode, SELECTION_MODES)
-        check_choice("ch_variant", self.ch_variant, CH_VARIANTS)
-        check_choice("ch_precision", self.ch_precision, CH_PRECISIONS)
-        check_choice("density_schedule", self.density_schedule, DENSITY_SCHEDULES)
-        check_choice("decay_pruning", self.decay_pruning, DECAY_PRUNING)
-        check_choice("remask", self.remask, REMASK_MODES)
-        check_choice("compute", self.compute, COMPUTE_MODES)
         check_positive_int(self.decay_start, "decay_start", allow_zero=True)
         if self.decay_end is not None:
             check_positive_int(self.decay_end, "decay_end")

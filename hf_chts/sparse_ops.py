@@ -24,11 +24,23 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LinkIndex", "dense_from_links", "link_values", "links_kept_from", "sparse_linear"]
+__all__ = [
+    "COMPUTE_MODES",
+    "LinkIndex",
+    "dense_from_links",
+    "link_values",
+    "links_kept_from",
+    "sparse_linear",
+]
 
 # torch warns once per process that its sparse CSR support is in beta; the products used here are the stable
 # core (CSR x dense and the sampled dense x dense), so the warning would only be noise in a user's log.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+
+
+# How a sparse layer computes (SparseTrainingConfig.compute): these kernels, dense products on the masked
+# weight, or per layer whichever is faster (hf_chts.masking.compute decides).
+COMPUTE_MODES = ("auto", "sparse", "dense")
 
 
 @dataclass(frozen=True)

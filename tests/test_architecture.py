@@ -13,64 +13,73 @@ from torch import nn
 import hf_chts
 from hf_chts.config import SparseTrainingConfig
 
-# Each module may import only modules of a lower layer (at the top or inside a function alike). A new module
-# goes into the lowest layer above everything it imports.
+# Each module sits at its real layer: one above the highest module it imports (at the top or inside a
+# function alike; a package's lazily exported names count as imports), 0 when it imports none. A new module
+# goes into the lowest layer above everything it imports; test_each_module_sits_at_its_real_layer says where.
 LAYERS: list[set[str]] = [
     {
-        "_validation",
         "_step_cost",
+        "_validation",
+        "data.corpus",
+        "data.tasks.local.hellaswag_utils",
+        "datasets_paper",
+        "distributed",
+        "masking.buffer",
+        "masking.selection",
+        "modeling.llama_layout",
         "profiling",
         "rewarmup",
-        "topology._fused",
-        "modeling.llama_layout",
-        "weights_io",
         "sparse_ops",
+        "topology._fused",
+        "topology.rows",
+        "weights_io",
     },
     {
-        "stats",
-        "distributed",
-        "topology.rng",
-        "data.corpus",
-        "datasets_paper",
-        "data.tasks.local.hellaswag_utils",
-    },
-    {
-        "config",
+        "checkpointing",
         "data.loading",
         "data.tokenizer",
+        "masking.layers",
+        "masking.optim",
+        "stats",
         "topology.ch3_l3p",
-        "topology.csti",
-        "topology.link_prediction",
+        "topology.ch_reference",
         "topology.percolation",
-        "topology.sampling",
+        "topology.rng",
         "topology.schedules",
         "topology.scores",
+        "topology.stacks",
+        "topology.topk",
     },
     {
+        "chains",
         "data.packing",
-        "topology.init",
-        "topology.removal",
-        "topology.regrowth",
-        "modeling.configuration_sparse_llama",
+        "masking.compute",
+        "masking.masks",
+        "topology.csti",
+        "topology.link_prediction",
+        "topology.sampling",
     },
-    {"data", "topology"},
-    {"engine"},
-    {"masking.buffer", "masking.selection"},
-    {"masking.layers"},
-    {"masking.compute"},
-    {"masking.masks", "masking.optim"},
-    {"masking"},
-    {"sparsify", "checkpointing", "chains", "peft_utils", "update"},
-    {"resume"},
-    {"callback"},  # Trainer events only; knows no model class: chains come from `chains.chains_for`
-    {"compact"},  # knows no model class either
-    {"modeling.modeling_sparse_llama"},
-    {"modeling"},
-    {"evaluation"},
-    {"plotting", "hub", "recipe_utils"},
-    {"cli"},
+    {"data", "masking", "topology.init", "topology.regrowth", "topology.removal"},
+    {"compact", "config", "peft_utils", "topology"},
+    {"evaluation", "initial", "modeling.configuration_sparse_llama", "plotting", "recipe_utils", "resume"},
+    {"engine", "hub"},
+    {"cli", "sparsify", "update"},
+    {"callback", "modeling.modeling_sparse_llama"},
+    {"modeling"},  # the package: its names load lazily from the modules above
     {""},  # the package itself: `import hf_chts` registers the models and re-exports the API
 ]
+# Pairs that must never import each other, directly or through other modules: (importer prefix, what it must
+# not reach, why).
+FORBIDDEN = [
+    ("masking", "engine", "masked layers know nothing of the topology engine"),
+    ("topology", "masking", "topology is pure tensor functions"),
+    ("topology", "engine", "topology is pure tensor functions; the engine orchestrates it"),
+    ("topology", "config", "topology takes values, not the config"),
+    ("topology", "callback", "topology is pure tensor functions"),
+    ("engine", "masking", "the engine works on tensors, not modules"),
+]
+# The only modules outside the topology package that topology may import (the bottom layer's helpers).
+TOPOLOGY_MAY_IMPORT = {"_validation", "profiling", "modeling.llama_layout"}
 RANK = {name: rank for rank, layer in enumerate(LAYERS) for name in layer}
 PACKAGE = Path(hf_chts.__file__).parent
 
@@ -103,6 +112,12 @@ def _imports(path: Path) -> list[tuple[str, int]]:
             targets = [
                 a.name[len("hf_chts") :].lstrip(".") for a in node.names if a.name.split(".")[0] == "hf_chts"
             ]
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
+            names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+            if names and names[0] in ("_LAZY", "_EXPORTS"):  # name -> submodule, imported on first access
+                targets = [
+                    ".".join([*package, v.value]) for v in node.value.values if isinstance(v, ast.Constant)
+                ]
         for target in targets:
             while target not in RANK and "." in target:  # `from .modeling import x` names module `modeling`
                 target = target.rsplit(".", 1)[0]
@@ -128,6 +143,98 @@ def test_imports_only_go_down():
                     f"{importer}:{line} imports {target!r} (layer {RANK[target]} >= {RANK[importer]})"
                 )
     assert not upward, "\n".join(upward)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {m: {t for t, _ in _imports(p) if t != m and t in modules} for m, p in modules.items()}
+
+
+def test_each_module_sits_at_its_real_layer():
+    graph = _import_graph()
+    wrong = []
+    for module, deps in sorted(graph.items()):
+        real = 1 + max((RANK[d] for d in deps if d in RANK), default=-1)
+        if module in RANK and RANK[module] != real:
+            wrong.append(f"{module!r} is in layer {RANK[module]} but its imports put it in layer {real}")
+    assert not wrong, "\n".join(wrong)
+
+
+def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph.get(todo.pop(), ()):
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def test_forbidden_pairs_never_import_each_other():
+    graph = _import_graph()
+    found = []
+    for importer, target, why in FORBIDDEN:
+        for module in (m for m in graph if _under(m, importer)):
+            reached = sorted(d for d in _reach(graph, module) if _under(d, target))
+            if reached:
+                found.append(f"{module} reaches {reached} ({why})")
+    for module in (m for m in graph if _under(m, "topology")):
+        outside = sorted(
+            d for d in graph[module] if not _under(d, "topology") and d not in TOPOLOGY_MAY_IMPORT
+        )
+        if outside:
+            found.append(
+                f"{module} imports {outside}: topology imports only topology and {TOPOLOGY_MAY_IMPORT}"
+            )
+    assert not found, "\n".join(found)
+
+
+def test_no_module_imports_another_modules_private_name():
+    found = []
+    for path in sorted([*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "benchmarks").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("hf_chts")):
+                private = [
+                    a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")
+                ]
+                if private:
+                    found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} imports {private}")
+    assert not found, "\n".join(found)
+
+
+def test_size_limits_and_one_mask_accessor():
+    root = PACKAGE.parent
+    engine = len((PACKAGE / "engine.py").read_text().splitlines())
+    assert engine <= 450, f"engine.py has {engine} lines; the phases belong in topology/, not in the engine"
+    files = [*PACKAGE.rglob("*.py"), *(root / "benchmarks").rglob("*.py")]
+    big = {str(p.relative_to(root)): n for p in files if (n := len(p.read_text().splitlines())) > 600}
+    assert not big, f"files over 600 lines (split them by job): {big}"
+    needle = "._buffers" + "["  # spelled apart so that this file does not match itself
+    buffers = [
+        str(p.relative_to(root))
+        for p in [*files, *(root / "tests").rglob("*.py"), *(root / "recipes").rglob("*.py")]
+        if needle in p.read_text() and not _under(_module_name(p) if PACKAGE in p.parents else "", "masking")
+    ]
+    assert not buffers, f"read masks with hf_chts.masking.layer_mask, not the module buffer dict: {buffers}"
+
+
+def test_each_option_list_is_spelled_once():
+    """The config's allowed values are the topology's own tuples (the objects, not copies)."""
+    from hf_chts import config
+    from hf_chts.topology import init, link_prediction, regrowth, sampling, schedules, scores
+
+    assert config.CH_VARIANTS is link_prediction.CH_VARIANTS and "CH3_L3p" in config.CH_VARIANTS
+    assert config.CH_PRECISIONS is link_prediction.CH_PRECISIONS
+    assert config.INIT_METHODS is init.INIT_METHODS
+    assert config.SELECTION_MODES is sampling.SELECTION_MODES
+    assert config.DENSITY_SCHEDULES is schedules.DENSITY_SCHEDULES
+    assert config.ZETA_SCHEDULES is schedules.DROP_FRACTION_KINDS
+    assert config.REGROWTH_METHODS[1:] == regrowth.REGROWTH_METHODS
+    assert config.REMOVAL_METHODS[1:] == scores.REMOVAL_METHODS
 
 
 def test_the_check_sees_function_level_imports(tmp_path):

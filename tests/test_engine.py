@@ -233,7 +233,7 @@ STACK_SHAPES = {"a": (24, 16), "b": (24, 16), "c": (24, 16), "d": (16, 24), "e":
 def test_layer_alone_or_in_a_stack_gets_the_same_mask(method, monkeypatch):
     # Random streams are keyed by (seed, step, layer, phase): evolving a layer alone, in a stack of its
     # shape, or in stacks split by the memory budget gives the same mask, so DDP shares and resumes agree.
-    import hf_chts.engine as engine_module
+    import hf_chts.topology.stacks as stacks_module
 
     cfg = SparseTrainingConfig(method=method, density=0.3, update_interval=10)
     engine = TopologyEngine(cfg, STACK_SHAPES, max_steps=100)
@@ -245,14 +245,14 @@ def test_layer_alone_or_in_a_stack_gets_the_same_mask(method, monkeypatch):
             20, masks, weights, grads, groups=[[name]]
         )
         assert torch.equal(alone[name], full[name]) and torch.equal(alone_grown[name], grown[name])
-    monkeypatch.setitem(engine_module._STACK_ENTRIES, "cpu", 2 * 24 * 16)  # stacks of at most 2 layers
+    monkeypatch.setitem(stacks_module.STACK_ENTRIES, "cpu", 2 * 24 * 16)  # stacks of at most 2 layers
     split, _, _ = TopologyEngine(cfg, STACK_SHAPES, max_steps=100).step(20, masks, weights, grads)
     assert all(torch.equal(split[n], full[n]) for n in STACK_SHAPES)
     assert any(not torch.equal(full[n], masks[n]) for n in STACK_SHAPES)
 
 
 def test_stacks_group_by_shape_and_device():
-    import hf_chts.engine as engine_module
+    import hf_chts.topology.stacks as stacks_module
 
     masks = {
         "a": torch.zeros(4, 3, dtype=torch.bool),
@@ -261,7 +261,7 @@ def test_stacks_group_by_shape_and_device():
         "d": torch.zeros(4, 3, dtype=torch.bool),
     }
     shapes = {name: tuple(m.shape) for name, m in masks.items()}
-    stacks = engine_module._make_stacks(list(masks), masks, shapes)
+    stacks = stacks_module.make_stacks(list(masks), masks, shapes)
     assert [(s.names, s.device.type) for s in stacks] == [
         (["a", "d"], "cpu"),
         (["b"], "meta"),
@@ -351,17 +351,17 @@ def test_llama_7b_layer_set_update_reads_at_most_once_per_layer(monkeypatch):
     # and a GPU's chunk budget.
     # The host reads a constant number of times per stack and per chunk, so chunking must keep its chunks
     # large enough: chunks of one stack budget read 416 times here (the count a GPU paid in one chunk: 196).
-    import hf_chts.engine as engine_module
+    import hf_chts.topology.stacks as stacks_module
     from hf_chts.profiling import OpCounter
 
     shapes, chains = llama_layer_set(hidden=32, intermediate=86, layers=32, heads=4)
-    monkeypatch.setitem(engine_module._STACK_ENTRIES, "cpu", 8 * 32 * 32)
-    monkeypatch.setitem(engine_module._CHUNK_STACKS, "cpu", engine_module._CHUNK_STACKS_DEFAULT)
+    monkeypatch.setitem(stacks_module.STACK_ENTRIES, "cpu", 8 * 32 * 32)
+    monkeypatch.setitem(stacks_module.CHUNK_STACKS, "cpu", stacks_module.CHUNK_STACKS_DEFAULT)
     cfg = SparseTrainingConfig(method="chtss", density=0.3, update_interval=10, init="er")
     engine = TopologyEngine(cfg, shapes, chains=chains, max_steps=100)
     masks = engine.init_masks()
     weights, _ = fake_training_state(masks)
-    assert len(engine_module._chunks(engine.groups(), masks, engine.shapes)) > 1  # the model is chunked
+    assert len(stacks_module.plan_chunks(engine.groups(), masks, engine.shapes)) > 1  # the model is chunked
     with OpCounter() as counter:
         new, _, _ = engine.step(50, masks, weights)
     assert counter.syncs <= len(shapes) == 224, dict(counter.sync_ops)
@@ -414,14 +414,14 @@ def test_update_in_chunks_equals_one_pass(method, config, step, monkeypatch):
     # strided views of the stacks), one block per chunk split into stacks of 2 layers (on copies).
     import dataclasses
 
-    import hf_chts.engine as engine_module
+    import hf_chts.topology.stacks as stacks_module
 
     results = []
     for budget, n_chunks in [(None, 1), (3 * BLOCK_ENTRIES, 3), (BLOCK_ENTRIES // 2, 8)]:
         if budget is not None:
-            monkeypatch.setitem(engine_module._STACK_ENTRIES, "cpu", budget)
+            monkeypatch.setitem(stacks_module.STACK_ENTRIES, "cpu", budget)
         engine, masks, weights, grads = tiny_llama_update(8, method, density=0.05, **config)
-        assert len(engine_module._chunks(engine.groups(), masks, engine.shapes)) == n_chunks
+        assert len(stacks_module.plan_chunks(engine.groups(), masks, engine.shapes)) == n_chunks
         new, grown, stats = engine.step(step, masks, weights, grads)
         layers = {
             n: {k: v for k, v in dataclasses.asdict(s).items() if k != "seconds"}
@@ -446,10 +446,10 @@ def test_update_working_set_does_not_grow_with_the_model(monkeypatch):
     # it holds at once is one chunk's, however many blocks the model has. Counted as the bytes of live
     # tensors (resident memory of small tensors is noise): before chunking, every stack's old masks and
     # chain-removal copies were alive at once: 2.1x the working set here for 4x the blocks.
-    import hf_chts.engine as engine_module
+    import hf_chts.topology.stacks as stacks_module
     from hf_chts.profiling import PeakLiveBytes
 
-    monkeypatch.setitem(engine_module._STACK_ENTRIES, "cpu", 3 * BLOCK_ENTRIES)  # chunks of 3 blocks
+    monkeypatch.setitem(stacks_module.STACK_ENTRIES, "cpu", 3 * BLOCK_ENTRIES)  # chunks of 3 blocks
 
     def working_set(blocks):
         engine, masks, weights, _ = tiny_llama_update(blocks)

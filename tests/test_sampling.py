@@ -7,13 +7,15 @@ import itertools
 import pytest
 import torch
 
-from hf_chts.topology import sampling
+from hf_chts.topology import sampling, topk
+from hf_chts.topology.rows import row_positions
 from hf_chts.topology.sampling import (
     sample_uniform,
     sample_without_replacement,
     select_indices,
     topk_indices,
 )
+from hf_chts.topology.topk import topk_rows
 
 # Upper 0.9999 quantiles of the chi-square distribution, by degrees of freedom: with a fixed seed a
 # correct sampler passes deterministically, a biased one fails by a wide margin.
@@ -165,7 +167,7 @@ def test_bracketed_selection_equals_full_sort():
     ]:
         values = torch.randint(0, high, (n,), generator=g).float()
         ref = torch.sort(-values, stable=True).indices[:k].sort().values  # ties: lowest index first
-        assert torch.equal(sampling._select_largest(values, k), ref)
+        assert torch.equal(topk_rows(values[None], [k])[0].nonzero().squeeze(1), ref)
 
 
 def test_exclude_is_never_drawn():
@@ -440,7 +442,7 @@ def test_select_rows_bad_inputs(scores, k, kwargs, match):
 
 def test_kth_largest_by_topk_equals_kthvalue_with_ties():
     # The GPU path (topk) and the CPU path (kthvalue) give the same k-th value, ties included.
-    from hf_chts.topology.sampling import _kth_largest, _row_ranks
+    from hf_chts.topology.topk import _kth_largest, _row_ranks
 
     g = torch.Generator().manual_seed(0)
     values = torch.randint(0, 7, (5, 301), generator=g).float()  # heavy ties
@@ -463,7 +465,7 @@ def test_row_positions_are_each_rows_links_in_order():
     g = torch.Generator().manual_seed(2)
     mask = torch.rand(4, 500, generator=g) < torch.tensor([[0.3], [0.01], [0.0], [0.9]])
     counts = [int(row.sum()) for row in mask]
-    got = sampling.row_positions(mask, counts, fill=-7)
+    got = row_positions(mask, counts, fill=-7)
     assert got.shape == (4, max(counts)) and got.dtype == torch.long
     for b, row in enumerate(mask):
         assert got[b, : counts[b]].tolist() == (row.nonzero().squeeze(1) + b * 500).tolist()
@@ -476,7 +478,7 @@ def test_sample_order_statistics_match_a_sort(dtype):
     sample = torch.randn(3, 1000, generator=g).round(decimals=1).to(dtype)  # ties
     sample[1, ::3] = -float("inf")
     hi_pos, lo_pos = [0, 10, 998], [999, 500, 999]
-    hi, lo = sampling._descending_order_stats(sample, hi_pos, lo_pos)
+    hi, lo = topk._descending_order_stats(sample, hi_pos, lo_pos)
     ordered = torch.sort(sample, dim=1, descending=True).values
     assert torch.equal(hi[:, 0], ordered[torch.arange(3), hi_pos])
     assert torch.equal(lo[:, 0], ordered[torch.arange(3), lo_pos])

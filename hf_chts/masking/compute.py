@@ -34,13 +34,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sparse_ops import LinkIndex, dense_from_links, link_values, links_kept_from, sparse_linear
+from ..sparse_ops import (
+    COMPUTE_MODES,
+    LinkIndex,
+    dense_from_links,
+    link_values,
+    links_kept_from,
+    sparse_linear,
+)
 from .buffer import MASK_NAME, as_named_modules, layer_mask
 from .layers import GRAD_CAPTURE_ATTR, MaskedLinear, install_grad_masks_
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "COMPUTE_MODES",
     "SPARSE_MAX_DENSITY_CPU",
     "VALUES_NAME",
     "auto_prefers_sparse",
@@ -333,8 +341,10 @@ def set_compute_(modules, mode: str, *, optimizer: Any = None, blocker: str | No
     if mode == "dense":
         to_dense_compute_(dict(items), optimizer)
         return {name: False for name, _ in items}
-    if mode not in ("auto", "sparse"):
-        raise ValueError(f"Unknown compute {mode!r}; valid values are: 'auto', 'sparse', 'dense'.")
+    if mode not in COMPUTE_MODES:
+        raise ValueError(
+            f"Unknown compute {mode!r}; valid values are: {', '.join(map(repr, COMPUTE_MODES))}."
+        )
     choice, why = {}, {}
     for name, module in items:
         reason = blocker or sparse_compute_blocker(module)

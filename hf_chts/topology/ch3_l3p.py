@@ -22,7 +22,10 @@ import torch
 
 from .._validation import check_mask_2d
 
-__all__ = ["ch3_l3p_scores"]
+__all__ = ["CH3_L3P", "ch3_l3p_scores"]
+
+# The name of this predictor among the CH variants (:data:`~.link_prediction.CH_VARIANTS`).
+CH3_L3P = "CH3_L3p"
 
 # Entries of one batch's (middle nodes x n_out x k) operand.
 _BATCH_ENTRIES = 1 << 22

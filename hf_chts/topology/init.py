@@ -20,7 +20,7 @@ import torch
 from .._validation import check_choice, check_density, check_fraction, check_shape_2d, link_count
 from . import rng
 
-__all__ = ["INIT_METHODS", "allocate_densities", "init_mask"]
+__all__ = ["DEGREE_DISTRIBUTIONS", "DENSITY_DISTRIBUTIONS", "INIT_METHODS", "allocate_densities", "init_mask"]
 
 INIT_METHODS = ("er", "brf", "bsw", "bsf", "csti")
 _DEFAULT_PARAMS: dict[str, dict[str, Any]] = {

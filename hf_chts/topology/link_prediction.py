@@ -46,8 +46,10 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from .._validation import check_choice, check_mask_2d, check_positive_int
+from .._validation import check_choice, check_positive_int
 from ._fused import FusedFunction
+from .ch3_l3p import CH3_L3P, ch3_l3p_scores
+from .ch_reference import L3N_VARIANTS, ch3_l3_reference, ch_scores_reference, l3n_kind
 
 __all__ = [
     "CH_METHODS",
@@ -58,8 +60,8 @@ __all__ = [
     "ch_scores_reference",
 ]
 
-CH_VARIANTS = ("CH2_L3n", "CH3_L3n", "CH3.1_L3n")
-_VARIANT_KIND = {"CH2_L3n": "ch2", "CH3_L3n": "ch3", "CH3.1_L3n": "ch31", "CH3_1_L3n": "ch31"}
+# Every CH link predictor: the node-based L3n variants scored here, then the path-based CH3-L3p.
+CH_VARIANTS = (*L3N_VARIANTS, CH3_L3P)
 CH_METHODS = ("auto", "dense", "int8", "float", "sparse", "dense_reference")
 CH_PRECISIONS = ("exact", "tf32", "bf16")
 
@@ -87,8 +89,9 @@ def ch_scores(
     Args:
         mask (`torch.Tensor` of shape `(n_out, n_in)` or `(B, n_out, n_in)`): the current topology; nonzero /
             True is a link. A 3-D stack scores B same-shape layers at once, each on its own.
-        variant (`str`, *optional*, defaults to `"CH2_L3n"`): ``"CH2_L3n"``, ``"CH3_L3n"`` or ``"CH3.1_L3n"``
-            (``"CH3_1_L3n"`` is accepted too).
+        variant (`str`, *optional*, defaults to `"CH2_L3n"`): one of :data:`CH_VARIANTS`: ``"CH2_L3n"``,
+            ``"CH3_L3n"``, ``"CH3.1_L3n"`` (``"CH3_1_L3n"`` is accepted too), or ``"CH3_L3p"``
+            (:func:`~.ch3_l3p.ch3_l3p_scores`, one layer at a time; the other arguments do not apply).
         method (`str`, *optional*, defaults to `"auto"`): the kernels. ``"dense"``: batched GEMMs over the
             whole stack, exact bf16 counts where the device has bf16 GEMMs with fp32 output (CUDA), fp32
             GEMMs elsewhere; ``"int8"``: counts by int8 GEMMs, products by fp32 GEMMs; ``"float"``: fp32
@@ -122,7 +125,11 @@ def ch_scores(
         True
     """
     _check_mask(mask)
-    kind = _variant_kind(variant)
+    if variant == CH3_L3P:  # the path-based predictor scores one layer at a time
+        if mask.dim() == 2:
+            return ch3_l3p_scores(mask).to(torch.float32)
+        return torch.stack([ch3_l3p_scores(m) for m in mask.unbind(0)]).to(torch.float32)
+    kind = l3n_kind(variant)
     check_choice("method", method, CH_METHODS)
     check_choice("ch_precision", precision, CH_PRECISIONS)
     if block_size is not None:
@@ -178,72 +185,6 @@ def _layer_scores(out, m: torch.Tensor, kind, method, precision, block_size, nnz
     return out.masked_fill_(layer.m, 0.0)
 
 
-def ch_scores_reference(mask: torch.Tensor, variant: str = "CH2_L3n") -> torch.Tensor:
-    """Dense float64 CH-L3n scores with every matrix of section 3 materialised (tests, small layers).
-
-    Args:
-        mask (`torch.Tensor` of shape `(n_out, n_in)`): nonzero / True is a link.
-        variant (`str`, *optional*, defaults to `"CH2_L3n"`): as in :func:`ch_scores`.
-
-    Returns:
-        `torch.Tensor`: float64 scores of shape `(n_out, n_in)`, 0.0 at existing links.
-    """
-    check_mask_2d(mask)
-    kind = _variant_kind(variant)
-    m = (mask != 0).to(torch.float64)
-    k_row, k_col = m.sum(1), m.sum(0)
-
-    def weights(c: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        present = (c > 0).to(torch.float64)
-        e = torch.clamp(k[None, :] - c - 1, min=0) * present
-        if kind == "ch2":
-            return (c + present) / (1 + e)
-        if kind == "ch3":
-            return present / (1 + e)
-        return (c + present) / (1 + e) ** (1 + e / (1 + e))
-
-    g_r = weights(m @ m.T, k_row)
-    g_c = weights(m.T @ m, k_col)
-    scores = g_r @ m + (g_c @ m.T).T
-    return scores.masked_fill_(mask != 0, 0.0)
-
-
-def ch3_l3_reference(mask: torch.Tensor) -> torch.Tensor:
-    """The original path-based CH3-L3 (exact, slow: small layers only), to check the L3n approximation.
-
-    For a candidate ``(a, j)`` (``M[a, j] = 0``) the paths of length 3 are ``a - j' - a' - j`` with ``j'`` an
-    input neighbour of ``a``, ``a'`` an output neighbour of ``j`` and ``M[a', j'] = 1``. The intermediate
-    nodes of all these paths form the local community of the candidate. For an intermediate node ``z``,
-    ``e_z`` is its number of external local-community links: links to nodes that are neither in the
-    community nor one of the two seeds ``a``, ``j``. The score is
-    ``sum over paths of 1 / sqrt((1 + e_j') (1 + e_a'))``.
-
-    Args:
-        mask (`torch.Tensor` of shape `(n_out, n_in)`): nonzero / True is a link.
-
-    Returns:
-        `torch.Tensor`: float64 scores of shape `(n_out, n_in)`, 0.0 at existing links.
-    """
-    check_mask_2d(mask)
-    m = (mask != 0).to(torch.float64).cpu()
-    k_row, k_col = m.sum(1), m.sum(0)
-    scores = torch.zeros(m.shape, dtype=torch.float64)
-    for a in range(m.shape[0]):  # small layers only: vectorised over the candidates j of one output a
-        inputs = m[a].nonzero().squeeze(1)  # the j' (input neighbours of a)
-        if inputs.numel() == 0:
-            continue
-        # paths[j, a', j'] = M[a', j] * M[a', j'] for every candidate column j.
-        paths = m.T[:, :, None] * m[None, :, inputs]
-        inner_a = paths.sum(2)  # links of a' into the community (its j' on paths), per candidate j
-        inner_j = paths.sum(1)  # links of j' into the community (its a' on paths)
-        # Minus the inner links and the one link to the seed (a' - j, j' - a).
-        e_a = (k_row[None, :] - inner_a - 1).clamp(min=0)
-        e_j = (k_col[inputs][None, :] - inner_j - 1).clamp(min=0)
-        weight = 1.0 / torch.sqrt((1 + e_a)[:, :, None] * (1 + e_j)[:, None, :])
-        scores[a] = (paths * weight).sum((1, 2))
-    return scores.masked_fill_(m.bool(), 0.0).to(mask.device)
-
-
 # ------------------------------------------------------------------------------------------ internals
 def _check_mask(mask: torch.Tensor) -> None:
     if not isinstance(mask, torch.Tensor):
@@ -253,12 +194,6 @@ def _check_mask(mask: torch.Tensor) -> None:
             f"`mask` must be 2-D (n_out x n_in) or a 3-D stack (B x n_out x n_in) of same-shape layers, "
             f"got shape {tuple(mask.shape)}."
         )
-
-
-def _variant_kind(variant: str) -> str:
-    if variant not in _VARIANT_KIND:
-        check_choice("CH variant", variant, CH_VARIANTS)
-    return _VARIANT_KIND[variant]
 
 
 class _Layer:

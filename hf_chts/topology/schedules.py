@@ -19,6 +19,7 @@ from .._validation import check_choice, check_density, check_fraction, check_pos
 
 __all__ = [
     "DENSITY_SCHEDULES",
+    "DROP_FRACTION_KINDS",
     "ConstantDensity",
     "CubicDensityDecay",
     "DropFraction",
@@ -30,6 +31,8 @@ __all__ = [
 ]
 
 DENSITY_SCHEDULES = ("constant", "sigmoid", "cubic", "linear", "em_s")
+# How the drop fraction zeta moves over the run.
+DROP_FRACTION_KINDS = ("constant", "cosine")
 
 
 def _check_step(step: int) -> int:
@@ -345,7 +348,7 @@ class DropFraction:
     def __post_init__(self):
         object.__setattr__(self, "zeta", check_fraction(self.zeta, "zeta"))
         check_positive_int(self.t_end, "t_end")
-        check_choice("drop fraction kind", self.kind, ("constant", "cosine"))
+        check_choice("drop fraction kind", self.kind, DROP_FRACTION_KINDS)
 
     def __call__(self, step: int) -> float:
         step = _check_step(step)

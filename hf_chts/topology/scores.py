@@ -12,9 +12,11 @@ import torch
 
 from .._validation import check_choice, check_mask_2d
 
-__all__ = ["REMOVAL_METHODS", "removal_scores"]
+__all__ = ["DECAY_SCORES", "REMOVAL_METHODS", "removal_scores"]
 
 REMOVAL_METHODS = ("magnitude", "ri", "mest")
+# The scores density-decay pruning may use (no gradient: it runs at every decay step).
+DECAY_SCORES = ("ri", "magnitude")
 
 
 def _check_nonnegative_number(value: float, name: str, *, strict: bool) -> float:
