@@ -240,8 +240,35 @@ def mlp_step_arms(density: float, device: str, batch: int = 32) -> tuple[dict, d
     return arms, sizes
 
 
+def trainer_steps_per_second(compute: str, steps: int, data_dir: Path | None) -> dict:
+    """The MLP recipe (recipes/configs/mlp_mnist.yaml: CHTs, 1% with EM_S) through ``Trainer`` for ``steps``
+    steps, one topology update half-way: steps per second as the Trainer reports them."""
+    import importlib.util
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "_bench_mlp_recipe", root / "recipes" / "mlp_image_classification.py"
+    )
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = recipe  # the recipe's dataclasses look their module up
+    spec.loader.exec_module(recipe)
+    data = ["--data_dir", str(data_dir)] if data_dir else ["--synthetic", "True"]
+    with tempfile.TemporaryDirectory() as out:
+        argv = [
+            str(root / "recipes" / "configs" / "mlp_mnist.yaml"), *data, "--compute", compute,
+            "--max_steps", str(steps), "--update_interval", str(steps // 2), "--eval_strategy", "no",
+            "--max_eval_samples", "1000", "--output_dir", out, "--logging_steps", str(steps),
+            "--disable_tqdm", "True",
+        ]  # fmt: skip
+        result = recipe.main(*recipe.parse_args(argv))
+    return {"steps_per_second": steps / result["train_runtime_seconds"], "steps": steps}
+
+
 def run(args) -> dict:
     device = args.device
+    if args.quick:
+        args.trainer_steps = min(args.trainer_steps, 100)
     layers = LAYERS[:2] if args.quick else LAYERS
     densities = (0.01, 0.05) if args.quick else DENSITIES
     threads = (1,) if args.quick or device == "cuda" else (1, 2)
@@ -267,6 +294,13 @@ def run(args) -> dict:
             arms, sizes = mlp_step_arms(density, device)
             res = race(arms, args.rounds, args.iters, device)
             rows.append(dict(kind="mlp_step", density=density, threads=n_threads, results=res, numbers=sizes))
+            print(json.dumps(rows[-1]), flush=True)
+    if args.trainer_steps and device == "cpu":
+        torch.set_num_threads(1)
+        data_dir = Path(args.data_dir) if Path(args.data_dir).is_dir() else None
+        for compute in ("dense", "auto"):
+            res = trainer_steps_per_second(compute, args.trainer_steps, data_dir)
+            rows.append(dict(kind="trainer", compute=compute, threads=1, data=str(data_dir), **res))
             print(json.dumps(rows[-1]), flush=True)
     return {
         "rows": rows,
@@ -329,6 +363,21 @@ def to_markdown(report: dict) -> str:
             f"{res['hf_chts']['speedup']:.1f}x | {n['hf_chts']:,} / {n['dense']:,} = "
             f"{n['hf_chts'] / n['dense']:.2%} |"
         )
+    trainer = [r for r in report["rows"] if r["kind"] == "trainer"]
+    if trainer:
+        by = {r["compute"]: r for r in trainer}
+        lines += [
+            "",
+            f"## The MLP recipe through Trainer (recipes/configs/mlp_mnist.yaml, {trainer[0]['steps']} "
+            "steps, one update, 1 thread)",
+            "",
+            "| compute | steps/s |",
+            "|---|---|",
+            *(f"| {r['compute']} | {r['steps_per_second']:.1f} |" for r in trainer),
+        ]
+        if {"dense", "auto"} <= set(by):
+            ratio = by["auto"]["steps_per_second"] / by["dense"]["steps_per_second"]
+            lines.append(f"\n`auto` runs {ratio:.1f}x the steps per second of `dense` (one run each).")
     return "\n".join(lines) + "\n"
 
 
@@ -339,6 +388,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="Two layer shapes, 1% and 5%, one thread.")
     parser.add_argument("--out", default=None, help="Markdown report; the JSON goes beside it.")
+    parser.add_argument(
+        "--trainer_steps", type=int, default=600, help="Steps of the MLP recipe through Trainer (0: skip)."
+    )
+    parser.add_argument(
+        "--data_dir",
+        default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"),
+        help="MNIST for the Trainer rows (synthetic images when the folder is absent).",
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available.")

@@ -75,6 +75,7 @@ from hf_chts.config import METHODS, SparseTrainingConfig
 from hf_chts.data import check_vocab_fits, load_lm_data
 from hf_chts.evaluation import evaluate, resolve_tasks
 from hf_chts.hub import check_repo_id, push_to_hub, write_model_card
+from hf_chts.masking import dense_parameter_count
 from hf_chts.modeling import SparseLlamaConfig, SparseLlamaForCausalLM, sparsity_summary
 from hf_chts.recipe_utils import CyclicRewarmup, apply_yaml_defaults, resolve_resume_checkpoint
 
@@ -363,8 +364,10 @@ def check_zero_shot_tasks(eval_args: EvaluationArguments) -> None:
 def model_summary(model: torch.nn.Module) -> dict[str, Any]:
     """Parameter counts, and the density of the sparse layers when there are masks."""
     summary: dict[str, Any] = {
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "nonzero_parameters": sum(int(torch.count_nonzero(p)) for p in model.parameters()),
+        "parameters": dense_parameter_count(model),  # the dense layout, whatever the compute
+        "nonzero_parameters": sum(
+            int(torch.count_nonzero(t)) for t in model.state_dict().values() if t.is_floating_point()
+        ),
     }
     sparse = sparsity_summary(model)
     if sparse["numel"]:

@@ -47,7 +47,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_chts.config import SparseTrainingConfig
 from hf_chts.datasets_paper import ImageClassificationDataset, load_mnist, synthetic_image_classification
-from hf_chts.masking import get_masks
+from hf_chts.masking import dense_parameter_count, get_masks
 from hf_chts.recipe_utils import (
     init_sparse_weights_,
     parse_recipe_args,
@@ -242,7 +242,7 @@ def main(args: MLPArguments, sparse_args, training_args: TrainingArguments) -> d
         name: {"shape": list(m.shape), "nnz": int(m.sum()), "density": int(m.sum()) / m.numel()}
         for name, m in masks.items()
     }
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = dense_parameter_count(model)  # the dense layout, whatever the compute
     n_masked_off = sum(int((~m).sum()) for m in masks.values())
     results = {
         "recipe": "mlp_image_classification",

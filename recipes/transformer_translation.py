@@ -61,7 +61,7 @@ from transformers import (
 from hf_chts.config import SparseTrainingConfig
 from hf_chts.data import get_tokenizer
 from hf_chts.datasets_paper import read_parallel_corpus
-from hf_chts.masking import get_masks
+from hf_chts.masking import dense_parameter_count, get_masks
 from hf_chts.recipe_utils import (
     init_sparse_weights_,
     parse_recipe_args,
@@ -332,7 +332,7 @@ def main(args: TranslationArguments, sparse_args, training_args: Seq2SeqTraining
     masks = get_masks(model)
     nnz = sum(int(m.sum()) for m in masks.values())
     numel = sum(m.numel() for m in masks.values())
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = dense_parameter_count(model)  # the dense layout, whatever the compute
     results = {
         "recipe": "transformer_translation",
         "method": sparse_args.method,

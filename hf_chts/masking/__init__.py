@@ -61,6 +61,7 @@ from __future__ import annotations
 
 from .buffer import MASK_NAME, apply_masks_, has_mask, layer_mask
 from .compute import (
+    dense_parameter_count,
     is_sparse_compute,
     link_count,
     relink_,
@@ -98,6 +99,7 @@ __all__ = [
     "MaskedConv1D",
     "MaskedLinear",
     "apply_masks_",
+    "dense_parameter_count",
     "find_sparse_modules",
     "from_layer_view",
     "get_masks",

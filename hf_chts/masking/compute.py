@@ -52,6 +52,7 @@ __all__ = [
     "SPARSE_MAX_DENSITY_CPU",
     "VALUES_NAME",
     "auto_prefers_sparse",
+    "dense_parameter_count",
     "is_sparse_compute",
     "link_count",
     "relink_",
@@ -384,3 +385,14 @@ def write_weight_(module: nn.Module, weight: torch.Tensor) -> None:
         values[: index.nnz] = link_values(weight.to(values.device, values.dtype), index)
     else:
         module.weight.copy_(weight.to(module.weight.device, module.weight.dtype) * layer_mask(module))
+
+
+def dense_parameter_count(model: nn.Module) -> int:
+    """The number of parameters ``model`` has in the dense layout (what its ``state_dict`` holds): a
+    sparse-compute layer counts its full ``weight``, not its link values."""
+    total = 0
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            sparse = name == VALUES_NAME and is_sparse_compute(module)
+            total += layer_mask(module).numel() if sparse else param.numel()
+    return total
