@@ -73,7 +73,18 @@ def test_registry_covers_the_issue(repro):
         "chts_research",
         "chts_brf",
     ]
-    assert [v.flags.get("density") for v in exps["llama_lm_research"].variants][-4:] == [0.1, 0.3, 0.5, 1.0]
+    research = exps["llama_lm_research"]
+    assert [research.variant(f"static_d{d}").flags["density"] for d in (0.1, 0.3, 0.5, 1)] == [
+        0.1,
+        0.3,
+        0.5,
+        1.0,
+    ]
+    hard = research.variant("chts_hard").flags  # the authors' LLaMA regrowth and its two controls
+    assert (hard["regrowth_mode"], hard["ch_variant"], hard["chain_removal"]) == ("hard", "CH2_L3n", False)
+    assert (
+        research.variant("static_er").method == "static" and research.variant("chts_er").flags["init"] == "er"
+    )
     assert exps["llama_lm_research"].seeds == (0, 1, 2)
     paper = exps["mlp_mnist_paper"]
     assert [v.name for v in paper.variants] == ["dense", "set", "set_ems", "rigl", "chts", "chts_research"]

@@ -446,6 +446,17 @@ register(
             Variant("static_d0.3", "static", {"density": 0.3}, label="Static 30%"),
             Variant("static_d0.5", "static", {"density": 0.5}, label="Static 50%"),
             Variant("static_d1", "static", {"density": 1.0}, label="Static 100% (SparseLlama)"),
+            # the authors' LLaMA regrowth: top-k CH2-L3n scores (hard), no chain removal; our "chts" samples
+            # (soft) with chain removal, which at 30% density is close to uniform regrowth
+            Variant(
+                "chts_hard",
+                "chts",
+                {"regrowth_mode": "hard", "ch_variant": "CH2_L3n", "chain_removal": False},
+                label="CHTs, research LLaMA regrowth (hard CH2-L3n, no chain removal)",
+            ),
+            # controls: the initial topology without evolution, and CHTs without BRF
+            Variant("static_er", "static", {"init": "er"}, label="Static ER 30% (no evolution)"),
+            Variant("chts_er", "chts", {"init": "er"}, label="CHTs with ER init"),
         ),
         base={"cpu": _LLAMA_RESEARCH_CPU, "smoke": _LLAMA_RESEARCH_SMOKE},
         metric="eval_perplexity",
@@ -456,6 +467,7 @@ register(
         comparisons=(
             ("chts", ("set", "rigl", "mest", "granet", "cht")),
             ("chtss", ("set", "rigl", "mest", "granet", "cht")),
+            ("chts_hard", ("set", "rigl", "mest", "granet", "cht")),
         ),
         verdict=True,
         ladder=("static_d0.1", "static_d0.3", "static_d0.5", "static_d1"),
