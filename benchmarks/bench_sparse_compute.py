@@ -14,7 +14,9 @@ density, thread count and dtype:
   ``torch.sparse.sampled_addmm`` for the gradient at the links;
 - ``sparseprop``: ``sparseprop.modules.SparseLinear`` (CPU only; a row is left out when the package is not
   installed: ``pip install sparseprop`` in the benchmark's environment, it is not a dependency);
-- ``hf_chts``: :func:`hf_chts.sparse_ops.sparse_linear`.
+- ``hf_chts``: :func:`hf_chts.sparse_ops.sparse_linear`;
+- ``auto``: a masked ``nn.Linear`` on the compute ``SparseTrainingConfig(compute="auto")`` picks for it
+  (sparse compute or the dense masked product: its ratio to ``dense`` is what a default run gets).
 
 The whole step: the MLP 784-1000-1000-1000-10 (three sparse hidden layers, a dense classifier), batch 32,
 cross-entropy, ``loss.backward()`` and one ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4)`` step, dense
@@ -42,6 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hf_chts.masking import make_masked_, set_compute_
 from hf_chts.sparse_ops import LinkIndex, link_values, sparse_linear
 
 # (name, in, out, batch shape)
@@ -167,7 +170,16 @@ def layer_arms(in_f: int, out_f: int, batch: tuple, density: float, device: str,
     def run_csr():
         _ReferenceCSR.apply(x, ref_values, ref_bias, ref).backward(grad_y)
 
-    arms = {"dense": run_dense, "torch_csr": run_csr, "hf_chts": run_ours}
+    auto = make_masked_(nn.Linear(in_f, out_f, device=device, dtype=dtype), mask, name="layer")
+    with torch.no_grad():
+        auto.weight.copy_(weight)
+        auto.bias.copy_(bias)
+    set_compute_({"layer": auto}, "auto")  # what a run picks for this layer by default
+
+    def run_auto():
+        auto(x).backward(grad_y)
+
+    arms = {"dense": run_dense, "torch_csr": run_csr, "hf_chts": run_ours, "auto": run_auto}
     if device == "cpu" and dtype == torch.float32:
         try:
             from sparseprop.modules import SparseLinear
@@ -331,7 +343,7 @@ def to_markdown(report: dict) -> str:
         "",
     ]
     layer_rows = [r for r in report["rows"] if r["kind"] == "layer"]
-    arms = ["dense", "torch_csr", "sparseprop", "hf_chts"]
+    arms = ["dense", "torch_csr", "sparseprop", "hf_chts", "auto"]
     lines += [
         "| layer | batch | density | threads | dtype | "
         + " | ".join(arms)
