@@ -264,7 +264,9 @@ class MLP(nn.Module):
         return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
 
 
-def _train(tmp_path, method: str, compute: str, optim: str = "sgd", steps: int = 50):
+def _train(
+    tmp_path, method: str, compute: str, optim: str = "sgd", steps: int = 50, device: str = "cpu", **extra
+):
     overrides = dict(initial_density=0.1, decay_end_fraction=0.6) if method in ("chtss", "granet") else {}
     config = SparseTrainingConfig(
         method=method, density=0.05, update_interval=10, zeta=0.3, compute=compute,
@@ -272,15 +274,17 @@ def _train(tmp_path, method: str, compute: str, optim: str = "sgd", steps: int =
     )  # fmt: skip
     model = MLP()
     sparsify_(model, config)
-    args = TrainingArguments(
+    kwargs = dict(
         output_dir=str(tmp_path / f"{method}_{compute}"), max_steps=steps, per_device_train_batch_size=8,
         learning_rate=0.05, optim=optim, optim_args="momentum=0.9" if optim == "sgd" else None,
         weight_decay=5e-4, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
-        use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, max_grad_norm=1.0,
+        use_cpu=device == "cpu", seed=0, data_seed=0, disable_tqdm=True, max_grad_norm=1.0,
     )  # fmt: skip
+    kwargs.update((k, v) for k, v in extra.items() if k != "resume_from_checkpoint")
+    args = TrainingArguments(**kwargs)
     trainer = Trainer(model=model, args=args, train_dataset=Pixels())
     CHTssCallback(config).attach(trainer)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=extra.get("resume_from_checkpoint"))
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return model, trainer, losses
 
@@ -321,4 +325,27 @@ def test_trainer_auto_picks_sparse_at_low_density_and_sizes_the_optimizer_by_lin
 def test_trainer_with_adamw_fused_and_accumulation(tmp_path):
     dense, _, dense_losses = _train(tmp_path, "chts", "dense", optim="adamw_torch_fused", steps=20)
     sparse, _, sparse_losses = _train(tmp_path, "chts", "sparse", optim="adamw_torch_fused", steps=20)
+    assert max(abs(a - b) / abs(b) for a, b in zip(sparse_losses, dense_losses, strict=True)) < 1e-4
+
+
+def test_resume_in_sparse_compute_continues_bit_for_bit(tmp_path):
+    full, _, full_losses = _train(tmp_path / "full", "chts", "sparse", steps=30)
+    _train(tmp_path / "part", "chts", "sparse", steps=30, save_strategy="steps", save_steps=10)
+    checkpoint = tmp_path / "part" / "chts_sparse" / "checkpoint-20"
+    resumed, _, resumed_losses = _train(
+        tmp_path / "part", "chts", "sparse", steps=30, resume_from_checkpoint=str(checkpoint)
+    )
+    assert all(is_sparse_compute(m) for m in resumed.hidden)
+    assert resumed_losses == full_losses  # the first 20 from the checkpoint's history, the rest trained again
+    expected, got = full.state_dict(), resumed.state_dict()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["chts", "rigl"])
+def test_trainer_runs_alike_in_both_modes_on_cuda(tmp_path, method):
+    _device("cuda")
+    dense, _, dense_losses = _train(tmp_path, method, "dense", device="cuda", steps=30)
+    sparse, _, sparse_losses = _train(tmp_path, method, "sparse", device="cuda", steps=30)
+    assert all(is_sparse_compute(m) for m in sparse.hidden)
     assert max(abs(a - b) / abs(b) for a, b in zip(sparse_losses, dense_losses, strict=True)) < 1e-4
