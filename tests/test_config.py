@@ -206,3 +206,82 @@ def test_config_for_run_adopts_or_records_the_models_sparsity():
     assert model.config.sparsity == mine.to_dict(resolved=True)  # the checkpoint records what trained it
     plain = SimpleNamespace(config=SimpleNamespace())
     assert config_for_run(plain, mine, given=False) is mine and not hasattr(plain.config, "sparsity")
+
+
+# ---------------------------------------------------------------- one boundary
+# The values a run takes from the config are checked here, at construction, and not again by the topology
+# functions and schedules they reach (init_mask, allocate_densities, csti_mask, the density schedules,
+# DropFraction, Temperature, select_rows).
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(density=0.0), r"`density` must be in \(0, 1\].*got 0.0"),
+        (dict(density=-0.1), r"`density` must be in \(0, 1\].*got -0.1"),
+        (dict(density=1.5), r"`density` must be in \(0, 1\].*got 1.5"),
+        (dict(density=float("nan")), r"`density` must be a finite number"),
+        (dict(method="chtss", initial_density=0.0), r"`initial_density` must be in \(0, 1\].*got 0.0"),
+        (dict(method="chtss", initial_density=1.5), r"`initial_density` must be in \(0, 1\].*got 1.5"),
+        (dict(method="chtss", initial_density=float("inf")), r"`initial_density` must be a finite number"),
+        (dict(temperature_start=0.0), r"Temperatures must be > 0, got temperature_start=0.0"),
+        (dict(temperature_start=-1.0), r"Temperatures must be > 0, got temperature_start=-1.0"),
+        (dict(temperature_end=0.0), r"Temperatures must be > 0, .*temperature_end=0.0"),
+        (dict(temperature_end=-9.0), r"Temperatures must be > 0, .*temperature_end=-9.0"),
+        (dict(zeta=-0.1), r"`zeta` must be in \[0, 1\), got -0.1"),
+        (dict(zeta=1.5), r"`zeta` must be in \[0, 1\), got 1.5"),
+        (dict(decay_steepness=0.0), r"`decay_steepness` must be > 0, got 0.0"),
+        (dict(decay_steepness=-1.0), r"`decay_steepness` must be > 0, got -1.0"),
+        (dict(decay_start=-1), r"`decay_start` must be an integer >= 0, got -1"),
+        (dict(decay_end=0), r"`decay_end` must be an integer > 0, got 0"),
+        (dict(decay_start=100, decay_end=100), r"`decay_end` \(100\) must be after `decay_start` \(100\)"),
+        (dict(update_interval=0), r"`update_interval` must be an integer > 0, got 0"),
+        (dict(t_end=-1), r"`t_end` must be an integer >= 0, got -1"),
+        (dict(method="chtss", density=0.5, initial_density=0.3), r"initial_density=0.3 < density=0.5"),
+    ],
+)
+def test_run_values_are_refused_at_the_config_naming_field_and_range(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SparseTrainingConfig(**kwargs)
+
+
+def test_run_values_are_checked_only_at_the_config():
+    """``check_density`` runs in config.py and nowhere below it; the topology functions, schedules,
+    initial.py and engine.py check no configured value again (no check helper given a configured name, no
+    ``raise`` of a "`<name>` must ..." message of their own)."""
+    import ast
+    import pathlib
+
+    import hf_chts
+
+    root = pathlib.Path(hf_chts.__file__).parent
+    configured = {
+        "density", "initial_density", "final_density", "temperature", "t_start_value", "t_end_value",
+        "zeta", "steepness", "decay_start", "decay_end", "update_interval", "t_end",
+    }  # fmt: skip
+
+    def calls(tree):
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                func = node.func
+                yield (func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)), node
+
+    def strings(node):
+        return [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+    config_tree = ast.parse((root / "config.py").read_text())
+    checked = {s for name, node in calls(config_tree) if name == "check_density" for s in strings(node)}
+    assert checked == {"density", "initial_density"}
+
+    lower = sorted((root / "topology").glob("*.py")) + [root / "initial.py", root / "engine.py"]
+    for path in lower:
+        tree = ast.parse(path.read_text())
+        for name, node in calls(tree):
+            where = f"{path.relative_to(root)}:{node.lineno}"
+            assert name != "check_density", f"{where} checks a density again; SparseTrainingConfig does"
+            if name and name.startswith(("check_", "_check_")):
+                again = configured & set(strings(node))
+                assert not again, f"{where} checks {again} again; SparseTrainingConfig does"
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                text = " ".join(strings(node.exc))
+                again = {n for n in configured if f"`{n}` must" in text}
+                assert not again, f"{path.relative_to(root)}:{node.lineno} refuses {again} again"

@@ -337,14 +337,6 @@ def test_allocate_mapping_returns_mapping():
 
 
 # ------------------------------------------------------------------------------------ bad inputs
-@pytest.mark.parametrize("density", [0.0, -0.1, 1.5, float("nan")])
-def test_bad_density(density):
-    with pytest.raises(ValueError, match="density"):
-        init_mask((4, 4), density, "er")
-    with pytest.raises(ValueError, match="density"):
-        allocate_densities([(4, 4)], density)
-
-
 @pytest.mark.parametrize("r", [-0.1, 1.5])
 def test_bad_r(r):
     with pytest.raises(ValueError, match=f"`r`.*{r}"):

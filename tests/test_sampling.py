@@ -190,8 +190,6 @@ def test_exclude_is_never_drawn():
         (torch.tensor([1.0, 2.0]), 3, {}, "k=3"),
         (torch.tensor([1.0, 2.0]), -1, {}, "`k`"),
         (torch.tensor([1.0, 2.0]), 1.5, {}, "`k`"),
-        (torch.tensor([1.0, 2.0]), 1, {"temperature": 0.0}, "temperature"),
-        (torch.tensor([1.0, 2.0]), 1, {"temperature": float("nan")}, "temperature"),
         (torch.tensor([1.0, 2.0]), 1, {"exclude": torch.tensor([True])}, "exclude"),
         (torch.tensor([True, False]), 1, {}, "real tensor"),
         ([1.0, 2.0], 1, {}, "torch.Tensor"),

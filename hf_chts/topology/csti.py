@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._validation import check_density, check_shape_2d, link_count
+from .._validation import check_shape_2d, link_count
 from .rng import random_bits
 
 __all__ = ["abs_correlation", "csti_init", "csti_mask", "csti_scores", "load_calibration_inputs"]
@@ -103,7 +103,8 @@ def csti_mask(
 
     Args:
         shape (`tuple[int, int]`): ``(n_out, n_in)`` (``nn.Linear`` layout).
-        density (`float`): fraction of links, in (0, 1].
+        density (`float`): fraction of links, in (0, 1], as SparseTrainingConfig checks (not checked again
+            here).
         inputs: calibration inputs, ``samples x F`` (tensor or NumPy array); or ``correlation`` instead.
         correlation (`torch.Tensor`, *optional*): a precomputed :func:`abs_correlation` (shared by layers).
         generator (`torch.Generator`, *optional*): draws the stream key that breaks ties between equal
@@ -117,7 +118,6 @@ def csti_mask(
         24
     """
     n_out, n_in = check_shape_2d(shape)
-    density = check_density(density)
     if key is None:
         dev = generator.device if generator is not None else "cpu"
         key = int(torch.randint(0, 2**63 - 1, (1,), generator=generator, device=dev).item())

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .._validation import check_choice, check_density, check_fraction, check_shape_2d, link_count
+from .._validation import check_choice, check_fraction, check_shape_2d, link_count
 from . import rng
 
 __all__ = ["DEGREE_DISTRIBUTIONS", "DENSITY_DISTRIBUTIONS", "INIT_METHODS", "allocate_densities", "init_mask"]
@@ -82,7 +82,8 @@ def init_mask(
 
     Args:
         shape (`tuple[int, int]`): ``(n_out, n_in)`` of the weight (``nn.Linear`` layout).
-        density (`float`): fraction of links to keep, in (0, 1].
+        density (`float`): fraction of links to keep, in (0, 1], as SparseTrainingConfig checks (not checked
+            again here).
         method (`str`, *optional*, defaults to `"brf"`): one of ``"er"``, ``"brf"``, ``"bsw"``, ``"bsf"``,
             ``"csti"``.
         generator (`torch.Generator`, *optional*): draws the stream key (one 63-bit integer) when ``key``
@@ -108,7 +109,6 @@ def init_mask(
 
         return csti_init(shape, density, generator=generator, key=key, device=device, **params)
     n_out, n_in = check_shape_2d(shape)
-    density = check_density(density)
     check_choice("init method", method, INIT_METHODS)
     opts = _resolve_params(method, params)
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -149,7 +149,7 @@ def allocate_densities(
 
     Args:
         shapes (`list[tuple[int, int]]` or `dict[str, tuple[int, int]]`): the ``(n_out, n_in)`` of each layer.
-        density (`float`): global density in (0, 1].
+        density (`float`): global density in (0, 1], as SparseTrainingConfig checks (not checked again here).
         distribution (`str`, *optional*, defaults to `"uniform"`): ``"uniform"`` or ``"erk"``.
 
     Returns:
@@ -159,7 +159,6 @@ def allocate_densities(
         >>> allocate_densities([(768, 768), (2048, 768)], 0.1, "erk")  # the smaller layer gets more
         [0.1294..., 0.0889...]
     """
-    density = check_density(density)
     check_choice("density distribution", distribution, DENSITY_DISTRIBUTIONS)
     names = list(shapes) if isinstance(shapes, Mapping) else None
     shape_list = [check_shape_2d(s) for s in (shapes.values() if isinstance(shapes, Mapping) else shapes)]

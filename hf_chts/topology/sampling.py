@@ -21,7 +21,6 @@ stream per row (:mod:`.rng`) or from a generator, drawn on the generator's devic
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -51,20 +50,6 @@ def _check_k(k: int, available: int, what: str) -> int:
             f"Cannot select k={k} entries: only {available} {what}; lower `k` to at most {available}."
         )
     return k
-
-
-def _check_temperature(temperature: float) -> float:
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not math.isfinite(temperature)
-    ):
-        raise ValueError(f"`temperature` must be a finite number > 0, got {temperature!r}.")
-    if temperature <= 0:
-        raise ValueError(
-            f"`temperature` must be > 0 (1.0 samples proportionally to the score), got {temperature}."
-        )
-    return float(temperature)
 
 
 def _uniform(n: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
@@ -212,7 +197,7 @@ def select_rows(
                 [ True, False, False]])
     """
     check_choice("mode", mode, SELECTION_MODES)
-    temperature = _check_temperature(temperature)
+    temperature = float(temperature)
     if scores is None:
         if shape is None or device is None:
             raise ValueError("`select_rows(None, ...)` needs `shape=(B, N)` and `device=`.")
@@ -384,8 +369,9 @@ def select_indices(
         scores (`torch.Tensor`): non-negative, finite scores of any shape.
         k (`int`): number of entries to select.
         mode (`str`, defaults to ``"hard"``): one of :data:`SELECTION_MODES`.
-        temperature (`float`, defaults to 1.0): exponent ``T > 0`` of the soft mode (ignored in hard mode);
-            computed in log space, so ``T = 9`` on scores around 1e-3 still samples correctly.
+        temperature (`float`, defaults to 1.0): exponent ``T`` of the soft mode (ignored in hard mode), finite
+            and > 0 as SparseTrainingConfig checks (``temperature_start`` / ``temperature_end``; not checked
+            again here); computed in log space, so ``T = 9`` on scores around 1e-3 still samples correctly.
         exclude (`torch.Tensor`, *optional*): bool, ``scores``' shape; True entries are never chosen.
         generator (`torch.Generator`, *optional*): source of randomness; draws happen on its device.
 

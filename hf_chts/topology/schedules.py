@@ -6,7 +6,9 @@
 - fraction of links removed per evolution step: :class:`DropFraction` (constant or cosine-annealed zeta);
 - soft-removal temperature: :class:`Temperature` (linear ``T_start -> T_end``).
 
-Each is a small frozen dataclass, validated on construction, called as ``schedule(step) -> float``.
+Each is a small frozen dataclass called as ``schedule(step) -> float``. The values a run takes from
+:class:`~hf_chts.config.SparseTrainingConfig` (densities, steps, zeta, steepness, temperatures) are checked
+there, once, and not again here: each field's help states the range the schedule assumes.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import math
 import operator
 from dataclasses import dataclass, field
 
-from .._validation import check_choice, check_density, check_fraction, check_positive_int
+from .._validation import check_choice, check_fraction
 
 __all__ = [
     "DENSITY_SCHEDULES",
@@ -46,17 +48,6 @@ def _check_step(step: int) -> int:
     return value
 
 
-def _check_positive_number(value: float, name: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
-    return float(value)
-
-
 @dataclass(frozen=True)
 class ConstantDensity:
     """The same density at every step (SET, RigL, CHT, CHTs).
@@ -66,10 +57,7 @@ class ConstantDensity:
         0.3
     """
 
-    density: float = field(metadata={"help": "Target density in (0, 1]."})
-
-    def __post_init__(self):
-        object.__setattr__(self, "density", check_density(self.density))
+    density: float = field(metadata={"help": "Target density in (0, 1], as SparseTrainingConfig checks."})
 
     def __call__(self, step: int) -> float:
         step = _check_step(step)
@@ -78,25 +66,13 @@ class ConstantDensity:
 
 @dataclass(frozen=True)
 class _DensityDecay:
+    """The ranges of the fields are SparseTrainingConfig's (``initial_density``, ``density``, ``decay_start``,
+    ``decay_end``), checked there and not again here."""
+
     initial_density: float = field(metadata={"help": "Density up to `decay_start`, in (0, 1]."})
     final_density: float = field(metadata={"help": "Density from `decay_end` on, in (0, 1], <= initial."})
     decay_start: int = field(metadata={"help": "Optimizer step at which the decay starts (>= 0)."})
-    decay_end: int = field(metadata={"help": "Optimizer step at which the final density is reached."})
-
-    def __post_init__(self):
-        object.__setattr__(self, "initial_density", check_density(self.initial_density, "initial_density"))
-        object.__setattr__(self, "final_density", check_density(self.final_density, "final_density"))
-        if self.final_density > self.initial_density:
-            raise ValueError(
-                f"A density decay needs `final_density` <= `initial_density`, got {self.final_density} > "
-                f"{self.initial_density}; use ConstantDensity for a fixed density."
-            )
-        check_positive_int(self.decay_start, "decay_start", allow_zero=True)
-        check_positive_int(self.decay_end, "decay_end")
-        if self.decay_end <= self.decay_start:
-            raise ValueError(
-                f"`decay_end` ({self.decay_end}) must be after `decay_start` ({self.decay_start})."
-            )
+    decay_end: int = field(metadata={"help": "Step at which the final density is reached (> decay_start)."})
 
     def _progress(self, step: int) -> float:
         """Fraction of the decay window elapsed at ``step``, clipped to [0, 1]."""
@@ -130,13 +106,11 @@ class SigmoidDensityDecay(_DensityDecay):
         (0.5, 0.4, 0.3)
     """
 
-    update_interval: int = field(default=1, metadata={"help": "Optimizer steps between topology updates."})
-    steepness: float = field(default=6.0, metadata={"help": "kappa * m: larger is a sharper sigmoid."})
+    update_interval: int = field(default=1, metadata={"help": "Steps between topology updates (> 0)."})
+    steepness: float = field(default=6.0, metadata={"help": "kappa * m (> 0): larger is a sharper sigmoid."})
 
     def __post_init__(self):
-        super().__post_init__()
-        check_positive_int(self.update_interval, "update_interval")
-        object.__setattr__(self, "steepness", _check_positive_number(self.steepness, "steepness"))
+        # A fact of the run's length (decay_end is resolved from max_steps), not of one configured value.
         if self.num_updates < 1:
             raise ValueError(
                 f"The decay window [{self.decay_start}, {self.decay_end}] holds no topology update with "
@@ -228,15 +202,14 @@ class EMSDensity:
 
     density: float = field(metadata={"help": "Final density in (0, 0.95]: the extra links must fit."})
     t_end: int = field(metadata={"help": "Last step with link removal (> 0)."})
-    update_interval: int = field(default=1, metadata={"help": "Optimizer steps between topology updates."})
+    update_interval: int = field(default=1, metadata={"help": "Steps between topology updates (> 0)."})
     hold_fraction: float = field(default=0.6, metadata={"help": "First phase ends at this x t_end."})
     first_extra: float = field(default=0.05, metadata={"help": "Extra density of the first phase."})
     second_extra: float = field(default=0.025, metadata={"help": "Extra density of the second phase."})
 
     def __post_init__(self):
-        object.__setattr__(self, "density", check_density(self.density))
-        check_positive_int(self.t_end, "t_end")
-        check_positive_int(self.update_interval, "update_interval")
+        # density, t_end and update_interval are SparseTrainingConfig's, checked there; the phase fractions
+        # below are this schedule's own.
         object.__setattr__(self, "hold_fraction", check_fraction(self.hold_fraction, "hold_fraction"))
         for name in ("first_extra", "second_extra"):
             object.__setattr__(self, name, check_fraction(getattr(self, name), name))
@@ -341,13 +314,11 @@ class DropFraction:
         0.05
     """
 
-    zeta: float = field(metadata={"help": "Initial (or constant) drop fraction, in [0, 1]."})
+    zeta: float = field(metadata={"help": "Initial (or constant) drop fraction, in [0, 1)."})
     t_end: int = field(metadata={"help": "Last step of the evolution (> 0)."})
     kind: str = field(default="constant", metadata={"help": "'constant' or 'cosine'."})
 
     def __post_init__(self):
-        object.__setattr__(self, "zeta", check_fraction(self.zeta, "zeta"))
-        check_positive_int(self.t_end, "t_end")
         check_choice("drop fraction kind", self.kind, DROP_FRACTION_KINDS)
 
     def __call__(self, step: int) -> float:
@@ -370,13 +341,12 @@ class Temperature:
     """
 
     t_end: int = field(metadata={"help": "Step at which `t_end_value` is reached (> 0)."})
-    t_start_value: float = field(default=1.0, metadata={"help": "Temperature at step 0 (> 0)."})
-    t_end_value: float = field(default=9.0, metadata={"help": "Temperature from `t_end` on (> 0)."})
-
-    def __post_init__(self):
-        check_positive_int(self.t_end, "t_end")
-        object.__setattr__(self, "t_start_value", _check_positive_number(self.t_start_value, "t_start_value"))
-        object.__setattr__(self, "t_end_value", _check_positive_number(self.t_end_value, "t_end_value"))
+    t_start_value: float = field(
+        default=1.0, metadata={"help": "Temperature at step 0 (> 0, as SparseTrainingConfig checks)."}
+    )
+    t_end_value: float = field(
+        default=9.0, metadata={"help": "Temperature from `t_end` on (> 0, as SparseTrainingConfig checks)."}
+    )
 
     def __call__(self, step: int) -> float:
         step = _check_step(step)
