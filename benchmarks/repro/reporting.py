@@ -373,8 +373,9 @@ def final_label(exp: Experiment) -> str:
 # title, its sections in order).
 PAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "mlp_mnist": (
-        "MLP 784-1000-1000-1000-10 on MNIST at 1% density: the research MLP recipe, then the earlier setting",
-        ("mlp_mnist_research", "mlp_mnist"),
+        "MLP 784-1000-1000-1000-10 on MNIST at 1% density: the paper's budget, then the shorter research "
+        "recipe runs, then the earlier setting",
+        ("mlp_mnist_paper", "mlp_mnist_research", "mlp_mnist"),
     ),
     "llama_lm": (
         "LLaMA (9M shape) on WikiText-2 at 30% density: the research LR schedule, then the earlier harness",
