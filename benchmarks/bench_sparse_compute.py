@@ -107,9 +107,9 @@ def _random_mask(out_features: int, in_features: int, density: float, device: st
 
 
 class _ReferenceIndex:
-    def __init__(self, crow, col, t_order, csr_t):
-        self.crow, self.col, self.t_order = crow, col, t_order
-        self.t_crow, self.t_col = csr_t.crow_indices(), csr_t.col_indices()
+    def __init__(self, index: LinkIndex):
+        self.crow, self.col, self.t_order = index.crow.long(), index.col.long(), index.t_order
+        self.t_crow, self.t_col = index.t_crow.long(), index.t_col.long()
 
 
 class _ReferenceCSR(torch.autograd.Function):
@@ -160,11 +160,9 @@ def layer_arms(in_f: int, out_f: int, batch: tuple, density: float, device: str,
     def run_ours():
         sparse_linear(x, values, index, bias_p).backward(grad_y)
 
-    csr = weight.to_sparse_csr()
-    ref = _ReferenceIndex(
-        csr.crow_indices(), csr.col_indices(), index.t_order, weight.t().contiguous().to_sparse_csr()
-    )
-    ref_values = csr.values().clone().requires_grad_()
+    # the same links as ours (from the mask: a weight drawn as exactly 0.0 stays a link), int64 indices
+    ref = _ReferenceIndex(index)
+    ref_values = link_values(weight, index).clone().requires_grad_()
     ref_bias = bias.clone().requires_grad_()
 
     def run_csr():
