@@ -103,8 +103,19 @@ def torchrun(args: list[str], timeout: int) -> subprocess.CompletedProcess:
     return subprocess.run(cmd + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def launch(out: Path, mode: str, method: str, steps: int = 6) -> list[dict]:
-    args = ["--mode", mode, "--method", method, "--steps", str(steps), "--out", str(out)]
+def launch(out: Path, mode: str, method: str, steps: int = 6, compute: str = "dense") -> list[dict]:
+    args = [
+        "--mode",
+        mode,
+        "--method",
+        method,
+        "--steps",
+        str(steps),
+        "--out",
+        str(out),
+        "--compute",
+        compute,
+    ]
     result = torchrun(args, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return [json.loads((out / f"summary_rank{r}.json").read_text()) for r in range(2)]
@@ -140,6 +151,14 @@ def test_ddp_trainer_ranks_hold_identical_masks(tmp_path):
     summaries = launch(tmp_path, "ddp", "chts")
     check_ranks_agree(tmp_path, summaries)
     assert summaries[0]["weight_types"] == ["Parameter"]
+
+
+@distributed
+def test_ddp_trainer_in_sparse_compute_ranks_agree(tmp_path):
+    """Link values as DDP parameters: gradients all-reduced; masks and weights agree on both ranks."""
+    summaries = launch(tmp_path, "ddp", "chts", compute="sparse")
+    check_ranks_agree(tmp_path, summaries)
+    assert all(s["sparse_compute"] == [True] for s in summaries)
 
 
 @distributed

@@ -96,6 +96,9 @@ class Dump(TrainerCallback):
             "owned": self.owned,
             "world_size": int(os.environ.get("WORLD_SIZE", 1)),
             "weight_types": sorted(self.weight_types),
+            "sparse_compute": sorted(
+                {type(m).__name__.startswith("SparseCompute") for m in self.sparse.modules.values()}
+            ),
             "density": self.sparse._density,
             "updates": [t for t in range(1, state.max_steps + 1) if self.sparse.engine.should_update(t)],
         }
@@ -142,9 +145,12 @@ def run_ddp(args, config: SparseTrainingConfig) -> None:
     sparse = CHTssCallback(config)
     dump = Dump(sparse, args.out)
     callbacks = ([Freeze(args.freeze_at)] if args.freeze_at else []) + [sparse, dump]
-    trainer = Trainer(
-        model=tiny_llama(), args=training_args, train_dataset=RandomTokens(), callbacks=callbacks
-    )
+    model = tiny_llama()
+    if config.compute != "dense":  # the layers switch before DDP wraps the model
+        from hf_chts.sparsify import sparsify_
+
+        sparsify_(model, config)
+    trainer = Trainer(model=model, args=training_args, train_dataset=RandomTokens(), callbacks=callbacks)
     if trainer.args.world_size != 2:
         raise SystemExit(f"expected 2 processes, Trainer sees world_size={trainer.args.world_size}")
     trainer.train()
@@ -202,12 +208,19 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--ddp_timeout", type=int, default=1800)
     parser.add_argument("--freeze_at", type=int, default=0, help="rank 1 stops itself before this update")
+    parser.add_argument(
+        "--compute",
+        default="dense",
+        help="SparseTrainingConfig.compute; not 'dense': sparsify before the Trainer",
+    )
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     extra = {}
     if args.method in ("chtss", "granet"):
         extra = {"initial_density": 0.6, "decay_end_fraction": 0.6}
-    config = SparseTrainingConfig(method=args.method, density=0.3, update_interval=2, zeta=0.3, **extra)
+    config = SparseTrainingConfig(
+        method=args.method, density=0.3, update_interval=2, zeta=0.3, compute=args.compute, **extra
+    )
     if args.mode == "ddp":
         run_ddp(args, config)
     else:
