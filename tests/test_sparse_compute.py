@@ -268,6 +268,8 @@ def _train(
     tmp_path, method: str, compute: str, optim: str = "sgd", steps: int = 50, device: str = "cpu", **extra
 ):
     overrides = dict(initial_density=0.1, decay_end_fraction=0.6) if method in ("chtss", "granet") else {}
+    if method == "set_em_s":  # EM_S: extra links early, pruned to the density at the last update
+        method, overrides = "set", dict(density_schedule="em_s", zeta_schedule="constant")
     config = SparseTrainingConfig(
         method=method, density=0.05, update_interval=10, zeta=0.3, compute=compute,
         target_modules=[r"hidden\.\d+"], seed=0, **overrides,
@@ -289,7 +291,7 @@ def _train(
     return model, trainer, losses
 
 
-@pytest.mark.parametrize("method", ["chts", "chtss", "set", "rigl", "granet", "cht"])
+@pytest.mark.parametrize("method", ["chts", "chtss", "set", "rigl", "granet", "cht", "set_em_s"])
 def test_trainer_runs_alike_in_both_modes(tmp_path, method):
     dense, _, dense_losses = _train(tmp_path, method, "dense")
     sparse, trainer, sparse_losses = _train(tmp_path, method, "sparse")
@@ -323,8 +325,9 @@ def test_trainer_auto_picks_sparse_at_low_density_and_sizes_the_optimizer_by_lin
 
 
 def test_trainer_with_adamw_fused_and_accumulation(tmp_path):
-    dense, _, dense_losses = _train(tmp_path, "chts", "dense", optim="adamw_torch_fused", steps=20)
-    sparse, _, sparse_losses = _train(tmp_path, "chts", "sparse", optim="adamw_torch_fused", steps=20)
+    kwargs = dict(optim="adamw_torch_fused", steps=20, gradient_accumulation_steps=2)
+    dense, _, dense_losses = _train(tmp_path, "chts", "dense", **kwargs)
+    sparse, _, sparse_losses = _train(tmp_path, "chts", "sparse", **kwargs)
     assert max(abs(a - b) / abs(b) for a, b in zip(sparse_losses, dense_losses, strict=True)) < 1e-4
 
 
@@ -349,3 +352,50 @@ def test_trainer_runs_alike_in_both_modes_on_cuda(tmp_path, method):
     sparse, _, sparse_losses = _train(tmp_path, method, "sparse", device="cuda", steps=30)
     assert all(is_sparse_compute(m) for m in sparse.hidden)
     assert max(abs(a - b) / abs(b) for a, b in zip(sparse_losses, dense_losses, strict=True)) < 1e-4
+
+
+def test_trainer_under_bf16_autocast_computes_the_sparse_layers_in_float32(tmp_path):
+    sparse, trainer, losses = _train(tmp_path, "set", "sparse", steps=20, bf16=True)
+    assert all(is_sparse_compute(m) for m in sparse.hidden)
+    assert all(m.weight_values.dtype == torch.float32 for m in sparse.hidden)
+    assert len(losses) == 20 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_custom_loop_through_sparsify():
+    """sparsify_ applies config.compute; the optimizer built afterwards holds the link values only."""
+    model = MLP()
+    config = SparseTrainingConfig(
+        method="set", density=0.02, target_modules=[r"hidden\.\d+"], update_interval=5
+    )
+    modules = sparsify_(model, config)
+    assert all(is_sparse_compute(m) for m in modules.values())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    data = Pixels()
+    for i in range(3):
+        optimizer.zero_grad()
+        model(data.x[i * 8 : i * 8 + 8], data.y[i * 8 : i * 8 + 8])["loss"].backward()
+        optimizer.step()
+    held = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    dense = sum(p.numel() for p in MLP().parameters())
+    assert held < 0.1 * dense
+    for name, module in modules.items():
+        assert not model.state_dict()[f"{name}.weight"][~layer_mask(module)].any()
+
+
+def test_compact_export_of_a_sparse_compute_llama_loads_into_dense_compute(tmp_path):
+    from _io_helpers import tiny_llama_arch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_chts.compact import load_compact, save_compact
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**tiny_llama_arch(100)))
+    sparsify_(model, SparseTrainingConfig(method="set", density=0.05, compute="sparse"))
+    assert any(is_sparse_compute(m) for m in model.modules())
+    save_compact(model, tmp_path / "compact")
+    loaded = load_compact(tmp_path / "compact")
+    expected, got = model.state_dict(), loaded.state_dict()
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    ids = torch.randint(0, 100, (2, 8))
+    assert torch.allclose(loaded(ids).logits, model.eval()(ids).logits, atol=1e-5)
