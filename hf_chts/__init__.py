@@ -12,8 +12,7 @@ from typing import Any
 
 from .config import METHODS, PRESETS, SparseTrainingConfig
 from .modeling import SparseLlamaConfig, SparseLlamaForCausalLM, register
-
-__version__ = "0.1.0"
+from .version import __version__
 
 # name -> submodule that defines it; imported lazily so `import hf_chts` stays light.
 _LAZY = {

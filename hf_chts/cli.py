@@ -28,6 +28,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .version import __version__
+
 # files copied next to an exported checkpoint when the source folder has them
 SIDE_FILES = (
     "tokenizer.json",
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hf-chts",
         description="Evaluate, inspect, plot and export sparse checkpoints trained with hf_chts.",
     )
+    parser.add_argument("--version", action="version", version=f"hf-chts {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,inspect,plot,export,card}")
 
     p = sub.add_parser("eval", help="Zero-shot evaluation with lm-eval (offline with --local_data_dir).")

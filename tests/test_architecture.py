@@ -32,6 +32,7 @@ LAYERS: list[set[str]] = [
         "sparse_ops",
         "topology._fused",
         "topology.rows",
+        "version",
         "weights_io",
     },
     {
