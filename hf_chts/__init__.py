@@ -12,7 +12,7 @@ from typing import Any
 
 from .config import METHODS, PRESETS, SparseTrainingConfig
 from .modeling import SparseLlamaConfig, SparseLlamaForCausalLM, register
-from .version import __version__
+from .version import __version__ as __version__
 
 # name -> submodule that defines it; imported lazily so `import hf_chts` stays light.
 _LAZY = {
