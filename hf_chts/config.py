@@ -564,18 +564,34 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
 def config_for_run(model: Any, config: SparseTrainingConfig, *, given: bool) -> SparseTrainingConfig:
     """One sparsity config per run: the model's ``config.sparsity`` or ``config``, written into the model.
 
-    A model that records its sparse-training settings (``SparseLlamaForCausalLM``: ``model.config.sparsity``)
-    and the run then never disagree. Without a config of its own (``given`` False) the run adopts the model's;
-    with one, that one wins and is written into ``model.config.sparsity``, so the saved checkpoint records the
-    settings that trained it. Models without ``config.sparsity`` leave ``config`` as it is.
+    A transformers model records its sparse-training settings in ``model.config.sparsity`` (any architecture:
+    ``save_pretrained`` writes them into ``config.json``), so the run and the checkpoint never disagree.
+    Without a config of its own (``given`` False) the run adopts the model's when it has one; otherwise
+    ``config`` is written into ``model.config.sparsity`` (:func:`record_settings_`), so the saved checkpoint
+    records the settings that trained it. Models without a transformers config leave ``config`` as it is.
     """
-    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-    model_config = getattr(base, "config", None)
-    if model_config is None or not hasattr(model_config, "sparsity"):
+    model_config = _model_config(model)
+    if model_config is None:
         return config
-    if not given and model_config.sparsity:
+    if not given and getattr(model_config, "sparsity", None):
         config = SparseTrainingConfig.from_dict(dict(model_config.sparsity))
         logger.info("hf_chts: training with the model's config.sparsity (method=%s).", config.method)
         return config
     model_config.sparsity = config.to_dict(resolved=True)
     return config
+
+
+def record_settings_(model: Any, config: SparseTrainingConfig) -> None:
+    """Write ``config`` into ``model.config.sparsity`` (a transformers model; others are left alone)."""
+    model_config = _model_config(model)
+    if model_config is not None:
+        model_config.sparsity = config.to_dict(resolved=True)
+
+
+def _model_config(model: Any) -> Any:
+    """The config of ``model`` (a PEFT model's base model) that records settings, or None: a transformers
+    config, or any config that has a ``sparsity`` field already."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    model_config = getattr(base, "config", None)
+    records = hasattr(model_config, "sparsity") or callable(getattr(model_config, "to_json_string", None))
+    return model_config if records else None
