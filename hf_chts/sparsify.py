@@ -196,13 +196,14 @@ def start_masks_(
     install_grad_masks_(modules)  # weights replaced since masking (e.g. loaded) get the hook back
     density = masks_density(layer_mask(m) for m in modules.values())
     config = engine.config
-    logger.info(
-        "hf_chts: %d sparse layers, method=%s, global density %.4f (target %.4f), update every %d steps "
-        "until step %d of %d.",
+    logger.warning(  # the one start-up line: a Trainer user sees WARNING, not INFO
+        "hf_chts: %d sparse layers, method=%s, global density %.4f (target %.4f, %s schedule), update every "
+        "%d steps until step %d of %d.",
         len(modules),
         config.method,
         density,
         config.density,
+        config.density_schedule,
         config.update_interval,
         engine.t_end,
         engine.max_steps,
