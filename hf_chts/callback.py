@@ -61,8 +61,7 @@ class CHTssCallback(TrainerCallback, ExportableState):
         config (`SparseTrainingConfig` or `dict`, *optional*): the method and its settings; a dict goes to
             ``SparseTrainingConfig.from_dict``. Default: ``SparseTrainingConfig(**config_kwargs)``.
         log_per_layer (`bool`, *optional*, defaults to `False`): also log each layer's density, turnover and
-            active-neuron fractions at update steps (global figures are always logged; per layer they are
-            several keys per layer, ~900 per log line for a 7B model).
+            active-neuron fractions at update steps (~900 keys per line for a 7B model; global: always).
         chains (`Sequence` or `Callable`, *optional*): chain specs for chain removal
             (``LayerChain`` / ``LlamaBlockChain``), or a function ``(model, layer_names) -> chains``. Default:
             the chains the model declares (:mod:`hf_chts.chains`; LLaMA blocks are registered), else none
