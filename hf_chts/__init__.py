@@ -1,7 +1,8 @@
 """hf_chts: brain-inspired dynamic sparse training (CHTs, CHTss, BRF) for Hugging Face Transformers.
 
 Importing the package registers ``SparseLlamaConfig`` / ``SparseLlamaForCausalLM`` with ``AutoConfig`` and
-``AutoModelForCausalLM`` (model_type ``"sparse_llama"``), so sparse checkpoints load with the Auto classes.
+``AutoModelForCausalLM`` (model_type ``"sparse_llama"``). Any saved sparse model (any architecture, full or
+compact) loads with its masks through ``hf_chts.AutoSparseModelForCausalLM.from_pretrained(path)``.
 Heavier pieces (the Trainer callback, evaluation, hub helpers) are imported on first use.
 """
 
@@ -12,11 +13,16 @@ from typing import Any
 
 from .config import METHODS, PRESETS, SparseTrainingConfig
 from .modeling import SparseLlamaConfig, SparseLlamaForCausalLM, register
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 # name -> submodule that defines it; imported lazily so `import hf_chts` stays light.
 _LAZY = {
+    "AutoSparseModel": "auto",
+    "AutoSparseModelForCausalLM": "auto",
+    "AutoSparseModelForQuestionAnswering": "auto",
+    "AutoSparseModelForSeq2SeqLM": "auto",
+    "AutoSparseModelForSequenceClassification": "auto",
+    "AutoSparseModelForTokenClassification": "auto",
     "CHTssCallback": "callback",
     "last_complete_checkpoint": "checkpointing",
     "TopologyEngine": "engine",

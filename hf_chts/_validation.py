@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
 import math
-from collections.abc import Iterable
+import textwrap
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -80,3 +85,50 @@ def link_count(shape: tuple[int, int], density: float) -> int:
     """The exact number of links a layer of ``shape`` holds at ``density``: ``round(d * n_out * n_in)``."""
     n_out, n_in = shape
     return int(round(density * n_out * n_in))
+
+
+# Other libraries' names for a config field (torchao, llm-compressor and sparsimony speak of sparsity).
+FIELD_ALIASES: dict[str, Callable[[Any], str]] = {
+    "sparsity": lambda v: (
+        f"hf_chts speaks of density, the fraction of links kept: use density={1 - v:.4g} for sparsity={v}"
+        if isinstance(v, (int, float)) and 0 <= v < 1
+        else "hf_chts speaks of density, the fraction of links kept (density = 1 - sparsity)"
+    ),
+}
+
+
+def refuse_unknown_fields_(cls: type) -> None:
+    """Make the dataclass ``cls`` refuse an unknown keyword with the closest field name (or the alias's fix),
+    not Python's bare ``TypeError``."""
+    init = cls.__init__
+    names = [f.name for f in dataclasses.fields(cls)]
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        for key in kwargs:
+            if key not in names:
+                hint = FIELD_ALIASES[key](kwargs[key]) if key in FIELD_ALIASES else None
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = hint or (
+                    f"did you mean {close[0]}=?" if close else f"valid fields: {', '.join(names)}"
+                )
+                raise TypeError(f"{cls.__name__} has no field {key!r}; {hint}.")
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+
+
+def document_fields_(cls: type) -> None:
+    """Append an ``Args:`` section to the dataclass ``cls``'s docstring from its fields' ``help`` metadata,
+    so ``help(cls)`` documents every field."""
+    lines = ["", "    Args:"]
+    for f in dataclasses.fields(cls):
+        default = "" if f.default is dataclasses.MISSING else f", defaults to {f.default!r}"
+        text = textwrap.fill(
+            f"{f.name} (`{f.type}`{default}): {f.metadata.get('help', '')}",
+            width=108,
+            initial_indent="        ",
+            subsequent_indent="            ",
+        )
+        lines.append(text)
+    cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n" + "\n".join(lines) + "\n"

@@ -60,8 +60,8 @@ class CHTssCallback(TrainerCallback, ExportableState):
     Args:
         config (`SparseTrainingConfig` or `dict`, *optional*): the method and its settings; a dict goes to
             ``SparseTrainingConfig.from_dict``. Default: ``SparseTrainingConfig(**config_kwargs)``.
-        log_per_layer (`bool`, *optional*, defaults to `True`): also log each layer's density, turnover and
-            active-neuron fractions at update steps (global figures are always logged).
+        log_per_layer (`bool`, *optional*, defaults to `False`): also log each layer's density, turnover and
+            active-neuron fractions at update steps (~900 keys per line for a 7B model; global: always).
         chains (`Sequence` or `Callable`, *optional*): chain specs for chain removal
             (``LayerChain`` / ``LlamaBlockChain``), or a function ``(model, layer_names) -> chains``. Default:
             the chains the model declares (:mod:`hf_chts.chains`; LLaMA blocks are registered), else none
@@ -107,7 +107,7 @@ class CHTssCallback(TrainerCallback, ExportableState):
         self,
         config: SparseTrainingConfig | Mapping[str, Any] | None = None,
         *,
-        log_per_layer: bool = True,
+        log_per_layer: bool = False,
         chains: Sequence[Any] | Callable[[nn.Module, list[str]], Sequence[Any]] | None = None,
         resume_from: str | None = None,
         csti_inputs: Any = None,

@@ -127,7 +127,8 @@ def resolve_chains(
         return found
     logger.warning(
         "hf_chts: chain_removal is on but %s declares no chains; pass `chains=[LayerChain([...]), ...]` "
-        "to CHTssCallback, or `hf_chts.chains.register_chains(%s, factory)`. Training continues without.",
+        "to CHTssCallback, or `hf_chts.chains.register_chains(%s, factory)`; set `chain_removal=False` in "
+        "the SparseTrainingConfig to silence this. Training continues without.",
         type(model).__name__,
         type(model).__name__,
     )

@@ -4,7 +4,7 @@ Subcommands::
 
     hf-chts eval    CHECKPOINT [--tasks arc_easy,piqa] [--local_data_dir DIR] [--limit N] [--output_dir DIR]
     hf-chts inspect CHECKPOINT [--json FILE]
-    hf-chts plot    RUN_OR_STATE --output_dir DIR [--prefix sparsity/] [--checkpoint DIR] [--layer NAME]
+    hf-chts plot    RUN_OR_STATE [--output_dir DIR] [--prefix sparsity/] [--checkpoint DIR] [--layer NAME]
     hf-chts export  CHECKPOINT OUTPUT --format compact|dense [--push_to_hub --hub_model_id USER/NAME]
     hf-chts card    CHECKPOINT [--dataset NAME] [--validation_perplexity X] [--push_to_hub --hub_model_id ID]
 
@@ -27,6 +27,8 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from .version import __version__
 
 # files copied next to an exported checkpoint when the source folder has them
 SIDE_FILES = (
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hf-chts",
         description="Evaluate, inspect, plot and export sparse checkpoints trained with hf_chts.",
     )
+    parser.add_argument("--version", action="version", version=f"hf-chts {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,inspect,plot,export,card}")
 
     p = sub.add_parser("eval", help="Zero-shot evaluation with lm-eval (offline with --local_data_dir).")
@@ -93,10 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="PNG plots: training curves, degree distributions, a layer's mask.")
     p.add_argument("source", help="trainer_state.json, a training output folder, or a checkpoint folder.")
-    p.add_argument("--output_dir", required=True)
+    p.add_argument("--output_dir", default=None, help="Folder for the PNGs (default: <source folder>/plots).")
     p.add_argument("--prefix", default="sparsity/", help="Log keys to plot (default: sparsity/).")
     p.add_argument(
-        "--checkpoint", default=None, help="Checkpoint folder for the mask plots (default: source)."
+        "--checkpoint",
+        default=None,
+        help="Checkpoint of the mask plots (default: source, or its newest checkpoint-* with masks).",
     )
     p.add_argument("--layer", default=None, help="Layer for the mask plots (default: the first sparse one).")
 
@@ -214,9 +219,11 @@ def _has_masks(folder: Path) -> bool:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from .plotting import load_log_history, plot_checkpoint, plot_training_curves
+    from .plotting import load_log_history, plot_checkpoint, plot_loss, plot_training_curves
 
     source = Path(args.source)
+    folder = source if source.is_dir() else source.parent
+    output_dir = Path(args.output_dir) if args.output_dir else folder / "plots"
     written = []
     state_found = True
     try:
@@ -224,10 +231,13 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     except FileNotFoundError:
         state_found = False
     if state_found:
-        written += plot_training_curves(source, args.output_dir, prefix=args.prefix)
-    checkpoint = Path(args.checkpoint) if args.checkpoint else (source if source.is_dir() else None)
+        written += [p for p in [plot_loss(source, output_dir)] if p is not None]
+        written += plot_training_curves(source, output_dir, prefix=args.prefix)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else _checkpoint_with_masks(folder)
     if checkpoint is not None and (args.checkpoint or args.layer or _has_masks(checkpoint)):
-        written += plot_checkpoint(checkpoint, args.output_dir, layer=args.layer)
+        written += plot_checkpoint(checkpoint, output_dir, layer=args.layer)
+    elif written:
+        print(f"No masks in {folder} or its checkpoint-* folders: pass --checkpoint DIR for the mask plots.")
     if not written:
         raise ValueError(
             f"Nothing to plot from {source}: no trainer_state.json and no checkpoint with masks. Pass a "
@@ -236,6 +246,14 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     for path in written:
         print(path)
     return 0
+
+
+def _checkpoint_with_masks(folder: Path) -> Path | None:
+    """``folder`` if it holds masks, else its newest ``checkpoint-*`` that does, else None."""
+    steps = sorted(
+        folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name[11:].isdigit() else -1
+    )
+    return next((p for p in [folder, *steps[::-1]] if p.is_dir() and _has_masks(p)), None)
 
 
 def _copy_side_files(source: Path, output: Path) -> None:

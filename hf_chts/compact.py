@@ -36,9 +36,8 @@ masks. With ``d`` the density and ``b`` the bytes per value, a sparse layer cost
 position instead of ``b + 1`` (dense weight + bool mask): at d = 0.3 in fp32 that is 27% of the
 ``save_pretrained`` size, 36% of a plain dense export in bf16.
 
-Why not compressed-tensors: its ``sparse-bitmask`` compressor is a legacy format that the current release
-(0.20) no longer registers, and its ``ModelCompressor.update_config`` writes an empty ``sparsity_config``
-("sparsity is removed for now"), so no checkpoint in that format can be written or read through its API.
+Not compressed-tensors: release 0.20 no longer registers its legacy ``sparse-bitmask`` compressor and writes
+an empty ``sparsity_config``, so no checkpoint in that format can be written or read through its API.
 
 Example:
     >>> from hf_chts.compact import save_compact, load_compact
@@ -59,7 +58,15 @@ import numpy as np
 import torch
 
 from .checkpointing import write_atomic
-from .masking import MASK_NAME, has_mask, keep_masks_out_of_ddp_, layer_mask, unmask_
+from .masking import (
+    MASK_NAME,
+    has_mask,
+    is_masked,
+    keep_masks_out_of_ddp_,
+    layer_mask,
+    make_masked_,
+    unmask_,
+)
 
 # re-exported: the statistics live in hf_chts.stats
 from .stats import layer_sort_key, mask_statistics, mlp_active_neurons, summarize_by_layer_type
@@ -253,6 +260,8 @@ def _attach_masks_(model: torch.nn.Module, masks: Mapping[str, torch.Tensor]) ->
             module.register_buffer(MASK_NAME, mask.clone(), persistent=True)
         else:
             layer_mask(module).copy_(mask)
+        if not is_masked(module):  # the masked forward and gradient (nn.Linear, Conv1D)
+            make_masked_(module, name=name)
     keep_masks_out_of_ddp_(model)
 
 
@@ -275,7 +284,7 @@ def load_compact(
         the model class has none, e.g. a plain ``LlamaForCausalLM``).
     """
     from safetensors import safe_open
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+    from transformers import AutoConfig
 
     folder = Path(folder)
     path = folder / COMPACT_FILE
@@ -286,13 +295,7 @@ def load_compact(
     metadata = _read_compact_metadata(path)
     tied = _parse_tied(metadata.get("tied", "{}"), path)
     config = AutoConfig.from_pretrained(folder)
-    if model_class is None:
-        try:
-            model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-        except KeyError as err:
-            raise ValueError(
-                f"No causal-LM class is registered for model_type {config.model_type!r}; pass `model_class=`."
-            ) from err
+    model_class = model_class or model_class_for(config)
 
     state: dict[str, torch.Tensor] = {}
     masks: dict[str, torch.Tensor] = {}
@@ -325,14 +328,35 @@ def load_compact(
                 "hold; the file is corrupt. Export it again with save_compact / hf-chts export."
             )
         state[alias] = state[source]
-    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)
-    # the model class's own loader: meta-device construction, tied weights, its own mask checks
+    return _from_state(model_class, config, state, masks, path).to(device).eval()
+
+
+def model_class_for(config: Any, mapping: Any = None) -> type:
+    """The class ``mapping`` (default ``MODEL_FOR_CAUSAL_LM_MAPPING``) registers for ``config``."""
+    if mapping is None:
+        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING as mapping
+    try:
+        return mapping[type(config)]
+    except KeyError as err:
+        raise ValueError(
+            f"No model class of this kind is registered for model_type {config.model_type!r}; pass "
+            "`model_class=` (or use the Auto class of the model's head)."
+        ) from err
+
+
+def _from_state(model_class, config, state, masks, path, dtype=None) -> torch.nn.Module:
+    """The class's own loader over ``state``, then the masks: a class with mask buffers of its own
+    (``sparse_modules``) loads them itself; for any other they stay out of the load (no UNEXPECTED report)."""
+    if not hasattr(model_class, "sparse_modules"):
+        state = {k: v for k, v in state.items() if not k.endswith(MASK_SUFFIX)}
+    dtype = dtype or next((t.dtype for t in state.values() if t.is_floating_point()), None)
+    # meta-device construction, tied weights, the class's own checks
     model, info = model_class.from_pretrained(
         None, config=config, state_dict=state, dtype=dtype, output_loading_info=True
     )
     _refuse_incomplete_load(info, path)
-    _attach_masks_(model, masks)  # for classes without weight_mask buffers (plain LlamaForCausalLM)
-    return model.to(device).eval()
+    _attach_masks_(model, masks)
+    return model
 
 
 def _parse_tied(text: str, path: Path) -> dict[str, str]:
@@ -385,29 +409,38 @@ def load_sparse_model(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    model_class: Any = None,
 ) -> torch.nn.Module:
-    """Load a sparse checkpoint folder in either format (compact or ``save_pretrained``), masks included.
+    """Load a sparse checkpoint folder of any architecture, compact or ``save_pretrained``, masks included.
 
-    A ``save_pretrained`` folder of a model class without ``weight_mask`` buffers (a plain
-    ``LlamaForCausalLM`` whose file also holds ``*.weight_mask`` tensors) gets its masks attached as buffers.
+    Layers with a mask in the file come back masked, quietly (no UNEXPECTED report). ``model_class``: default
+    the causal-LM class of the model type; the public entry points are :mod:`hf_chts.auto`'s Auto classes.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"Checkpoint folder {folder} does not exist.")
     if is_compact(folder):
-        model = load_compact(folder, device=device)
+        model = load_compact(folder, device=device, model_class=model_class)
         return model.to(dtype) if dtype is not None else model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     files = _safetensors_files(folder)
     for file in files:
         check_safetensors_file(file, fix="Save the model again, or use another checkpoint.")
     masks = read_masks(folder)
     check_masked_weights_zero(folder, masks)
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)
-    _refuse_incomplete_load(info, files[0] if len(files) == 1 else folder)
-    _attach_masks_(model, masks)
+    config = AutoConfig.from_pretrained(folder)
+    model_class = model_class or model_class_for(config)
+    if hasattr(model_class, "sparse_modules"):  # loads its masks itself, with its own checks
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        model, info = model_class.from_pretrained(folder, output_loading_info=True, **kwargs)
+        _refuse_incomplete_load(info, files[0] if len(files) == 1 else folder)
+        _attach_masks_(model, masks)
+    else:
+        state = {}
+        for file in files:
+            state.update(read_file(file)[0])
+        model = _from_state(model_class, config, state, masks, files[0] if len(files) == 1 else folder, dtype)
     return model.to(device).eval()
 
 

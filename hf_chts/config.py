@@ -25,7 +25,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ._validation import check_choice, check_density, check_fraction, check_positive_int
+from ._validation import (
+    check_choice,
+    check_density,
+    check_fraction,
+    check_positive_int,
+    document_fields_,
+    refuse_unknown_fields_,
+)
 from .sparse_ops import COMPUTE_MODES
 from .topology.init import DEGREE_DISTRIBUTIONS, DENSITY_DISTRIBUTIONS, INIT_METHODS
 from .topology.link_prediction import CH_PRECISIONS, CH_VARIANTS
@@ -261,7 +268,6 @@ class SparseTrainingConfig:
         "otherwise at topology updates), 'every_step', or 'update_steps' (trust the optimizer).",
         "auto",
     )
-
     compute: ComputeMode = _help(
         "How sparse layers compute: 'sparse' (sparse kernels; the trainable weight and the optimizer state "
         "hold the links only), 'dense' (dense products on masked weights), or 'auto' (sparse for each layer "
@@ -272,6 +278,8 @@ class SparseTrainingConfig:
 
     def __post_init__(self) -> None:
         _check_type("method", self.method, Method)
+        for name in [n for n in ("target_modules", "exclude_modules") if isinstance(self.__dict__[n], str)]:
+            object.__setattr__(self, name, [self.__dict__[name]])  # one pattern as a string, as PEFT takes
         # Which preset-decided fields the user set; the others follow `method` whenever they are read.
         object.__setattr__(
             self, "_user_set", {name for name in _PRESET_FIELDS if self.__dict__.get(name) is not None}
@@ -378,10 +386,6 @@ class SparseTrainingConfig:
                 f"removal={self.removal!r} with regrowth='none' would shrink the network below `density` "
                 "at every update; set a regrowth method, or removal='none' for a static mask."
             )
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
-                raise ValueError(f"`{name}` must be a list of regular expressions, got {value!r}.")
 
     # ------------------------------------------------------------------ derived quantities
     @property
@@ -513,6 +517,8 @@ def _check_presets() -> None:
 
 
 _check_presets()
+document_fields_(SparseTrainingConfig)  # help(SparseTrainingConfig) lists every field
+refuse_unknown_fields_(SparseTrainingConfig)  # sparsity=0.9 -> "use density=0.1"
 
 
 @functools.cache
@@ -564,18 +570,31 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
 def config_for_run(model: Any, config: SparseTrainingConfig, *, given: bool) -> SparseTrainingConfig:
     """One sparsity config per run: the model's ``config.sparsity`` or ``config``, written into the model.
 
-    A model that records its sparse-training settings (``SparseLlamaForCausalLM``: ``model.config.sparsity``)
-    and the run then never disagree. Without a config of its own (``given`` False) the run adopts the model's;
-    with one, that one wins and is written into ``model.config.sparsity``, so the saved checkpoint records the
-    settings that trained it. Models without ``config.sparsity`` leave ``config`` as it is.
+    A transformers model of any architecture records its settings in ``model.config.sparsity`` (so in
+    ``config.json``). Without a config of its own (``given`` False) the run adopts the model's if it has one;
+    else ``config`` is written there (:func:`record_settings_`). Other models leave ``config`` as it is.
     """
-    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-    model_config = getattr(base, "config", None)
-    if model_config is None or not hasattr(model_config, "sparsity"):
+    model_config = _model_config(model)
+    if model_config is None:
         return config
-    if not given and model_config.sparsity:
+    if not given and getattr(model_config, "sparsity", None):
         config = SparseTrainingConfig.from_dict(dict(model_config.sparsity))
         logger.info("hf_chts: training with the model's config.sparsity (method=%s).", config.method)
         return config
     model_config.sparsity = config.to_dict(resolved=True)
     return config
+
+
+def record_settings_(model: Any, config: SparseTrainingConfig) -> None:
+    """Write ``config`` into ``model.config.sparsity`` (a transformers model; others are left alone)."""
+    model_config = _model_config(model)
+    if model_config is not None:
+        model_config.sparsity = config.to_dict(resolved=True)
+
+
+def _model_config(model: Any) -> Any:
+    """The config of ``model`` (or its PEFT base) that can record settings, or None."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    model_config = getattr(base, "config", None)
+    records = hasattr(model_config, "sparsity") or callable(getattr(model_config, "to_json_string", None))
+    return model_config if records else None

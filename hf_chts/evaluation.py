@@ -30,17 +30,22 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import difflib
 import json
+import logging
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 PAPER_TASKS = ("arc_easy", "arc_challenge", "piqa", "boolq", "hellaswag", "winogrande", "openbookqa")
 TASKS_DIR = Path(__file__).resolve().parent / "data" / "tasks"
@@ -334,6 +339,50 @@ def save_results(results: dict[str, Any], output_dir: str | os.PathLike) -> tupl
     return json_path, md_path
 
 
+def _fitting_lm(model: Any, tokenizer: Any, batch_size: int | str) -> Any:
+    """lm-eval's ``HFLM``, except that a continuation longer than the model's context is scored on its last
+    ``max_length`` tokens (and counted in ``lm.truncated``) instead of failing lm-eval's bare assertion."""
+    from lm_eval.models.huggingface import HFLM
+
+    class FittingHFLM(HFLM):
+        truncated = 0
+        scored = 0
+
+        def _loglikelihood_tokens(self, requests, *args, **kwargs):
+            fitted = []
+            for key, context, continuation in requests:
+                if len(continuation) > self.max_length:
+                    continuation = continuation[-self.max_length :]
+                    self.truncated += 1
+                fitted.append((key, context, continuation))
+            self.scored += len(fitted)
+            return super()._loglikelihood_tokens(fitted, *args, **kwargs)
+
+    return FittingHFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
+
+
+@contextlib.contextmanager
+def _quiet_git_hash():
+    """lm-eval records ``git describe`` of the working directory, whose error outside a repository would
+    reach the terminal; run it with its stderr discarded."""
+    import lm_eval.evaluator as lm_evaluator
+
+    def git_hash() -> str | None:
+        try:
+            out = subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL)
+        except (subprocess.CalledProcessError, OSError):
+            return None
+        return out.strip().decode() or None
+
+    original = getattr(lm_evaluator, "get_git_commit_hash", None)
+    lm_evaluator.get_git_commit_hash = git_hash
+    try:
+        yield
+    finally:
+        if original is not None:
+            lm_evaluator.get_git_commit_hash = original
+
+
 def evaluate(
     model: Any,
     tokenizer: Any = None,
@@ -379,7 +428,6 @@ def evaluate(
     """
     _require_lm_eval()
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
 
     model, tokenizer = _load_model_and_tokenizer(model, tokenizer, device)
     with tempfile.TemporaryDirectory(prefix="hf_chts_tasks_") as task_dir:
@@ -390,22 +438,32 @@ def evaluate(
             include_path=include_path,
             include_lm_eval_tasks=include_lm_eval_tasks,
         )
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
-        raw = simple_evaluate(
-            model=lm,
-            tasks=names,
-            task_manager=manager,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            log_samples=False,
-            bootstrap_iters=bootstrap_iters,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
+        lm = _fitting_lm(model, tokenizer, batch_size)
+        with _quiet_git_hash():
+            raw = simple_evaluate(
+                model=lm,
+                tasks=names,
+                task_manager=manager,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                log_samples=False,
+                bootstrap_iters=bootstrap_iters,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
     if raw is None:  # non-zero ranks under a distributed launch
         return {}
+    if lm.truncated:
+        logger.warning(
+            "hf_chts: %d of %d scored continuations were longer than the model's context (%d tokens) and "
+            "were scored on their last %d tokens; their items' accuracies are approximate.",
+            lm.truncated,
+            lm.scored,
+            lm.max_length,
+            lm.max_length,
+        )
     import lm_eval
 
     results = {
@@ -418,6 +476,7 @@ def evaluate(
             "batch_size": batch_size,
             "seed": seed,
             "local_data_dir": None if local_data_dir is None else str(local_data_dir),
+            "truncated_continuations": lm.truncated,
         },
         "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .compact import read_config, read_masks
+from .compact import is_compact, read_config, read_masks
 from .config import SparseTrainingConfig
 from .stats import mask_statistics, mlp_active_neurons, summarize_by_layer_type
 
@@ -66,6 +66,7 @@ __all__ = [
     "TEMPLATE",
     "card_context",
     "check_repo_id",
+    "how_to_use",
     "push_to_hub",
     "render_model_card",
     "write_model_card",
@@ -217,6 +218,7 @@ def card_context(
         "model_name": model_name or (repo_id.split("/")[-1] if repo_id else folder.resolve().name),
         "repo_id": repo_id or str(folder),
         "notes": notes,
+        "compact": is_compact(folder),
     }
 
 
@@ -365,9 +367,52 @@ def _sections(ctx: Mapping[str, Any]) -> dict[str, str]:
         "active_neurons": active,
         "perplexity": perplexity,
         "zero_shot": _zero_shot_table(ctx["eval_results"]),
+        "how_to_use": how_to_use(config, ctx["repo_id"], compact=ctx["compact"]),
         "repo_id": ctx["repo_id"],
         "citation": CITATION,
     }
+
+
+def how_to_use(config: Mapping[str, Any], repo_id: str, *, compact: bool = False) -> str:
+    """The card's "How to use" text for this model type and checkpoint format."""
+    model_type = config.get("model_type") or "causal-lm"
+    architecture = (config.get("architectures") or [f"{model_type} model"])[0]
+    code = (
+        "```python\nfrom hf_chts import AutoSparseModelForCausalLM\n"
+        "from transformers import AutoTokenizer\n\n"
+        f'model = AutoSparseModelForCausalLM.from_pretrained("{repo_id}")  # masks included\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n```\n\n'
+    )
+    masks = (
+        "The weights at pruned positions are exactly zero and every sparse layer carries its mask as the "
+        "buffer `weight_mask`, so training on keeps the model sparse (`hf_chts.CHTssCallback` adopts the "
+        "settings recorded in `config.json`). "
+    )
+    if compact:
+        plain = (
+            "This folder is in the compact format (kept values plus a bitmask, `model.compact.safetensors`): "
+            "transformers' own Auto classes cannot read it; `AutoSparseModelForCausalLM` (or "
+            "`hf_chts.compact.load_compact`) can. "
+        )
+    elif model_type == "sparse_llama":
+        plain = (
+            "`import hf_chts` also registers the `sparse_llama` architecture, so `AutoModelForCausalLM` "
+            "loads it as `SparseLlamaForCausalLM`, masks included. "
+        )
+    else:
+        plain = (
+            f"A plain `AutoModelForCausalLM.from_pretrained` loads the same weights as a `{architecture}` "
+            "without masks (fine for inference; training it would fill the pruned positions). "
+        )
+    dense = "a plain `LlamaForCausalLM`" if "llama" in model_type else f"a plain `{architecture}`"
+    return (
+        code
+        + masks
+        + plain
+        + f"`hf-chts export <folder> <out> --format dense` writes {dense} without masks; `--format compact` "
+        "writes the kept values plus a bitmask. `hf-chts inspect <folder>` prints the per-layer density, "
+        "degrees and active neurons."
+    )
 
 
 def render_model_card(

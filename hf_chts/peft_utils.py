@@ -113,7 +113,7 @@ def callback_modules(model: nn.Module, modules: dict[str, nn.Module], carried: b
             "or remove that layer from the adapter's `target_modules` to let the callback evolve it."
         )
     if frozen:
-        logger.info(
+        logger.warning(
             "hf_chts: PeftModel: %d frozen sparse layers keep their masks and are not evolved (e.g. %s); "
             "%d trainable sparse layers are evolved.",
             len(frozen),
@@ -121,7 +121,7 @@ def callback_modules(model: nn.Module, modules: dict[str, nn.Module], carried: b
             len(trainable),
         )
     if not trainable:
-        logger.info("hf_chts: no trainable sparse layer in this PeftModel; CHTssCallback does nothing.")
+        logger.warning("hf_chts: no trainable sparse layer in this PeftModel; CHTssCallback does nothing.")
     return trainable
 
 

@@ -26,11 +26,14 @@ from transformers import TrainerState
 
 from .stats import layer_sort_key
 
+# logged keys that are not curves worth a figure (``update_step`` is the step itself: y = x)
+NOT_PLOTTED = ("update_step",)
 _INSTALL_HINT = "Plotting needs matplotlib: pip install 'hf_chts[plot]' (or pip install matplotlib)."
 
 __all__ = [
     "load_log_history",
     "metric_series",
+    "plot_loss",
     "plot_training_curves",
     "plot_degree_distribution",
     "plot_mask",
@@ -134,7 +137,8 @@ def plot_training_curves(
     for key, data in series.items():
         rest = key[len(prefix) :]
         layer, _, metric = rest.rpartition("/")
-        groups.setdefault(metric, {})[layer] = data
+        if metric not in NOT_PLOTTED:
+            groups.setdefault(metric, {})[layer] = data
     paths = []
     for metric, lines in sorted(groups.items()):
         fig = _figure()
@@ -149,6 +153,7 @@ def plot_training_curves(
         if "" in lines:
             steps, values = lines[""]
             ax.plot(steps, values, color="black", linewidth=2.2, label="model")
+        _plain_y_axis(ax, [v for _, values in lines.values() for v in values])
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(metric)
         ax.set_title(f"{prefix}{metric}")
@@ -157,6 +162,40 @@ def plot_training_curves(
             ax.legend(fontsize=6, loc="best")
         paths.append(_save(fig, Path(output_dir) / f"{_safe_name(metric)}.png"))
     return paths
+
+
+def _plain_y_axis(ax, values: Sequence[float]) -> None:
+    """Absolute tick labels (no ``+0.3`` offset), and a constant series drawn flat in a visible range."""
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+    if values:
+        low, high = min(values), max(values)
+        if high - low <= 1e-9 * max(1.0, abs(high)):
+            pad = 0.05 * abs(high) or 0.05
+            ax.set_ylim(low - pad, high + pad)
+
+
+def plot_loss(
+    source: str | os.PathLike | Mapping[str, Any] | Sequence[Mapping[str, Any]], output_dir: str | os.PathLike
+) -> Path | None:
+    """``loss.png``: the training ``loss`` and the ``eval_loss`` of a log history; None without either."""
+    history = load_log_history(source)
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    drawn = False
+    for key, label in (("loss", "training loss"), ("eval_loss", "validation loss")):
+        steps = [e["step"] for e in history if isinstance(e.get(key), (int, float)) and "step" in e]
+        values = [float(e[key]) for e in history if isinstance(e.get(key), (int, float)) and "step" in e]
+        if values:
+            ax.plot(steps, values, marker="o" if len(values) < 20 else None, label=label)
+            drawn = True
+    if not drawn:
+        return None
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, Path(output_dir) / "loss.png")
 
 
 def _view(mask: torch.Tensor, transposed: bool) -> torch.Tensor:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import SparseTrainingConfig
+from .config import SparseTrainingConfig, record_settings_
 from .distributed import Collectives, broadcast_from_rank0_
 from .engine import TopologyEngine, initial_masks
 from .masking import (
@@ -94,7 +94,8 @@ def sparsify_(
     ``config.exclude_modules``), swaps them to the masked forward, attaches ``weight_mask`` buffers
     initialised by ``config.init`` at the step-0 density of each layer (``config.initial_density`` spread by
     ``config.density_distribution``), and sets masked weights to 0.0. Modules that already carry
-    ``weight_mask`` keep it.
+    ``weight_mask`` keep it. A transformers model records ``config`` in ``model.config.sparsity``, so
+    ``save_pretrained`` writes the settings into ``config.json``.
 
     Args:
         model (`nn.Module`): the model.
@@ -136,6 +137,7 @@ def sparsify_(
             make_masked_(module, name=name)
     apply_masks_(modules)
     keep_masks_out_of_ddp_(model)
+    record_settings_(model, config)  # save_pretrained writes them into config.json
     if apply_compute:
         set_compute_(modules, config.compute)
     return modules
@@ -194,13 +196,14 @@ def start_masks_(
     install_grad_masks_(modules)  # weights replaced since masking (e.g. loaded) get the hook back
     density = masks_density(layer_mask(m) for m in modules.values())
     config = engine.config
-    logger.info(
-        "hf_chts: %d sparse layers, method=%s, global density %.4f (target %.4f), update every %d steps "
-        "until step %d of %d.",
+    logger.warning(  # the one start-up line: a Trainer user sees WARNING, not INFO
+        "hf_chts: %d sparse layers, method=%s, global density %.4f (target %.4f, %s schedule), update every "
+        "%d steps until step %d of %d.",
         len(modules),
         config.method,
         density,
         config.density,
+        config.density_schedule,
         config.update_interval,
         engine.t_end,
         engine.max_steps,

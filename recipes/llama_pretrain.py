@@ -183,7 +183,7 @@ def _sparsity_arguments() -> type:
     help_ = (
         "Re-warm the learning rate from 0 over this many steps at the start of every cycle of "
         "--cyclic_rewarmup_every steps, for every method, dense included: the authors' LLaMA schedule (10 "
-        "of every 100). Never more than 10% of the cycle (2 of every 20). 0 = off. Use it instead of "
+        "of every 100). Never more than 10%% of the cycle (2 of every 20). 0 = off. Use it instead of "
         "--rewarmup_steps (re-warm-up after topology updates, sparse runs only): set that to 0."
     )
     fields.append(("cyclic_rewarmup_steps", int, field(default=0, metadata={"help": help_})))

@@ -6,8 +6,8 @@ runs along the hidden layers in forward order. Trained with Hugging Face ``Train
 The initial weights of the sparse layers are the sparse Kaiming normal ``swi`` of the authors' MLP code (std
 ``sqrt(2 / (density * n_out))``, ``--sparse_init swi``; ``scaled`` divides PyTorch's init by sqrt(density)).
 
-Launch (from the repository root; MNIST is read offline from the four IDX files, by default from
-``../shared/data/mnist`` next to the repository, else pass ``--data_dir``):
+Launch (from the repository root; MNIST is read offline from the four IDX files in ``--data_dir``, by
+default ``$HF_CHTS_DATA_DIR/mnist`` when that variable is set):
 
     # the paper's setting (100 epochs, 1% density, CHTs, topology update every epoch):
     python recipes/mlp_image_classification.py recipes/configs/mlp_mnist.yaml
@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 import typing
 from dataclasses import dataclass, field
@@ -58,8 +59,14 @@ from hf_chts.topology.percolation import LayerChain
 
 logger = logging.getLogger(__name__)
 
-REPO_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-"""Where a checkout of this project finds the shared data (``../shared/data`` next to the repository)."""
+DATA_DIR_ENV = "HF_CHTS_DATA_DIR"
+"""Environment variable naming a folder of datasets; ``--data_dir`` defaults to its ``mnist`` subfolder."""
+
+
+def default_data_dir() -> Path | None:
+    """``$HF_CHTS_DATA_DIR/mnist``, or None when the variable is not set."""
+    root = os.environ.get(DATA_DIR_ENV)
+    return Path(root) / "mnist" if root else None
 
 
 @dataclass
@@ -68,7 +75,9 @@ class MLPArguments:
 
     data_dir: str | None = field(
         default=None,
-        metadata={"help": "Folder with the four MNIST IDX files (.gz or not); default ../shared/data/mnist."},
+        metadata={
+            "help": "Folder with the four MNIST IDX files (.gz or not); default $HF_CHTS_DATA_DIR/mnist."
+        },
     )
     synthetic: bool = field(
         default=False,
@@ -174,12 +183,16 @@ def load_data(args: MLPArguments, seed: int) -> tuple[ImageClassificationDataset
         train = synthetic_image_classification(args.synthetic_train_size, seed=seed, split="train")
         test = synthetic_image_classification(args.synthetic_test_size, seed=seed, split="test")
     else:
-        data_dir = Path(args.data_dir) if args.data_dir else REPO_DATA_DIR / "mnist"
-        if args.data_dir is None and not data_dir.is_dir():
+        data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+        if args.data_dir is None and (data_dir is None or not data_dir.is_dir()):
+            where = (
+                f"the default folder {data_dir} does not exist" if data_dir else f"${DATA_DIR_ENV} is unset"
+            )
             raise FileNotFoundError(
-                f"MNIST is not shipped with hf_chts and the default folder {data_dir} does not exist. Pass "
-                "--data_dir with the four IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-                "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, .gz or not), or --synthetic to smoke-test."
+                f"MNIST is not shipped with hf_chts and {where}. Pass --data_dir with the four IDX files "
+                "(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                f"t10k-labels-idx1-ubyte, .gz or not), set {DATA_DIR_ENV} to a folder holding mnist/, or "
+                "pass --synthetic to smoke-test."
             )
         train, test = load_mnist(data_dir, "train"), load_mnist(data_dir, "test")
     train = tuple(a[: args.max_train_samples] for a in train)
@@ -247,7 +260,7 @@ def main(args: MLPArguments, sparse_args, training_args: TrainingArguments) -> d
     results = {
         "recipe": "mlp_image_classification",
         "method": sparse_args.method,
-        "data": "synthetic" if args.synthetic else str(args.data_dir or REPO_DATA_DIR / "mnist"),
+        "data": "synthetic" if args.synthetic else str(args.data_dir or default_data_dir()),
         "num_train_samples": len(train_dataset),
         "num_test_samples": len(test_dataset),
         "model": {"in_features": train_dataset.images.shape[1], "hidden_sizes": list(args.hidden_sizes)},

@@ -228,7 +228,7 @@ def test_logs_reach_reporters_and_history(tmp_path):
         train_dataset=RandomTokens(),
         callbacks=[reporter],
     )
-    sparse = CHTssCallback(config_for("chts")).attach(trainer)
+    sparse = CHTssCallback(config_for("chts"), log_per_layer=True).attach(trainer)
     trainer.train()
     handler = trainer.callback_handler.callbacks
     assert handler.index(sparse) == 0 and handler.count(sparse) == 1
@@ -595,3 +595,31 @@ def test_masks_a_model_carries_stay_out_of_ddp_broadcasts(tmp_path):
     assert not hasattr(model, "_ddp_params_and_buffers_to_ignore")
     Trainer(model=model, args=make_args(tmp_path), callbacks=[CHTssCallback(config_for("set"))])
     assert f"{name}.{MASK_NAME}" in model._ddp_params_and_buffers_to_ignore
+
+
+def test_defaults_log_global_figures_and_one_warning_start_line(tmp_path, caplog):
+    """Per-layer keys only on request; the start-up summary is one WARNING line (a Trainer user sees it); a
+    model without chains is told how to silence the chain-removal warning."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    arch = dict(
+        n_layer=2, n_embd=32, n_head=2, n_positions=SEQ, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0
+    )
+    model = GPT2LMHeadModel(GPT2Config(**arch))
+    callback = CHTssCallback(method="set", density=0.3, update_interval=2, chain_removal=True)
+    probe = Probe(callback)
+    with caplog.at_level(logging.WARNING, logger="hf_chts"):
+        Trainer(
+            model=model,
+            args=make_args(tmp_path, max_steps=4),
+            train_dataset=RandomTokens(),
+            callbacks=[callback, probe],
+        ).train()
+    logged = set().union(*probe.logs)
+    assert "sparsity/density" in logged and "sparsity/turnover" in logged
+    assert not [k for k in logged if "transformer.h." in k]  # no per-layer keys by default
+    start = [r for r in caplog.records if "sparse layers, method=set" in r.getMessage()]
+    assert len(start) == 1 and start[0].levelno == logging.WARNING
+    assert "constant schedule" in start[0].getMessage()
+    assert "chain_removal=False" in caplog.text and "to silence this" in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,7 @@ def test_plot_training_and_masks(checkpoint, tmp_path, capsys):
         "active_out.png",
         "degrees_model.layers.0.mlp.up_proj.png",
         "density.png",
+        "loss.png",
         "mask_model.layers.0.mlp.up_proj.png",
     ]
     assert all((out / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
@@ -99,12 +101,20 @@ def test_plot_training_and_masks(checkpoint, tmp_path, capsys):
 
 
 def test_plot_state_file_only(checkpoint, tmp_path):
-    assert main(["plot", str(checkpoint / "trainer_state.json"), "--output_dir", str(tmp_path)]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    state = tmp_path / "state" / "trainer_state.json"
+    state.parent.mkdir()
+    shutil.copy(checkpoint / "trainer_state.json", state)
+    out = tmp_path / "plots"
+    assert main(["plot", str(state), "--output_dir", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
         "active_neurons.png",
         "active_out.png",
         "density.png",
+        "loss.png",
     ]
+    # beside its checkpoint, a state file gets the mask plots of that folder too
+    assert main(["plot", str(checkpoint / "trainer_state.json"), "--output_dir", str(out)]) == 0
+    assert any(p.name.startswith("mask_") for p in out.iterdir())
 
 
 def test_plot_nothing(tmp_path, capsys):

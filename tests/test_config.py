@@ -62,7 +62,7 @@ def test_chtss_preset_matches_spec():
         (dict(method="chts", initial_density=0.5), "initial_density.*constant"),
         (dict(method="chtss", density=0.6, initial_density=0.5), "initial_density"),
         (dict(method="set", regrowth="none"), "regrowth='none'"),
-        (dict(target_modules="q_proj"), "target_modules"),
+        (dict(target_modules=["q_proj", 3]), "target_modules"),
     ],
 )
 def test_bad_values_raise_clear_errors(kwargs, match):
@@ -285,3 +285,22 @@ def test_run_values_are_checked_only_at_the_config():
                 text = " ".join(strings(node.exc))
                 again = {n for n in configured if f"`{n}` must" in text}
                 assert not again, f"{path.relative_to(root)}:{node.lineno} refuses {again} again"
+
+
+def test_help_documents_every_field():
+    doc = SparseTrainingConfig.__doc__
+    for f in dataclasses.fields(SparseTrainingConfig):
+        assert f"        {f.name} (`" in doc, f.name
+    assert "Final fraction of links kept" in doc
+
+
+def test_a_single_target_pattern_is_a_string_too():
+    config = SparseTrainingConfig(target_modules="q_proj", exclude_modules="lm_head")
+    assert config.target_modules == ["q_proj"] and config.exclude_modules == ["lm_head"]
+
+
+def test_sparsity_is_answered_with_the_density_to_use():
+    with pytest.raises(TypeError, match=r"no field 'sparsity'.*use density=0\.1 for sparsity=0\.9"):
+        SparseTrainingConfig(sparsity=0.9)
+    with pytest.raises(TypeError, match="did you mean density="):
+        SparseTrainingConfig(densty=0.2)

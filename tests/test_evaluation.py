@@ -196,3 +196,27 @@ def test_fully_offline_in_fresh_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 0.0 <= float(proc.stdout.strip().splitlines()[-1]) <= 1.0
     assert (tmp_path / "zero_shot_results.md").is_file()
+
+
+def test_over_long_items_are_cut_and_counted_without_a_git_error(tiny, tmp_path, capfd, caplog):
+    """A choice longer than the model's context (PIQA items against a 128-token model) is scored on its last
+    max_length tokens and counted, instead of lm-eval's bare AssertionError; no stray git error line."""
+    model, tokenizer = tiny
+    data = tmp_path / "icl"
+    data.mkdir()
+    long_choice = " ".join(f"word{i}" for i in range(3 * model.config.max_position_embeddings))
+    rows = [{"query": f"Question: item {i}?", "choices": ["yes", long_choice], "gold": 0} for i in range(3)]
+    write_jsonl(data / "arc_easy.jsonl", rows)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # not a git repository: lm-eval's `git describe` must not print its error
+    try:
+        with caplog.at_level("WARNING", logger="hf_chts.evaluation"):
+            results = evaluate(
+                model, tokenizer, tasks="arc_easy", local_data_dir=data, include_lm_eval_tasks=False
+            )
+    finally:
+        os.chdir(cwd)
+    assert [row["n_samples"] for row in results["results"].values()] == [3]
+    assert results["config"]["truncated_continuations"] == 3
+    assert "3 of 6 scored continuations" in caplog.text
+    assert "fatal" not in capfd.readouterr().err

@@ -455,3 +455,13 @@ def test_config_dropping_masks_the_checkpoint_holds_is_refused(tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"holds masks for 12 layers that its config does not make sparse"):
         SparseLlamaForCausalLM.from_pretrained(tmp_path / "m")
+
+
+def test_sparsity_summary_without_masks_measures_nothing():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    arch = dict(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    summary = sparsity_summary(LlamaForCausalLM(LlamaConfig(**arch)))
+    assert summary["density"] is None and summary["numel"] == 0 and summary["per_layer"] == {}

@@ -282,3 +282,15 @@ def test_transformer_yaml_config_and_chains(tmp_path):
         ("model.encoder.layers.0.self_attn.v_proj", "model.encoder.layers.0.self_attn.out_proj"),
     }
     assert len(recipe.marian_chains(names, chain_attention=False)) == 1
+
+
+def test_mlp_default_data_dir_is_not_a_repository_path(tmp_path, monkeypatch):
+    """Without --data_dir the recipe reads $HF_CHTS_DATA_DIR/mnist, not a path of the repository's layout."""
+    recipe = load_recipe("mlp_image_classification")
+    args, _, _ = recipe.parse_args(["--output_dir", str(tmp_path)])
+    monkeypatch.delenv("HF_CHTS_DATA_DIR", raising=False)
+    with pytest.raises(FileNotFoundError, match=r"\$HF_CHTS_DATA_DIR is unset.*--data_dir"):
+        recipe.load_data(args, 0)
+    monkeypatch.setenv("HF_CHTS_DATA_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"default folder {tmp_path / 'mnist'} does not exist"):
+        recipe.load_data(args, 0)

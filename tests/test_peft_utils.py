@@ -127,7 +127,7 @@ def test_callback_on_peft_model_skips_frozen_and_evolves_trainable(tmp_path, cap
             param.requires_grad_(True)
     callback = CHTssCallback(method="set", density=0.3, update_interval=2, zeta=0.3, chain_removal=False)
     probe = ZeroProbe()
-    with caplog.at_level(logging.INFO, logger="hf_chts"):
+    with caplog.at_level(logging.WARNING, logger="hf_chts"):
         Trainer(
             model=peft_model,
             args=make_args(tmp_path),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -87,3 +88,46 @@ def test_plot_checkpoint(tmp_path):
         assert_png(path)
     with pytest.raises(ValueError, match="No sparse layer 'nope'"):
         plot_checkpoint(tmp_path / "ckpt", tmp_path / "out", layer="nope")
+
+
+def test_constant_density_is_drawn_flat_without_an_offset_and_update_step_is_not_plotted(
+    tmp_path, monkeypatch
+):
+    import hf_chts.plotting as plotting
+
+    figures = {}
+    save = plotting._save
+    monkeypatch.setattr(
+        plotting, "_save", lambda fig, path: figures.setdefault(path.name, fig) and save(fig, path)
+    )
+    history = [
+        {"step": s, "sparsity/density": 0.3, "sparsity/update_step": float(s), "sparsity/turnover": 0.1 * s}
+        for s in range(1, 6)
+    ]
+    paths = plot_training_curves(history, tmp_path)
+    assert [p.name for p in paths] == ["density.png", "turnover.png"]  # update_step is y = x
+    ax = figures["density.png"].axes[0]
+    assert ax.yaxis.get_major_formatter().get_useOffset() is False
+    low, high = ax.get_ylim()
+    assert low < 0.3 < high and high - low >= 0.02  # a visibly flat line, not noise magnified
+
+
+def test_loss_plot_and_cli_defaults(tmp_path, capsys):
+    from hf_chts.cli import main
+    from hf_chts.plotting import plot_loss
+
+    state = trainer_state()
+    state["log_history"] += [{"step": 5, "loss": 3.0}, {"step": 10, "loss": 2.5, "eval_loss": 2.7}]
+    run = tmp_path / "run"
+    (run / "checkpoint-10").mkdir(parents=True)
+    (run / "trainer_state.json").write_text(json.dumps(state))
+    assert_png(plot_loss(run, tmp_path / "p"))
+    assert plot_loss([{"step": 1, "sparsity/density": 0.3}], tmp_path / "q") is None
+    make_sparse_llama().save_pretrained(run / "checkpoint-10")
+    assert main(["plot", str(run)]) == 0  # no --output_dir: <run>/plots; masks from the newest checkpoint
+    names = {p.name for p in (run / "plots").iterdir()}
+    assert {"loss.png", "density.png"} <= names and any(n.startswith("mask_") for n in names)
+    shutil.rmtree(run / "checkpoint-10")
+    capsys.readouterr()
+    assert main(["plot", str(run)]) == 0
+    assert "pass --checkpoint DIR for the mask plots" in capsys.readouterr().out

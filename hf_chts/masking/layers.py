@@ -43,6 +43,7 @@ _GRAD_HANDLE_ATTR = "_hf_chts_grad_hook_handle"
 __all__ = [
     "MaskedConv1D",
     "MaskedLinear",
+    "check_saved_weight",
     "from_layer_view",
     "install_grad_masks_",
     "is_masked",
@@ -189,6 +190,30 @@ def masked_weight(module: nn.Module) -> torch.Tensor:
     return weight
 
 
+@torch.no_grad()
+def check_saved_weight(state: dict, prefix: str) -> None:
+    """Refuse to save a masked layer whose weight is non-zero where its mask removes the link.
+
+    The masked forward uses ``weight`` itself, so such a model computes as a denser one and its checkpoint
+    would not reload as the sparse model it claims to be. The usual cause is a merge that wrote there
+    (PEFT's own ``merge_and_unload``). Sharded (DTensor) and meta weights are not checked.
+    """
+    weight, mask = state.get(prefix + "weight"), state.get(prefix + MASK_NAME)
+    plain = [t for t in (weight, mask) if type(t) in (torch.Tensor, nn.Parameter) and t.device.type != "meta"]
+    if len(plain) < 2 or weight.shape != mask.shape:
+        return
+    leaked = int(((weight != 0) & ~mask.to(weight.device)).sum())
+    if leaked:
+        raise ValueError(
+            f"{prefix}weight has {leaked} non-zero values at masked positions (where {prefix}{MASK_NAME} "
+            "is False), so this would save a denser model than the sparse one its masks describe. A merge "
+            "wrote there (PEFT's own `merge_and_unload()`) or code set the weights directly. Merge adapters "
+            "with `hf_chts.merge_and_unload(peft_model)`, or zero those values with "
+            "`hf_chts.set_masks_(model, hf_chts.get_masks(model))` before saving (a folder already written: "
+            "`hf_chts.compact.zero_masked_weights(folder)`)."
+        )
+
+
 class _MaskedMixin:
     """Keeps the masked-forward contract across conversions, copies and loads (see :mod:`hf_chts.masking`)."""
 
@@ -208,6 +233,10 @@ class _MaskedMixin:
     def __setstate__(self, state):
         super().__setstate__(state)
         install_grad_masks_(self)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        check_saved_weight(destination, prefix)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -458,7 +458,8 @@ def sparsity_summary(model: nn.Module) -> dict[str, Any]:
     Works on any model whose sparse modules carry ``weight_mask`` (not only `SparseLlamaForCausalLM`).
 
     Returns:
-        `dict` with ``density`` (overall: links / entries of all masked layers), ``nnz``, ``numel``,
+        `dict` with ``density`` (overall: links / entries of all masked layers; None for a model without
+        masks, which has no sparse layer to measure), ``nnz``, ``numel``,
         ``per_projection`` (``{"q_proj": {"density", "nnz", "numel", "layers"}, ...}``, grouped by the last
         component of the module name) and ``per_layer`` (``{name: {"density", "nnz", "numel", "shape"}}``,
         shape as ``(n_out, n_in)``).
@@ -477,7 +478,10 @@ def sparsity_summary(model: nn.Module) -> dict[str, Any]:
         for name, module in model.named_modules()
         if has_mask(module)
     }
-    return density_summary(mask_statistics(masks))
+    summary = density_summary(mask_statistics(masks))
+    if not masks:
+        summary["density"] = None  # not 1.0: nothing was measured
+    return summary
 
 
 register_chains(LlamaPreTrainedModel, lambda model, names: llama_chains(model, names))
