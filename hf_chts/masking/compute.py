@@ -311,14 +311,14 @@ def auto_prefers_sparse(module: nn.Module) -> tuple[bool, str]:
     dtype = (
         module._parameters.get("weight") if not is_sparse_compute(module) else module.weight_values
     ).dtype
-    where = f"density {density:.1%}, {mask.device.type}, {str(dtype).replace('torch.', '')}"
+    where = f"{mask.device.type}, {str(dtype).replace('torch.', '')}"
     if mask.device.type != "cpu":
         return False, f"{where}: sparse kernels are not measured faster than dense on {mask.device.type} yet"
     if dtype != torch.float32:
         return False, f"{where}: sparse compute is measured in float32 only"
     if density > SPARSE_MAX_DENSITY_CPU:
-        return False, f"{where}: above {SPARSE_MAX_DENSITY_CPU:.0%}, dense products are as fast"
-    return True, f"{where}: at most {SPARSE_MAX_DENSITY_CPU:.0%}, sparse kernels are faster"
+        return False, f"{where}, density above {SPARSE_MAX_DENSITY_CPU:.0%}: dense products are as fast"
+    return True, f"{where}, density at most {SPARSE_MAX_DENSITY_CPU:.0%}: sparse kernels are faster"
 
 
 def set_compute_(modules, mode: str, *, optimizer: Any = None, blocker: str | None = None) -> dict[str, bool]:
@@ -365,15 +365,26 @@ def set_compute_(modules, mode: str, *, optimizer: Any = None, blocker: str | No
     news = [n for n, m in items if m.__dict__.get(_CHOICE_ATTR) != (choice[n], why[n])]
     for name, module in items:
         module.__dict__[_CHOICE_ATTR] = (choice[name], why[name])
-    if news:  # each layer's choice is logged once, and again only if it changes
+    if news:  # each layer's choice is logged once, and again only if it changes; layers alike in one group
+        groups: dict[tuple[bool, str], list[str]] = {}
+        for name in news:
+            groups.setdefault((choice[name], why[name]), []).append(name)
         logger.info(
-            "hf_chts: compute=%r: %d of %d sparse layers run sparse compute (%s).",
+            "hf_chts: compute=%r: %d of %d sparse layers run sparse compute. %s",
             mode,
             sum(choice.values()),
             len(choice),
-            "; ".join(f"{n}: {'sparse' if choice[n] else 'dense'}, {why[n]}" for n in news),
+            " ".join(
+                f"{'Sparse' if sparse else 'Dense'} ({reason}): {_names(names)}."
+                for (sparse, reason), names in groups.items()
+            ),
         )
     return choice
+
+
+def _names(names: list[str], shown: int = 4) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 @torch.no_grad()
