@@ -7,14 +7,16 @@ A checkpoint folder ``<output_dir>/checkpoint-<step>`` written by ``Trainer`` wi
     hf_chts_state/
         masks.safetensors   {layer name: bool mask shaped like the weight}
         state.json          {"format_version": 1, "step": <int>, "config": {...}, "engine": {...}, ...}
-        COMPLETE            {"format_version": 1, "step": <int>, "files": {name: size in bytes}}
+        COMPLETE            {"format_version": 1, "step": <int>, "files": {name: size in bytes},
+                             "checksums": {name: "crc32:<hex>"}}
 
 Every file is written under a temporary name, flushed, ``fsync``-ed and renamed into place, and
-``COMPLETE`` is written last: a folder without ``COMPLETE`` (or whose ``COMPLETE`` names other sizes) is
-incomplete. The callback writes this folder while the Trainer saves the checkpoint, after the model weights
-and the optimizer and *before* ``trainer_state.json`` and before the Trainer deletes older checkpoints
-(``save_total_limit``), so every checkpoint that has a ``trainer_state.json`` also has its sparse state
-(docs/reliability.md).
+``COMPLETE`` is written last: a folder without ``COMPLETE`` (or whose ``COMPLETE`` names other sizes or
+checksums than the files have) is incomplete. The checksum (:func:`content_checksum`, CRC-32) catches a
+damaged file of the right size. The callback writes this folder while the Trainer saves the checkpoint,
+after the model weights and the optimizer and *before* ``trainer_state.json`` and before the Trainer deletes
+older checkpoints (``save_total_limit``), so every checkpoint that has a ``trainer_state.json`` also has its
+sparse state (docs/reliability.md).
 
 :func:`last_complete_checkpoint` returns the newest checkpoint whose Trainer files, model weights and sparse
 state are all complete; pass it to ``trainer.train(resume_from_checkpoint=...)``. Errors name the file and
@@ -35,6 +37,7 @@ import logging
 import os
 import re
 import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -65,6 +68,9 @@ __all__ = [
     "STATE_FILE",
     "check_safetensors_file",
     "checkpoint_problem",
+    "content_checksum",
+    "file_checksum",
+    "tensor_checksum",
     "last_complete_checkpoint",
     "load_sparse_state",
     "masks_in_model_weights",
@@ -113,6 +119,29 @@ def write_atomic(path: str, data: bytes) -> None:
     _fsync_dir(os.path.dirname(path) or ".")
 
 
+def content_checksum(data: bytes | memoryview) -> str:
+    """The checksum recorded beside a file or tensor this package writes: ``"crc32:<8 hex digits>"``.
+
+    CRC-32 (``zlib``, gigabytes per second) detects damaged bytes; it is not a defence against forgery.
+    """
+    return f"crc32:{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+
+
+def tensor_checksum(tensor: torch.Tensor) -> str:
+    """:func:`content_checksum` of a tensor's bytes as safetensors stores them (row-major, its own dtype)."""
+    data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+    return content_checksum(memoryview(data))
+
+
+def file_checksum(path: str, chunk: int = 1 << 24) -> str:
+    """:func:`content_checksum` of a file's bytes, read in chunks of ``chunk`` bytes."""
+    value = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            value = zlib.crc32(block, value)
+    return f"crc32:{value & 0xFFFFFFFF:08x}"
+
+
 def _state_folder(directory: str) -> str:
     if os.path.basename(os.path.normpath(directory)) == STATE_DIR:
         return directory
@@ -146,6 +175,7 @@ def save_sparse_state(directory: str, masks: Mapping[str, torch.Tensor], state: 
         "format_version": FORMAT_VERSION,
         "step": state.get("step"),
         "files": {MASKS_FILE: len(masks_bytes), STATE_FILE: len(state_bytes)},
+        "checksums": {MASKS_FILE: content_checksum(masks_bytes), STATE_FILE: content_checksum(state_bytes)},
     }
     write_atomic(marker, (json.dumps(complete, sort_keys=True) + "\n").encode("utf-8"))
     return folder
@@ -176,12 +206,18 @@ def sparse_state_complete(directory: str) -> str | None:
         with open(marker, encoding="utf-8") as handle:
             info = json.load(handle)
         files = dict(info["files"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        checksums = dict(info.get("checksums") or {})  # absent in states written before checksums
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         return f"{marker} is unreadable ({err})"
     for name, size in files.items():
         path = os.path.join(folder, name)
         if not os.path.isfile(path) or os.path.getsize(path) != size:
             return f"{path} is missing or has another size than {marker} records"
+        if name in checksums and file_checksum(path) != checksums[name]:
+            return (
+                f"{path} has other content than {marker} records (checksum {file_checksum(path)}, recorded "
+                f"{checksums[name]}): the file was damaged or edited after it was written"
+            )
     return None
 
 

@@ -12,8 +12,9 @@ A folder with
 - ``config.json`` (and ``generation_config.json``, tokenizer files when given), exactly as
   ``save_pretrained`` writes them, so ``AutoConfig`` recognises the model;
 - ``model.compact.safetensors``, a safetensors file whose header metadata holds
-  ``{"format": "hf_chts.compact", "format_version": "1", "tied": "<json {alias: source}>"}``, and whose
-  tensors are:
+  ``{"format": "hf_chts.compact", "format_version": "1", "tied": "<json {alias: source}>",
+  "checksums": "<json {tensor name: crc32 of its bytes}>"}`` (files written before checksums have none and
+  load unchecked), and whose tensors are:
 
   - for every sparse weight ``W`` named ``<module>.weight`` (a module carrying a ``weight_mask`` buffer),
     with the mask ``M`` of the same 2-D shape ``(rows, cols)`` as stored in the state dict:
@@ -58,7 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpointing import write_atomic
+from .checkpointing import tensor_checksum, write_atomic
 from .masking import MASK_NAME, has_mask, keep_masks_out_of_ddp_, layer_mask, unmask_
 
 # re-exported: the statistics live in hf_chts.stats
@@ -212,7 +213,9 @@ def save_compact(
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     path = folder / COMPACT_FILE
+    checksums = {key: tensor_checksum(t) for key, t in sorted(tensors.items())}
     metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "tied": json.dumps(tied)}
+    metadata["checksums"] = json.dumps(checksums)
     save_file(tensors, str(path), metadata=metadata)
     return path
 
@@ -235,6 +238,28 @@ def _read_compact_metadata(path: Path) -> dict[str, str]:
             f"version {FORMAT_VERSION}. Upgrade hf_chts."
         )
     return metadata
+
+
+def _checked(handle: Any, key: str, checksums: Mapping[str, str], path: Path) -> torch.Tensor:
+    """Tensor ``key`` of an open compact file, refused when its bytes differ from the recorded checksum."""
+    tensor = handle.get_tensor(key)
+    if key in checksums and tensor_checksum(tensor) != checksums[key]:
+        raise ValueError(
+            f"{path}: tensor {key!r} has other content than the checksum recorded when the file was written "
+            "(damaged, or tensors swapped or edited). Export the checkpoint again (save_compact / hf-chts "
+            "export) from the trained model."
+        )
+    return tensor
+
+
+def _checksums(metadata: Mapping[str, str], path: Path) -> dict[str, str]:
+    try:
+        checksums = json.loads(metadata.get("checksums", "{}"))
+    except json.JSONDecodeError:
+        checksums = None
+    if not isinstance(checksums, dict):
+        raise ValueError(f"{path}: the `checksums` metadata is not a JSON object; the file is corrupt.")
+    return checksums
 
 
 def _attach_masks_(model: torch.nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
@@ -284,7 +309,7 @@ def load_compact(
             f"No {COMPACT_FILE} in {folder}; write one with save_compact / hf-chts export."
         )
     metadata = _read_compact_metadata(path)
-    tied = _parse_tied(metadata.get("tied", "{}"), path)
+    tied, sums = _parse_tied(metadata.get("tied", "{}"), path), _checksums(metadata, path)
     config = AutoConfig.from_pretrained(folder)
     if model_class is None:
         try:
@@ -304,12 +329,13 @@ def load_compact(
                 missing = [weight + s for s in (_BITMASK, _SHAPE) if weight + s not in keys]
                 if missing:
                     raise ValueError(f"Compact checkpoint {path} lacks {missing}.")
-                shape = _checked_shape(handle.get_tensor(weight + _SHAPE), weight, path)
-                mask = unpack_mask(handle.get_tensor(weight + _BITMASK), shape)
-                values = handle.get_tensor(key)
-                if values.numel() != int(mask.sum()):
+                shape = _checked_shape(_checked(handle, weight + _SHAPE, sums, path), weight, path)
+                mask = unpack_mask(_checked(handle, weight + _BITMASK, sums, path), shape)
+                values = _checked(handle, key, sums, path)
+                if values.dim() != 1 or values.numel() != int(mask.sum()):
                     raise ValueError(
-                        f"{weight}: {values.numel()} values for {int(mask.sum())} kept links; corrupt file."
+                        f"{path}: {key} must be 1-D with one value per kept link ({int(mask.sum())}), got "
+                        f"shape {tuple(values.shape)}; the file is corrupt. Export it again (hf-chts export)."
                     )
                 dense = torch.zeros(mask.shape, dtype=values.dtype)
                 dense[mask] = values
@@ -317,7 +343,7 @@ def load_compact(
                 masks[weight[: -len(".weight")]] = mask
                 state[weight[: -len(".weight")] + MASK_SUFFIX] = mask
             elif not key.endswith((_BITMASK, _SHAPE)):
-                state[key] = handle.get_tensor(key)
+                state[key] = _checked(handle, key, sums, path)
     for alias, source in tied.items():
         if source not in state:
             raise ValueError(
@@ -504,15 +530,15 @@ def read_masks(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     fix = "Save or export the checkpoint again, or use another one."
     if is_compact(folder):
         path = folder / COMPACT_FILE
-        _read_compact_metadata(path)
+        sums = _checksums(_read_compact_metadata(path), path)
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():
                 if key.endswith(_BITMASK):
                     weight = key[: -len(_BITMASK)]
                     if weight + _SHAPE not in handle.keys():
                         raise ValueError(f"{path} lacks {weight + _SHAPE}; the file is corrupt. {fix}")
-                    shape = _checked_shape(handle.get_tensor(weight + _SHAPE), weight, path)
-                    masks[weight[: -len(".weight")]] = unpack_mask(handle.get_tensor(key), shape)
+                    shape = _checked_shape(_checked(handle, weight + _SHAPE, sums, path), weight, path)
+                    masks[weight[: -len(".weight")]] = unpack_mask(_checked(handle, key, sums, path), shape)
         return dict(sorted(masks.items(), key=lambda kv: layer_sort_key(kv[0])))
     for name, mask in masks_in_files(_safetensors_files(folder), fix=fix).items():
         masks[name] = mask.to(torch.bool)

@@ -161,6 +161,29 @@ def test_last_complete_checkpoint_skips_interrupted_saves(out):
     assert last_complete_checkpoint(str(out / "nothing")) is None
 
 
+def _flip_byte(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["masks", "state"])
+def test_last_complete_checkpoint_skips_a_same_size_corruption_of_the_newest_state(out, name):
+    state_dir = out / "checkpoint-4" / STATE_DIR
+    path = state_dir / ("masks.safetensors" if name == "masks" else STATE_FILE)
+    size = path.stat().st_size
+    _flip_byte(path, size - 2)  # inside the mask bytes / inside the JSON's last value
+    assert path.stat().st_size == size
+    problem = sparse_state_complete(out / "checkpoint-4")
+    assert problem is not None and "checksum" in problem and str(path) in problem
+    # the model weights still carry the masks, so checkpoint-4 stays resumable, from those masks
+    assert last_complete_checkpoint(str(out)).endswith("checkpoint-4")
+    weights = out / "checkpoint-4" / "model.safetensors"
+    dense = {k: v for k, v in load_file(str(weights)).items() if not k.endswith(MASK_NAME)}
+    save_file(dense, str(weights), metadata={"format": "pt"})
+    assert last_complete_checkpoint(str(out)).endswith("checkpoint-2")
+
+
 # ------------------------------------------------------------------------------------------ resume
 def test_resume_from_model_weights_when_sparse_state_is_missing(out, run_dir):
     shutil.rmtree(out / "checkpoint-2" / STATE_DIR)

@@ -306,11 +306,12 @@ def test_merge_with_one_bad_mask_is_refused_before_any_layer_is_merged(bad):
     before = {n: m.weight.detach().clone() for n, m in bases.items()}
     name = "model.layers.1.mlp.up_proj"
     mask = bases[name].weight_mask
-    bases[name]._buffers[MASK_NAME] = {
+    bad_mask = {
         "row": mask[:1].clone(),
         "float": mask.float(),
         "uint8": mask.to(torch.uint8),
     }[bad]
+    setattr(bases[name], MASK_NAME, bad_mask)  # a buffer assignment: replaces the registered mask
     with pytest.raises(ValueError, match=rf"{name}.*weight_mask.*Nothing was merged"):
         hf_chts.merge_and_unload(peft_model)
     assert isinstance(peft_model, PeftModel)
