@@ -218,6 +218,38 @@ def test_resume_refuses_state_masks_that_differ_from_the_model_weights(out):
         resume(out, out / "checkpoint-4")
 
 
+def test_resume_refuses_frozen_layers_the_config_cannot_freeze(out):
+    # the documented fallback path (no hf_chts_state/, masks in the weights), nothing forged: only
+    # engine.frozen in trainer_state.json set to every layer, with early_stop_threshold=None
+    assert cfg().early_stop_threshold is None
+    shutil.rmtree(out / "checkpoint-4" / STATE_DIR)
+    path = out / "checkpoint-4" / "trainer_state.json"
+    data = json.loads(path.read_text())
+    exported = data["stateful_callbacks"]["CHTssCallback"]["attributes"]["_exported"]
+    exported["engine"]["frozen"] = sorted(exported["layers"])
+    path.write_text(json.dumps(data))
+    with pytest.raises(
+        ValueError, match=r"trainer_state\.json: `engine\.frozen` lists .*early_stop_threshold=None"
+    ):
+        resume(out, out / "checkpoint-4")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("last_update_step", -5, r"`last_update_step` is -5, outside \[0, 4\]"),
+        ("last_update_step", 10**30, r"`last_update_step` is 1000000000000000000000000000000, outside"),
+        ("update_seconds_total", float("nan"), r"`update_seconds_total` is nan, not a finite number"),
+    ],
+)
+def test_resume_refuses_out_of_range_scalars(out, field, value, match):
+    masks, state = load_sparse_state(out / "checkpoint-4")
+    save_sparse_state(str(out / "checkpoint-4"), masks, {**state, field: value})
+    with pytest.raises(ValueError, match=match) as info:
+        resume(out, out / "checkpoint-4")
+    assert str(out / "checkpoint-4" / STATE_DIR / STATE_FILE) in str(info.value)
+
+
 def test_resume_refuses_unknown_format_version(out):
     masks, state = load_sparse_state(out / "checkpoint-4")
     save_sparse_state(str(out / "checkpoint-4"), masks, {**state, "format_version": 2})
