@@ -225,9 +225,8 @@ class CHTssCallback(TrainerCallback, ExportableState):
         """Re-warm the learning rate for this step, after an update (``rewarmup_steps``)."""
         if self.engine is not None:
             step = state.global_step + 1
-            self._lr_scale.scale_(
-                optimizer, rewarmup_factor(step, self.last_update_step, self.config.rewarmup_steps)
-            )
+            factor = rewarmup_factor(step, self.last_update_step, self.config.rewarmup_steps, state.max_steps)
+            self._lr_scale.scale_(optimizer, factor)  # 0.0 past max_steps: a finished run stays finished
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         """Restore the learning rate; re-mask if the optimizer needs it; evolve the topology at updates."""

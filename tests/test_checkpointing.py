@@ -250,6 +250,26 @@ def test_resume_refuses_out_of_range_scalars(out, field, value, match):
     assert str(out / "checkpoint-4" / STATE_DIR / STATE_FILE) in str(info.value)
 
 
+def test_a_finished_run_resumes_as_finished(tmp_path, caplog):
+    # Trainer takes one more step when it resumes a run at max_steps; with a constant learning rate that step
+    # would change the weights. CHTssCallback runs it at learning rate 0 and says so.
+    args = dict(COMMON, lr_scheduler_type="constant", save_steps=4)
+    train(tmp_path, cfg(), probe=False, **args)
+    saved = load_file(str(tmp_path / "checkpoint-4" / "model.safetensors"))
+    trainer = Trainer(
+        model=tiny_llama(seed=123),
+        args=make_args(tmp_path, **args),
+        train_dataset=RandomTokens(),
+        callbacks=[CHTssCallback(cfg())],
+    )
+    with caplog.at_level("WARNING", logger="hf_chts"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    state = trainer.model.state_dict()
+    for key, value in saved.items():
+        assert torch.equal(state[key], value), key
+    assert "already finished (max_steps=4)" in caplog.text
+
+
 def test_resume_refuses_unknown_format_version(out):
     masks, state = load_sparse_state(out / "checkpoint-4")
     save_sparse_state(str(out / "checkpoint-4"), masks, {**state, "format_version": 2})
