@@ -455,3 +455,14 @@ def test_config_dropping_masks_the_checkpoint_holds_is_refused(tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"holds masks for 12 layers that its config does not make sparse"):
         SparseLlamaForCausalLM.from_pretrained(tmp_path / "m")
+
+
+def test_auto_loading_a_truncated_sparse_checkpoint_names_the_file(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = SparseLlamaForCausalLM(tiny_config())
+    model.save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors is truncated.*Save the model again"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "m")
