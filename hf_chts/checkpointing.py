@@ -51,6 +51,7 @@ STATE_DIR = "hf_chts_state"
 MASKS_FILE = "masks.safetensors"
 STATE_FILE = "state.json"
 COMPLETE_FILE = "COMPLETE"
+LOCK_FILE = ".hf_chts.lock"
 FORMAT_VERSION = 1
 TRAINER_STATE_FILE = "trainer_state.json"
 CALLBACK_NAME = "CHTssCallback"
@@ -73,11 +74,13 @@ __all__ = [
     "tensor_checksum",
     "last_complete_checkpoint",
     "load_sparse_state",
+    "lock_output_dir",
     "masks_in_model_weights",
     "model_weight_files",
     "save_sparse_state",
     "sparse_state_complete",
     "trainer_callback_state",
+    "unlock_output_dir",
 ]
 
 
@@ -414,3 +417,56 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
         if checkpoint_problem(path) is None:
             return path
     return None
+
+
+# ------------------------------------------------------------------------------------------ one writer
+_HELD: dict[str, int] = {}  # output folder (real path) -> descriptor of its lock file, held by this process
+
+
+def lock_output_dir(output_dir: str) -> str | None:
+    """Take ``output_dir``'s writer lock for this process, or refuse: one training run writes a folder.
+
+    Two runs writing one ``output_dir`` delete or overwrite each other's checkpoints (``save_total_limit``
+    rotation). The lock is an exclusive ``flock`` on ``<output_dir>/.hf_chts.lock``, which the operating
+    system releases when the process ends, so a crashed or killed run never leaves it stale. Taking it again
+    in the process that holds it is a no-op. Where ``fcntl`` is missing (Windows) nothing is locked.
+
+    Returns:
+        `str` or `None`: the lock file, or None where locks are not available.
+
+    Raises:
+        ValueError: another process holds the lock, naming the folder, the holder and the fix.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    folder = os.path.realpath(output_dir)
+    path = os.path.join(folder, LOCK_FILE)
+    if folder in _HELD:
+        return path
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise ValueError(
+            f"{output_dir} is being written by another training run ({holder}, lock {path}): two runs "
+            "writing one output_dir delete or overwrite each other's checkpoints. Give this run its own "
+            "output_dir, or wait until the other ends (the lock goes with its process, also when it crashes)."
+        ) from err
+    import socket
+
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _HELD[folder] = fd
+    return path
+
+
+def unlock_output_dir(output_dir: str) -> None:
+    """Release the lock :func:`lock_output_dir` took in this process (nothing when it holds none)."""
+    fd = _HELD.pop(os.path.realpath(output_dir), None)
+    if fd is not None:
+        os.close(fd)  # closing the last descriptor releases the flock

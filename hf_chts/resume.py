@@ -37,11 +37,13 @@ from .checkpointing import (
     STATE_FILE,
     TRAINER_STATE_FILE,
     load_sparse_state,
+    lock_output_dir,
     masks_in_model_weights,
     model_weight_files,
     save_sparse_state,
     sparse_state_complete,
     trainer_callback_state,
+    unlock_output_dir,
 )
 from .config import SparseTrainingConfig
 from .masking import layer_view_shape
@@ -52,9 +54,11 @@ __all__ = [
     "check_resume_state",
     "checkpoint_candidates",
     "checkpoint_folder",
+    "claim_output_dir",
     "find_resume_state",
     "find_state",
     "last_update_before",
+    "release_output_dir",
     "restore_progress",
     "resume_point",
     "scalar_state",
@@ -112,6 +116,23 @@ def scalar_state(
         "last_update_step": last_update_step,
         "update_seconds_total": update_seconds_total,
     }
+
+
+def claim_output_dir(args: Any, trainer_state: Any) -> None:
+    """On the process that saves, take ``args.output_dir``'s writer lock (:func:`lock_output_dir`).
+
+    Raises:
+        ValueError: another training run is writing the same folder.
+    """
+    output_dir = getattr(args, "output_dir", None)
+    if output_dir and getattr(args, "should_save", getattr(trainer_state, "is_world_process_zero", True)):
+        lock_output_dir(output_dir)
+
+
+def release_output_dir(args: Any) -> None:
+    """Release the lock :func:`claim_output_dir` took (nothing on processes that hold none)."""
+    if getattr(args, "output_dir", None):
+        unlock_output_dir(args.output_dir)
 
 
 def write_state(

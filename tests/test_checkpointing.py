@@ -6,8 +6,12 @@ test; docs/reliability.md maps each scenario to its test.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,13 +24,16 @@ from hf_chts import last_complete_checkpoint
 from hf_chts.callback import CHTssCallback
 from hf_chts.checkpointing import (
     COMPLETE_FILE,
+    LOCK_FILE,
     STATE_DIR,
     STATE_FILE,
     check_safetensors_file,
     checkpoint_problem,
     load_sparse_state,
+    lock_output_dir,
     save_sparse_state,
     sparse_state_complete,
+    unlock_output_dir,
 )
 from hf_chts.masking import MASK_NAME
 
@@ -303,3 +310,46 @@ def test_full_disk_during_a_write_keeps_the_old_file_and_names_it(tmp_path, monk
         write_atomic(str(path), b"new")
     assert info.value.errno == errno.ENOSPC
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+# ------------------------------------------------------------------------------------------ one writer
+def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path):
+    # another process's lock, taken through its own open file (flock conflicts between open files)
+    (tmp_path / "out").mkdir()
+    fd = os.open(tmp_path / "out" / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    os.write(fd, b"pid 4242 on elsewhere")
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(
+            ValueError, match=r"being written by another training run \(pid 4242 on elsewhere"
+        ):
+            train(tmp_path / "out", cfg(), probe=False, max_steps=2, save_strategy="no")
+        assert not any(p.name.startswith("checkpoint-") for p in (tmp_path / "out").iterdir())
+    finally:
+        os.close(fd)  # the first writer ends: the folder is free again
+    train(tmp_path / "out", cfg(), probe=False, max_steps=2, save_strategy="steps", save_steps=2)
+    assert (tmp_path / "out" / "checkpoint-2").is_dir()
+
+
+@pytest.mark.slow
+def test_a_killed_writer_leaves_no_stale_lock(tmp_path):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from hf_chts.checkpointing import lock_output_dir; "
+            f"lock_output_dir({str(tmp_path)!r}); print('locked', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=rf"pid {holder.pid} on"):
+            lock_output_dir(str(tmp_path))
+    finally:
+        holder.kill()  # kill -9: no cleanup code runs
+        holder.wait()
+    assert lock_output_dir(str(tmp_path)) is not None
+    unlock_output_dir(str(tmp_path))
