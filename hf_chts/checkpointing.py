@@ -77,6 +77,7 @@ __all__ = [
     "lock_output_dir",
     "masks_in_model_weights",
     "model_weight_files",
+    "replace_atomic",
     "save_sparse_state",
     "sparse_state_complete",
     "trainer_callback_state",
@@ -119,6 +120,17 @@ def write_atomic(path: str, data: bytes) -> None:
             "disk space or make the output folder writable, then resume from "
             "hf_chts.last_complete_checkpoint(output_dir).",
         ) from err
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def replace_atomic(tmp: str, path: str) -> None:
+    """``fsync`` the finished file ``tmp`` and rename it over ``path`` (for writers that take a file name)."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
     _fsync_dir(os.path.dirname(path) or ".")
 
 

@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpointing import tensor_checksum, write_atomic
+from .checkpointing import replace_atomic, tensor_checksum, write_atomic
 from .masking import MASK_NAME, has_mask, keep_masks_out_of_ddp_, layer_mask, unmask_
 
 # re-exported: the statistics live in hf_chts.stats
@@ -216,7 +216,8 @@ def save_compact(
     checksums = {key: tensor_checksum(t) for key, t in sorted(tensors.items())}
     metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "tied": json.dumps(tied)}
     metadata["checksums"] = json.dumps(checksums)
-    save_file(tensors, str(path), metadata=metadata)
+    save_file(tensors, str(path) + ".tmp", metadata=metadata)  # a crash leaves the previous file, or none
+    replace_atomic(str(path) + ".tmp", str(path))
     return path
 
 

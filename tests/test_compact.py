@@ -326,3 +326,22 @@ def test_truncated_weights_file_is_refused_with_its_name(tmp_path):
         load_sparse_model(tmp_path / "m")
     with pytest.raises(ValueError, match=r"model\.safetensors is truncated"):
         read_masks(tmp_path / "m")
+
+
+def test_an_interrupted_compact_save_leaves_the_previous_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model = make_sparse_llama(plain=True)
+    save_compact(model, tmp_path / "c")
+    before = (tmp_path / "c" / COMPACT_FILE).read_bytes()
+
+    def dies_half_way(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_half_way)
+    with pytest.raises(OSError):
+        save_compact(model, tmp_path / "c")
+    assert (tmp_path / "c" / COMPACT_FILE).read_bytes() == before
+    assert_same_state(model, load_compact(tmp_path / "c"))
