@@ -51,7 +51,7 @@ STATE_DIR = "hf_chts_state"
 MASKS_FILE = "masks.safetensors"
 STATE_FILE = "state.json"
 COMPLETE_FILE = "COMPLETE"
-LOCK_FILE = ".hf_chts.lock"
+LOCK_FILE = "_hf_chts.lock"  # "_*" files stay out of the Trainer's push_to_hub
 FORMAT_VERSION = 1
 TRAINER_STATE_FILE = "trainer_state.json"
 CALLBACK_NAME = "CHTssCallback"
@@ -439,7 +439,7 @@ def lock_output_dir(output_dir: str) -> str | None:
     """Take ``output_dir``'s writer lock for this process, or refuse: one training run writes a folder.
 
     Two runs writing one ``output_dir`` delete or overwrite each other's checkpoints (``save_total_limit``
-    rotation). The lock is an exclusive ``flock`` on ``<output_dir>/.hf_chts.lock``, which the operating
+    rotation). The lock is an exclusive ``flock`` on ``<output_dir>/_hf_chts.lock``, which the operating
     system releases when the process ends, so a crashed or killed run never leaves it stale. Taking it again
     in the process that holds it is a no-op. Where ``fcntl`` is missing (Windows) nothing is locked.
 
