@@ -168,7 +168,7 @@ class CHTssCallback(TrainerCallback, ExportableState):
         """Config, sparse layers, engine for ``state.max_steps`` steps, masks (the checkpoint's on resume)."""
         if model is None:
             raise ValueError("CHTssCallback needs the model; it is passed by transformers.Trainer.")
-        resume.claim_output_dir(args, state)  # one writer per output_dir; raises while another holds it
+        resume.claim_output_dir(args)  # one writer per output_dir; raises while another holds it
         self._trainer_refs = (args, state)
         self._collectives = Collectives(getattr(args, "ddp_timeout", None))  # every rank creates its group
         if getattr(args, "report_to", None) and not self._attached:

@@ -118,14 +118,17 @@ def scalar_state(
     }
 
 
-def claim_output_dir(args: Any, trainer_state: Any) -> None:
-    """On the process that saves, take ``args.output_dir``'s writer lock (:func:`lock_output_dir`).
+def claim_output_dir(args: Any) -> None:
+    """On the process that saves (``args.should_save``), take ``args.output_dir``'s writer lock
+    (:func:`lock_output_dir`).
 
     Raises:
         ValueError: another training run is writing the same folder.
     """
     output_dir = getattr(args, "output_dir", None)
-    if output_dir and getattr(args, "should_save", getattr(trainer_state, "is_world_process_zero", True)):
+    # `TrainingArguments.should_save` names the one saving process; arguments without it (a hand-written
+    # loop) take no lock, since every rank of such a loop may call this
+    if output_dir and getattr(args, "should_save", False):
         lock_output_dir(output_dir)
 
 
