@@ -148,15 +148,9 @@ class CHTssCallback(TrainerCallback, ExportableState):
             args, trainer_state = self._trainer_refs
             step = trainer_state.global_step
             self._write_sparse_state(args, trainer_state)
-        chains = self.engine.chains if self.engine is not None else self.chains
-        return {
-            "args": {
-                "config": self.config.to_dict(),
-                "log_per_layer": self.log_per_layer,
-                "chains": chains_to_json(chains),
-            },
-            "attributes": {"_exported": self._scalar_state(step)},
-        }
+        chains = chains_to_json(self.engine.chains if self.engine is not None else self.chains)
+        init = {"config": self.config.to_dict(), "log_per_layer": self.log_per_layer, "chains": chains}
+        return {"args": init, "attributes": {"_exported": self._scalar_state(step)}}
 
     def _scalar_state(self, step: int | None) -> dict[str, Any]:
         progress = (self.last_update_step, self.update_seconds_total)
@@ -174,6 +168,7 @@ class CHTssCallback(TrainerCallback, ExportableState):
         """Config, sparse layers, engine for ``state.max_steps`` steps, masks (the checkpoint's on resume)."""
         if model is None:
             raise ValueError("CHTssCallback needs the model; it is passed by transformers.Trainer.")
+        resume.claim_output_dir(args)  # one writer per output_dir; raises while another holds it
         self._trainer_refs = (args, state)
         self._collectives = Collectives(getattr(args, "ddp_timeout", None))  # every rank creates its group
         if getattr(args, "report_to", None) and not self._attached:
@@ -225,9 +220,8 @@ class CHTssCallback(TrainerCallback, ExportableState):
         """Re-warm the learning rate for this step, after an update (``rewarmup_steps``)."""
         if self.engine is not None:
             step = state.global_step + 1
-            self._lr_scale.scale_(
-                optimizer, rewarmup_factor(step, self.last_update_step, self.config.rewarmup_steps)
-            )
+            factor = rewarmup_factor(step, self.last_update_step, self.config.rewarmup_steps, state.max_steps)
+            self._lr_scale.scale_(optimizer, factor)  # 0.0 past max_steps: a finished run stays finished
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         """Restore the learning rate; re-mask if the optimizer needs it; evolve the topology at updates."""
@@ -258,7 +252,8 @@ class CHTssCallback(TrainerCallback, ExportableState):
             self._write_sparse_state(args, state)
 
     def on_train_end(self, args, state, control, **kwargs):
-        """Stop any gradient capture."""
+        """Stop any gradient capture; release the output folder."""
+        resume.release_output_dir(args)
         if self.modules:
             set_grad_capture_(self.modules, None)
         self._grads = None

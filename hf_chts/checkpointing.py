@@ -7,14 +7,16 @@ A checkpoint folder ``<output_dir>/checkpoint-<step>`` written by ``Trainer`` wi
     hf_chts_state/
         masks.safetensors   {layer name: bool mask shaped like the weight}
         state.json          {"format_version": 1, "step": <int>, "config": {...}, "engine": {...}, ...}
-        COMPLETE            {"format_version": 1, "step": <int>, "files": {name: size in bytes}}
+        COMPLETE            {"format_version": 1, "step": <int>, "files": {name: size in bytes},
+                             "checksums": {name: "crc32:<hex>"}}
 
 Every file is written under a temporary name, flushed, ``fsync``-ed and renamed into place, and
-``COMPLETE`` is written last: a folder without ``COMPLETE`` (or whose ``COMPLETE`` names other sizes) is
-incomplete. The callback writes this folder while the Trainer saves the checkpoint, after the model weights
-and the optimizer and *before* ``trainer_state.json`` and before the Trainer deletes older checkpoints
-(``save_total_limit``), so every checkpoint that has a ``trainer_state.json`` also has its sparse state
-(docs/reliability.md).
+``COMPLETE`` is written last: a folder without ``COMPLETE`` (or whose ``COMPLETE`` names other sizes or
+checksums than the files have) is incomplete. The checksum (:func:`content_checksum`, CRC-32) catches a
+damaged file of the right size. The callback writes this folder while the Trainer saves the checkpoint,
+after the model weights and the optimizer and *before* ``trainer_state.json`` and before the Trainer deletes
+older checkpoints (``save_total_limit``), so every checkpoint that has a ``trainer_state.json`` also has its
+sparse state (docs/reliability.md).
 
 :func:`last_complete_checkpoint` returns the newest checkpoint whose Trainer files, model weights and sparse
 state are all complete; pass it to ``trainer.train(resume_from_checkpoint=...)``. Errors name the file and
@@ -35,6 +37,7 @@ import logging
 import os
 import re
 import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,6 +51,7 @@ STATE_DIR = "hf_chts_state"
 MASKS_FILE = "masks.safetensors"
 STATE_FILE = "state.json"
 COMPLETE_FILE = "COMPLETE"
+LOCK_FILE = "_hf_chts.lock"  # "_*" files stay out of the Trainer's push_to_hub
 FORMAT_VERSION = 1
 TRAINER_STATE_FILE = "trainer_state.json"
 CALLBACK_NAME = "CHTssCallback"
@@ -65,13 +69,19 @@ __all__ = [
     "STATE_FILE",
     "check_safetensors_file",
     "checkpoint_problem",
+    "content_checksum",
+    "file_checksum",
+    "tensor_checksum",
     "last_complete_checkpoint",
     "load_sparse_state",
+    "lock_output_dir",
     "masks_in_model_weights",
     "model_weight_files",
+    "replace_atomic",
     "save_sparse_state",
     "sparse_state_complete",
     "trainer_callback_state",
+    "unlock_output_dir",
 ]
 
 
@@ -113,6 +123,40 @@ def write_atomic(path: str, data: bytes) -> None:
     _fsync_dir(os.path.dirname(path) or ".")
 
 
+def replace_atomic(tmp: str, path: str) -> None:
+    """``fsync`` the finished file ``tmp`` and rename it over ``path`` (for writers that take a file name)."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def content_checksum(data: bytes | memoryview) -> str:
+    """The checksum recorded beside a file or tensor this package writes: ``"crc32:<8 hex digits>"``.
+
+    CRC-32 (``zlib``, gigabytes per second) detects damaged bytes; it is not a defence against forgery.
+    """
+    return f"crc32:{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+
+
+def tensor_checksum(tensor: torch.Tensor) -> str:
+    """:func:`content_checksum` of a tensor's bytes as safetensors stores them (row-major, its own dtype)."""
+    data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+    return content_checksum(memoryview(data))
+
+
+def file_checksum(path: str, chunk: int = 1 << 24) -> str:
+    """:func:`content_checksum` of a file's bytes, read in chunks of ``chunk`` bytes."""
+    value = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            value = zlib.crc32(block, value)
+    return f"crc32:{value & 0xFFFFFFFF:08x}"
+
+
 def _state_folder(directory: str) -> str:
     if os.path.basename(os.path.normpath(directory)) == STATE_DIR:
         return directory
@@ -146,6 +190,7 @@ def save_sparse_state(directory: str, masks: Mapping[str, torch.Tensor], state: 
         "format_version": FORMAT_VERSION,
         "step": state.get("step"),
         "files": {MASKS_FILE: len(masks_bytes), STATE_FILE: len(state_bytes)},
+        "checksums": {MASKS_FILE: content_checksum(masks_bytes), STATE_FILE: content_checksum(state_bytes)},
     }
     write_atomic(marker, (json.dumps(complete, sort_keys=True) + "\n").encode("utf-8"))
     return folder
@@ -176,12 +221,18 @@ def sparse_state_complete(directory: str) -> str | None:
         with open(marker, encoding="utf-8") as handle:
             info = json.load(handle)
         files = dict(info["files"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        checksums = dict(info.get("checksums") or {})  # absent in states written before checksums
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         return f"{marker} is unreadable ({err})"
     for name, size in files.items():
         path = os.path.join(folder, name)
         if not os.path.isfile(path) or os.path.getsize(path) != size:
             return f"{path} is missing or has another size than {marker} records"
+        if name in checksums and file_checksum(path) != checksums[name]:
+            return (
+                f"{path} has other content than {marker} records (checksum {file_checksum(path)}, recorded "
+                f"{checksums[name]}): the file was damaged or edited after it was written"
+            )
     return None
 
 
@@ -378,3 +429,56 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
         if checkpoint_problem(path) is None:
             return path
     return None
+
+
+# ------------------------------------------------------------------------------------------ one writer
+_HELD: dict[str, int] = {}  # output folder (real path) -> descriptor of its lock file, held by this process
+
+
+def lock_output_dir(output_dir: str) -> str | None:
+    """Take ``output_dir``'s writer lock for this process, or refuse: one training run writes a folder.
+
+    Two runs writing one ``output_dir`` delete or overwrite each other's checkpoints (``save_total_limit``
+    rotation). The lock is an exclusive ``flock`` on ``<output_dir>/_hf_chts.lock``, which the operating
+    system releases when the process ends, so a crashed or killed run never leaves it stale. Taking it again
+    in the process that holds it is a no-op. Where ``fcntl`` is missing (Windows) nothing is locked.
+
+    Returns:
+        `str` or `None`: the lock file, or None where locks are not available.
+
+    Raises:
+        ValueError: another process holds the lock, naming the folder, the holder and the fix.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    folder = os.path.realpath(output_dir)
+    path = os.path.join(folder, LOCK_FILE)
+    if folder in _HELD:
+        return path
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise ValueError(
+            f"{output_dir} is being written by another training run ({holder}, lock {path}): two runs "
+            "writing one output_dir delete or overwrite each other's checkpoints. Give this run its own "
+            "output_dir, or wait until the other ends (the lock goes with its process, also when it crashes)."
+        ) from err
+    import socket
+
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _HELD[folder] = fd
+    return path
+
+
+def unlock_output_dir(output_dir: str) -> None:
+    """Release the lock :func:`lock_output_dir` took in this process (nothing when it holds none)."""
+    fd = _HELD.pop(os.path.realpath(output_dir), None)
+    if fd is not None:
+        os.close(fd)  # closing the last descriptor releases the flock

@@ -90,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="Only shipped / --include_path tasks (skips indexing lm-eval's task list).",
     )
 
-    p = sub.add_parser("inspect", help="Per-layer density, degrees and active neurons of a checkpoint.")
+    p = sub.add_parser(
+        "inspect",
+        help="Per-layer density (from the masks and from the weights), degrees and active neurons of a "
+        "checkpoint; exit status 1 when masks or weights disagree.",
+    )
     p.add_argument("checkpoint")
     p.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
 
@@ -158,13 +162,74 @@ def _inspect(folder: str) -> dict:
 
     masks = read_masks(folder)
     stats = mask_statistics(masks, transposed=is_transposed_config(read_config(folder)))
+    problems = _weight_checks(Path(folder), masks, stats) if masks else []
     return {
         "checkpoint": str(folder),
         "format": "compact" if is_compact(folder) else "safetensors",
         "layers": stats,
         "by_type": summarize_by_layer_type(stats),
         "mlp_active_neurons": mlp_active_neurons(masks),
+        "problems": problems,
     }
+
+
+def _weight_checks(folder: Path, masks: dict, stats: dict) -> list[str]:
+    """Each layer's density counted from its weights (``weight_density``) and its non-zero weights where the
+    mask removes the link (``nonzero_masked``), into ``stats``; what is wrong with the masks or weights."""
+    from safetensors import safe_open
+
+    from .compact import COMPACT_FILE, is_compact
+    from .weights_io import MASK_SUFFIX, mask_specs, read_tensor, tensor_files, weight_files
+
+    problems, leaks = [], []
+    if is_compact(folder):
+        path = folder / COMPACT_FILE
+        with safe_open(str(path), framework="pt") as handle:
+            keys = set(handle.keys())
+            for name, mask in masks.items():
+                if name + ".weight.values" not in keys:
+                    problems.append(f"{path} lacks {name}.weight.values; export the checkpoint again.")
+                    continue
+                values, links = handle.get_tensor(name + ".weight.values"), int(mask.sum())
+                stats[name].update(weight_density=int((values != 0).sum()) / mask.numel(), nonzero_masked=0)
+                if values.dim() != 1 or values.numel() != links:
+                    problems.append(
+                        f"{path}: {name}.weight.values holds {values.numel()} values (shape "
+                        f"{tuple(values.shape)}) for the {links} links its bitmask sets; the file is "
+                        "corrupt. Export the checkpoint again (hf-chts export) from the trained model."
+                    )
+        return problems
+    files = weight_files(folder)
+    for key, (dtype, _) in (mask_specs(None, files) or {}).items():
+        if dtype != "torch.bool":
+            problems.append(
+                f"{folder}: mask {key} is stored as {dtype}, not torch.bool; the file was not written by a "
+                "sparse model's save_pretrained. Save the model again, or use another checkpoint."
+            )
+    location = tensor_files(files, suffix=".weight")
+    for name, mask in masks.items():
+        file = location.get(name + ".weight")
+        weight = read_tensor(file, name + ".weight") if file is not None else None
+        if weight is None or tuple(weight.shape) != tuple(mask.shape):
+            problems.append(
+                f"{file or folder}: {name}{MASK_SUFFIX} has shape {tuple(mask.shape)} but its weight "
+                f"{None if weight is None else tuple(weight.shape)}; save the model again."
+            )
+            continue
+        nonzero = weight != 0
+        leaked = int((nonzero & ~mask).sum())
+        stats[name].update(weight_density=int(nonzero.sum()) / mask.numel(), nonzero_masked=leaked)
+        if leaked:
+            leaks.append((name, leaked, file))
+    if leaks:
+        name, leaked, file = leaks[0]
+        problems.append(
+            f"{file}: {leaked} weights of {name} are non-zero where its weight_mask removes the link "
+            f"({len(leaks)} layers in all; the model computes with a denser matrix than its masks say, e.g. "
+            "after PEFT's own merge_and_unload). Merge adapters with hf_chts.merge_and_unload, or zero those "
+            f"weights with hf_chts.compact.zero_masked_weights({str(folder)!r})."
+        )
+    return problems
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -176,7 +241,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     else:
         width = max(len(n) for n in layers)
         head = (
-            f"{'layer':<{width}}  {'shape':>11}  {'density':>7}  {'nnz':>9}  "
+            f"{'layer':<{width}}  {'shape':>11}  {'density':>7}  {'w.dens':>7}  {'nnz':>9}  "
             f"{'in-degree min/mean/max':>23}  {'out-degree min/mean/max':>23}  {'act.out':>7}  {'act.in':>7}"
         )
         print(head)
@@ -185,7 +250,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             ind, outd = s["in_degree"], s["out_degree"]
             shape = f"{s['shape'][0]}x{s['shape'][1]}"
             print(
-                f"{name:<{width}}  {shape:>11}  {s['density']:>7.4f}  {s['nnz']:>9}  "
+                f"{name:<{width}}  {shape:>11}  {s['density']:>7.4f}  {s.get('weight_density', -1):>7.4f}  "
+                f"{s['nnz']:>9}  "
                 f"{ind['min']:>6.0f}/{ind['mean']:>7.1f}/{ind['max']:>6.0f}    "
                 f"{outd['min']:>6.0f}/{outd['mean']:>7.1f}/{outd['max']:>6.0f}    "
                 f"{s['active_out']:>7.3f}  {s['active_in']:>7.3f}"
@@ -206,6 +272,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if report["problems"]:  # after the table: the figures show what is wrong; the exit status says it
+        raise ValueError(" ".join(report["problems"][:2]) + f" ({len(report['problems'])} problems in all)")
     return 0
 
 
@@ -230,6 +298,11 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         load_log_history(source)
     except FileNotFoundError:
         state_found = False
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise ValueError(
+            f"{source} is not a trainer_state.json ({type(err).__name__}: {err}). Pass the "
+            "trainer_state.json the Trainer wrote, a training output folder, or --checkpoint FOLDER."
+        ) from err
     if state_found:
         written += [p for p in [plot_loss(source, output_dir)] if p is not None]
         written += plot_training_curves(source, output_dir, prefix=args.prefix)

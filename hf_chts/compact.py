@@ -12,8 +12,9 @@ A folder with
 - ``config.json`` (and ``generation_config.json``, tokenizer files when given), exactly as
   ``save_pretrained`` writes them, so ``AutoConfig`` recognises the model;
 - ``model.compact.safetensors``, a safetensors file whose header metadata holds
-  ``{"format": "hf_chts.compact", "format_version": "1", "tied": "<json {alias: source}>"}``, and whose
-  tensors are:
+  ``{"format": "hf_chts.compact", "format_version": "1", "tied": "<json {alias: source}>",
+  "checksums": "<json {tensor name: crc32 of its bytes}>"}`` (files written before checksums have none and
+  load unchecked), and whose tensors are:
 
   - for every sparse weight ``W`` named ``<module>.weight`` (a module carrying a ``weight_mask`` buffer),
     with the mask ``M`` of the same 2-D shape ``(rows, cols)`` as stored in the state dict:
@@ -47,7 +48,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from collections.abc import Mapping
@@ -57,7 +57,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpointing import write_atomic
+from .checkpointing import replace_atomic, tensor_checksum, write_atomic
+
+# re-exported: dense export, the folder helpers (weights_io) and the statistics (stats) live elsewhere
+from .dense_export import save_dense, to_dense_model
 from .masking import (
     MASK_NAME,
     has_mask,
@@ -65,15 +68,14 @@ from .masking import (
     keep_masks_out_of_ddp_,
     layer_mask,
     make_masked_,
-    unmask_,
 )
-
-# re-exported: the statistics live in hf_chts.stats
 from .stats import layer_sort_key, mask_statistics, mlp_active_neurons, summarize_by_layer_type
 from .weights_io import (
     MASK_SUFFIX,
     check_safetensors_file,
+    folder_size,
     masks_in_files,
+    read_config,
     read_file,
     read_tensor,
     tensor_files,
@@ -85,7 +87,6 @@ FORMAT_NAME = "hf_chts.compact"
 FORMAT_VERSION = "1"
 _VALUES, _BITMASK, _SHAPE = ".values", ".bitmask", ".shape"
 # model types whose sparse weights are stored (n_in, n_out) (GPT-2 Conv1D), see DESIGN.md "Masks"
-_TRANSPOSED_MODEL_TYPES = ("gpt2",)
 
 __all__ = [
     "COMPACT_FILE",
@@ -219,8 +220,11 @@ def save_compact(
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     path = folder / COMPACT_FILE
+    checksums = {key: tensor_checksum(t) for key, t in sorted(tensors.items())}
     metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "tied": json.dumps(tied)}
-    save_file(tensors, str(path), metadata=metadata)
+    metadata["checksums"] = json.dumps(checksums)
+    save_file(tensors, str(path) + ".tmp", metadata=metadata)  # a crash leaves the previous file, or none
+    replace_atomic(str(path) + ".tmp", str(path))
     return path
 
 
@@ -242,6 +246,28 @@ def _read_compact_metadata(path: Path) -> dict[str, str]:
             f"version {FORMAT_VERSION}. Upgrade hf_chts."
         )
     return metadata
+
+
+def _checked(handle: Any, key: str, checksums: Mapping[str, str], path: Path) -> torch.Tensor:
+    """Tensor ``key`` of an open compact file, refused when its bytes differ from the recorded checksum."""
+    tensor = handle.get_tensor(key)
+    if key in checksums and tensor_checksum(tensor) != checksums[key]:
+        raise ValueError(
+            f"{path}: tensor {key!r} has other content than the checksum recorded when the file was written "
+            "(damaged, or tensors swapped or edited). Export the checkpoint again (save_compact / hf-chts "
+            "export) from the trained model."
+        )
+    return tensor
+
+
+def _checksums(metadata: Mapping[str, str], path: Path) -> dict[str, str]:
+    try:
+        checksums = json.loads(metadata.get("checksums", "{}"))
+    except json.JSONDecodeError:
+        checksums = None
+    if not isinstance(checksums, dict):
+        raise ValueError(f"{path}: the `checksums` metadata is not a JSON object; the file is corrupt.")
+    return checksums
 
 
 def _attach_masks_(model: torch.nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
@@ -293,7 +319,7 @@ def load_compact(
             f"No {COMPACT_FILE} in {folder}; write one with save_compact / hf-chts export."
         )
     metadata = _read_compact_metadata(path)
-    tied = _parse_tied(metadata.get("tied", "{}"), path)
+    tied, sums = _parse_tied(metadata.get("tied", "{}"), path), _checksums(metadata, path)
     config = AutoConfig.from_pretrained(folder)
     model_class = model_class or model_class_for(config)
 
@@ -307,12 +333,13 @@ def load_compact(
                 missing = [weight + s for s in (_BITMASK, _SHAPE) if weight + s not in keys]
                 if missing:
                     raise ValueError(f"Compact checkpoint {path} lacks {missing}.")
-                shape = _checked_shape(handle.get_tensor(weight + _SHAPE), weight, path)
-                mask = unpack_mask(handle.get_tensor(weight + _BITMASK), shape)
-                values = handle.get_tensor(key)
-                if values.numel() != int(mask.sum()):
+                shape = _checked_shape(_checked(handle, weight + _SHAPE, sums, path), weight, path)
+                mask = unpack_mask(_checked(handle, weight + _BITMASK, sums, path), shape)
+                values = _checked(handle, key, sums, path)
+                if values.dim() != 1 or values.numel() != int(mask.sum()):
                     raise ValueError(
-                        f"{weight}: {values.numel()} values for {int(mask.sum())} kept links; corrupt file."
+                        f"{path}: {key} must be 1-D with one value per kept link ({int(mask.sum())}), got "
+                        f"shape {tuple(values.shape)}; the file is corrupt. Export it again (hf-chts export)."
                     )
                 dense = torch.zeros(mask.shape, dtype=values.dtype)
                 dense[mask] = values
@@ -320,7 +347,7 @@ def load_compact(
                 masks[weight[: -len(".weight")]] = mask
                 state[weight[: -len(".weight")] + MASK_SUFFIX] = mask
             elif not key.endswith((_BITMASK, _SHAPE)):
-                state[key] = handle.get_tensor(key)
+                state[key] = _checked(handle, key, sums, path)
     for alias, source in tied.items():
         if source not in state:
             raise ValueError(
@@ -537,63 +564,16 @@ def read_masks(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     fix = "Save or export the checkpoint again, or use another one."
     if is_compact(folder):
         path = folder / COMPACT_FILE
-        _read_compact_metadata(path)
+        sums = _checksums(_read_compact_metadata(path), path)
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():
                 if key.endswith(_BITMASK):
                     weight = key[: -len(_BITMASK)]
                     if weight + _SHAPE not in handle.keys():
                         raise ValueError(f"{path} lacks {weight + _SHAPE}; the file is corrupt. {fix}")
-                    shape = _checked_shape(handle.get_tensor(weight + _SHAPE), weight, path)
-                    masks[weight[: -len(".weight")]] = unpack_mask(handle.get_tensor(key), shape)
+                    shape = _checked_shape(_checked(handle, weight + _SHAPE, sums, path), weight, path)
+                    masks[weight[: -len(".weight")]] = unpack_mask(_checked(handle, key, sums, path), shape)
         return dict(sorted(masks.items(), key=lambda kv: layer_sort_key(kv[0])))
     for name, mask in masks_in_files(_safetensors_files(folder), fix=fix).items():
         masks[name] = mask.to(torch.bool)
     return dict(sorted(masks.items(), key=lambda kv: layer_sort_key(kv[0])))
-
-
-def read_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """The folder's ``config.json`` as a dict ({} when absent)."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); restore or rewrite the config.") from err
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}; rewrite the config.")
-    return config
-
-
-def folder_size(folder: str | os.PathLike, pattern: str = "*.safetensors") -> int:
-    """Total bytes of the files matching ``pattern`` in ``folder`` (the weight files by default)."""
-    return sum(p.stat().st_size for p in Path(folder).glob(pattern) if p.is_file())
-
-
-def is_transposed_config(config: Mapping[str, Any]) -> bool:
-    """Whether a checkpoint's sparse weights are stored ``(n_in, n_out)`` (GPT-2 ``Conv1D``)."""
-    return config.get("model_type") in _TRANSPOSED_MODEL_TYPES
-
-
-# ---------------------------------------------------------------------------------------------- dense export
-def to_dense_model(model: torch.nn.Module) -> torch.nn.Module:
-    """A plain copy of ``model`` without masks; ``model`` itself is left as it is.
-
-    ``model.to_dense()`` when the class has it (e.g. ``SparseLlamaForCausalLM``), else a deep copy turned
-    back into plain layers by :func:`hf_chts.masking.unmask_` (effective weights kept, masks removed).
-    """
-    to_dense = getattr(model, "to_dense", None)
-    if callable(to_dense):
-        return to_dense()
-    return unmask_(copy.deepcopy(model))
-
-
-def save_dense(model: torch.nn.Module, folder: str | os.PathLike, *, tokenizer: Any = None) -> Path:
-    """Save ``model`` as a plain dense checkpoint (no masks), loadable by ``transformers`` alone."""
-    folder = Path(folder)
-    dense = to_dense_model(model)
-    dense.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    return folder

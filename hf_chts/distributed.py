@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import datetime
+import logging
 import time
 from typing import Any
 
@@ -42,6 +43,8 @@ __all__ = [
     "shard_groups",
     "share_masks",
 ]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 1800.0  # seconds, TrainingArguments.ddp_timeout's default
 
@@ -76,6 +79,22 @@ class CollectiveTimeout(RuntimeError):
     """A collective of the sparse-training callback did not complete within the timeout."""
 
 
+def _default_group_timeout_(seconds: float) -> None:
+    """Give the default process group (the Trainer's gradient all-reduce) the run's timeout under gloo.
+
+    ``TrainingArguments(use_cpu=True)`` creates it without ``ddp_timeout``, so a rank frozen outside the
+    callback's own collectives would make the others wait gloo's 30 minutes. PyTorch sets a group's timeout
+    after creation only through ``distributed_c10d._set_pg_timeout``; where that is missing, nothing changes.
+    """
+    setter = getattr(torch.distributed.distributed_c10d, "_set_pg_timeout", None)
+    if setter is None:
+        return
+    try:
+        setter(datetime.timedelta(seconds=seconds))
+    except (RuntimeError, ValueError, AttributeError) as err:
+        logger.warning("hf_chts: could not set the default process group's timeout (%s).", err)
+
+
 class Collectives:
     """Broadcast, reduce and gather over all ranks, failing after ``timeout`` seconds instead of hanging.
 
@@ -104,6 +123,8 @@ class Collectives:
                     backend=backend, timeout=datetime.timedelta(seconds=self.timeout)
                 )
             self.group = _GROUPS[key]
+            if "gloo" in str(backend):
+                _default_group_timeout_(self.timeout)
 
     def _peer(self, root: int) -> int | None:
         """The rank this one waits for in a collective rooted at ``root`` (None: one of several)."""

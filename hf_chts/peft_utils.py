@@ -145,8 +145,9 @@ def merge_and_unload(
         `nn.Module`: the base model with the adapters merged and the wrappers removed, masked weights 0.0.
 
     Raises:
-        ValueError: when ``peft_model`` is not a ``PeftModel``, or when its base is not sparse (nothing is
-            changed then: use PEFT's ``peft_model.merge_and_unload()`` for a dense merge).
+        ValueError: when ``peft_model`` is not a ``PeftModel``, when its base is not sparse (use PEFT's
+            ``peft_model.merge_and_unload()`` for a dense merge), or when a ``weight_mask`` is not a bool
+            tensor of its weight's shape (naming the layer); nothing is changed then.
     """
     _import_peft("hf_chts.merge_and_unload")
     if not is_peft_model(peft_model):
@@ -162,6 +163,7 @@ def merge_and_unload(
             "there is no sparsity to keep and nothing was changed. Use PEFT's "
             "`peft_model.merge_and_unload()` for a dense merge."
         )
+    _check_masks_before_merge(base)  # PEFT merges in place: refuse before any layer changes
     before = {id(m): m.weight.detach().clone() for m in masked}
     merged = peft_model.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
     modules = {name: m for name, m in merged.named_modules() if has_mask(m)}
@@ -175,6 +177,9 @@ def merge_and_unload(
             from .masking import make_masked_
 
             make_masked_(module)
+        weight = module._parameters.get("weight")
+        if weight is not None:  # masked_fill, not a product: a NaN at a masked position becomes 0.0 too
+            weight.data.masked_fill_(~mask.to(weight.device), 0.0)
     apply_masks_(modules)
     total = kept_sq + dropped_sq
     if total > 0:
@@ -185,6 +190,26 @@ def merge_and_unload(
             100.0 * dropped_sq / total,
         )
     return merged
+
+
+def _check_masks_before_merge(base: nn.Module) -> None:
+    """Refuse a ``weight_mask`` that is not a bool tensor of its weight's shape, naming the layer and the fix.
+
+    Checked for every layer before PEFT merges any: its merge changes the weights in place, so a bad mask
+    found half-way would leave every layer merged (dense) and the model's sparsity lost.
+    """
+    for name, module in base.named_modules():
+        if not has_mask(module):
+            continue
+        mask, weight = layer_mask(module), getattr(module, "weight", None)
+        shape = tuple(weight.shape) if weight is not None else None
+        if mask.dtype != torch.bool or (shape is not None and tuple(mask.shape) != shape):
+            raise ValueError(
+                f"Layer {name!r} has a weight_mask of dtype {mask.dtype} and shape {tuple(mask.shape)}; "
+                f"expected torch.bool of the weight's shape {shape}. Nothing was merged. Fix the mask "
+                f"(e.g. `module.weight_mask = (mask != 0)` with the weight's shape), or reload the sparse "
+                "base from its checkpoint, then merge again."
+            )
 
 
 def shira_mask_fn(init: str = "brf", *, seed: int = 0, **params: Any) -> Callable[..., torch.Tensor]:

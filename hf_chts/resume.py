@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -34,12 +35,15 @@ from .checkpointing import (
     MASKS_FILE,
     STATE_DIR,
     STATE_FILE,
+    TRAINER_STATE_FILE,
     load_sparse_state,
+    lock_output_dir,
     masks_in_model_weights,
     model_weight_files,
     save_sparse_state,
     sparse_state_complete,
     trainer_callback_state,
+    unlock_output_dir,
 )
 from .config import SparseTrainingConfig
 from .masking import layer_view_shape
@@ -50,9 +54,11 @@ __all__ = [
     "check_resume_state",
     "checkpoint_candidates",
     "checkpoint_folder",
+    "claim_output_dir",
     "find_resume_state",
     "find_state",
     "last_update_before",
+    "release_output_dir",
     "restore_progress",
     "resume_point",
     "scalar_state",
@@ -112,6 +118,26 @@ def scalar_state(
     }
 
 
+def claim_output_dir(args: Any) -> None:
+    """On the process that saves (``args.should_save``), take ``args.output_dir``'s writer lock
+    (:func:`lock_output_dir`).
+
+    Raises:
+        ValueError: another training run is writing the same folder.
+    """
+    output_dir = getattr(args, "output_dir", None)
+    # `TrainingArguments.should_save` names the one saving process; arguments without it (a hand-written
+    # loop) take no lock, since every rank of such a loop may call this
+    if output_dir and getattr(args, "should_save", False):
+        lock_output_dir(output_dir)
+
+
+def release_output_dir(args: Any) -> None:
+    """Release the lock :func:`claim_output_dir` took (nothing on processes that hold none)."""
+    if getattr(args, "output_dir", None):
+        unlock_output_dir(args.output_dir)
+
+
 def write_state(
     args: Any, trainer_state: Any, masks: Mapping[str, torch.Tensor], state: Mapping[str, Any]
 ) -> bool:
@@ -162,6 +188,7 @@ def find_state(
         trainer_step=step,
         shapes={name: tuple(m.weight.shape) for name, m in modules.items()},
         expected_nnz={name: engine.target_nnz(name, at) for name in modules},
+        early_stop=engine.config.early_stop_threshold is not None,
     )
     if found is None:
         if carried:
@@ -201,6 +228,14 @@ def resume_point(
     """
     if step <= 0:
         return None, 0, 0.0
+    if step >= engine.max_steps:
+        logger.warning(
+            "hf_chts: resuming at step %d, but the run already finished (max_steps=%d). Trainer still takes "
+            "one more step; CHTssCallback runs it at learning rate 0, so no weight changes. Skip "
+            "trainer.train() for a finished checkpoint (docs/reliability.md); raise max_steps to continue.",
+            step,
+            engine.max_steps,
+        )
     found = find_state(args, step, modules, engine, carried=carried, resume_from=resume_from)
     last_update_step, seconds = restore_progress(engine, found[1] if found else None, step)
     return (found[0] if found else None), last_update_step, seconds
@@ -235,6 +270,8 @@ def check_resume_state(
     expected_nnz: Mapping[str, int],
     model_masks: Mapping[str, torch.Tensor] | None = None,
     model_source: str = "",
+    early_stop: bool = True,
+    state_source: str | None = None,
 ) -> None:
     """Refuse a sparse state that would not continue the run it claims to continue.
 
@@ -246,6 +283,9 @@ def check_resume_state(
         expected_nnz: the number of links each layer holds at ``trainer_step`` under the run's schedule.
         model_masks: the masks stored in the same checkpoint's model weights, when it has any.
         model_source (`str`): the file of ``model_masks``.
+        early_stop (`bool`, defaults to `True`): whether the run's config lets layers freeze
+            (``early_stop_threshold`` set); without it ``engine.frozen`` must be empty.
+        state_source (`str`, *optional*): the file ``state`` comes from, when not ``source``.
 
     Raises:
         ValueError: naming the file, the numbers and the fix.
@@ -258,6 +298,7 @@ def check_resume_state(
             f"that holds this state (checkpoint-{step}), or give CHTssCallback the state of "
             f"checkpoint-{trainer_step} (or none: it reads the folder the Trainer resumes from)."
         )
+    _check_scalars(state, state_source or source, trainer_step, set(expected_nnz), early_stop)
     for name, target in expected_nnz.items():
         nnz = int(masks[name].sum())
         if nnz != target:
@@ -282,12 +323,39 @@ def check_resume_state(
                 )
 
 
+def _check_scalars(
+    state: Mapping[str, Any], source: str, trainer_step: int, layers: set[str], early_stop: bool
+) -> None:
+    """Refuse scalar state that no run writes: a frozen layer the config cannot freeze, steps or seconds out
+    of range (a consistent hand edit passes the link counts, so the scalars are checked on their own)."""
+    fix = (
+        "It was edited or written by another run: resume from an unmodified checkpoint "
+        "(hf_chts.last_complete_checkpoint), with the sparse-training config it was trained with."
+    )
+    frozen = list((state.get("engine") or {}).get("frozen", []))
+    unknown = sorted(set(frozen) - layers) if layers else []
+    if unknown:
+        raise ValueError(f"{source}: `engine.frozen` names layers this model has not: {unknown[:4]}. {fix}")
+    if frozen and not early_stop:
+        raise ValueError(
+            f"{source}: `engine.frozen` lists {len(frozen)} layers (e.g. {frozen[0]!r}), but the "
+            f"run's config has early_stop_threshold=None, so no layer can have been frozen. {fix}"
+        )
+    last = state.get("last_update_step")
+    if last is not None and not 0 <= int(last) <= int(trainer_step):
+        raise ValueError(f"{source}: `last_update_step` is {last}, outside [0, {trainer_step}]. {fix}")
+    seconds = state.get("update_seconds_total")
+    if seconds is not None and not (math.isfinite(float(seconds)) and float(seconds) >= 0):
+        raise ValueError(f"{source}: `update_seconds_total` is {seconds}, not a finite number >= 0. {fix}")
+
+
 def find_resume_state(
     candidates: list[str],
     *,
     trainer_step: int,
     shapes: Mapping[str, tuple[int, ...]],
     expected_nnz: Mapping[str, int],
+    early_stop: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], str] | None:
     """The validated masks and scalar state to resume from, read from the first usable candidate folder.
 
@@ -301,6 +369,7 @@ def find_resume_state(
         trainer_step (`int`): the step the Trainer resumes at.
         shapes: ``{layer name: weight shape}`` of the model's sparse layers.
         expected_nnz: ``{layer name: links}`` the schedule gives each layer at ``trainer_step``.
+        early_stop (`bool`, defaults to `True`): whether the run's config lets layers freeze.
 
     Returns:
         ``(masks, state, source file)``, or ``None`` when no candidate holds masks.
@@ -322,6 +391,7 @@ def find_resume_state(
         if problem is None or (has_state and not model_masks):
             masks, state = load_sparse_state(path)  # raises with the file and the fix when broken
             source = os.path.join(folder, MASKS_FILE)
+            state_source = os.path.join(folder, STATE_FILE)
         elif model_masks:
             if has_state:
                 logger.warning(
@@ -332,6 +402,7 @@ def find_resume_state(
                 )
             masks, source = dict(model_masks), model_source
             state = dict(trainer_callback_state(path) or {})
+            state_source = os.path.join(path, TRAINER_STATE_FILE)
             model_masks = {}
         else:
             continue
@@ -359,6 +430,8 @@ def find_resume_state(
             expected_nnz=expected_nnz,
             model_masks=model_masks,
             model_source=model_source,
+            early_stop=early_stop,
+            state_source=state_source,
         )
         return masks, state, source
     return None

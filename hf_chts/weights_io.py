@@ -30,11 +30,16 @@ import json
 import os
 import struct
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
 __all__ = [
+    "TRANSPOSED_MODEL_TYPES",
+    "folder_size",
+    "is_transposed_config",
+    "read_config",
     "INDEX_FILE",
     "MASK_SUFFIX",
     "WEIGHTS_FILE",
@@ -256,3 +261,32 @@ def mask_specs(
         else:
             return None
     return specs
+
+
+# ----------------------------------------------------------------------------------------- checkpoint folders
+# model types whose sparse weights are stored (n_in, n_out) (GPT-2's Conv1D)
+TRANSPOSED_MODEL_TYPES = ("gpt2",)
+
+
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The folder's ``config.json`` as a dict ({} when absent)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); restore or rewrite the config.") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}; rewrite the config.")
+    return config
+
+
+def folder_size(folder: str | os.PathLike, pattern: str = "*.safetensors") -> int:
+    """Total bytes of the files matching ``pattern`` in ``folder`` (the weight files by default)."""
+    return sum(p.stat().st_size for p in Path(folder).glob(pattern) if p.is_file())
+
+
+def is_transposed_config(config: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint's sparse weights are stored ``(n_in, n_out)`` (GPT-2 ``Conv1D``)."""
+    return config.get("model_type") in TRANSPOSED_MODEL_TYPES

@@ -61,20 +61,12 @@ LAYERS: list[set[str]] = [
         "topology.sampling",
     },
     {"data", "masking", "topology.init", "topology.regrowth", "topology.removal"},
-    {"compact", "config", "peft_utils", "topology"},
-    {
-        "auto",
-        "evaluation",
-        "initial",
-        "modeling.configuration_sparse_llama",
-        "plotting",
-        "recipe_utils",
-        "resume",
-    },
-    {"engine", "hub"},
-    {"cli", "sparsify", "update"},
-    {"callback", "modeling.modeling_sparse_llama"},
-    {"modeling"},  # the package: its names load lazily from the modules above
+    {"config", "dense_export", "peft_utils", "topology"},
+    {"compact", "initial", "modeling.configuration_sparse_llama", "recipe_utils", "resume"},
+    {"auto", "engine", "evaluation", "plotting"},
+    {"hub", "sparsify", "update"},
+    {"callback", "cli", "modeling.modeling_sparse_llama"},
+    {"modeling"},  # the package: its names load lazily from the modules below
     {""},  # the package itself: `import hf_chts` registers the models and re-exports the API
 ]
 # Pairs that must never import each other, directly or through other modules: (importer prefix, what it must

@@ -6,8 +6,12 @@ test; docs/reliability.md maps each scenario to its test.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,13 +24,16 @@ from hf_chts import last_complete_checkpoint
 from hf_chts.callback import CHTssCallback
 from hf_chts.checkpointing import (
     COMPLETE_FILE,
+    LOCK_FILE,
     STATE_DIR,
     STATE_FILE,
     check_safetensors_file,
     checkpoint_problem,
     load_sparse_state,
+    lock_output_dir,
     save_sparse_state,
     sparse_state_complete,
+    unlock_output_dir,
 )
 from hf_chts.masking import MASK_NAME
 
@@ -161,6 +168,29 @@ def test_last_complete_checkpoint_skips_interrupted_saves(out):
     assert last_complete_checkpoint(str(out / "nothing")) is None
 
 
+def _flip_byte(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["masks", "state"])
+def test_last_complete_checkpoint_skips_a_same_size_corruption_of_the_newest_state(out, name):
+    state_dir = out / "checkpoint-4" / STATE_DIR
+    path = state_dir / ("masks.safetensors" if name == "masks" else STATE_FILE)
+    size = path.stat().st_size
+    _flip_byte(path, size - 2)  # inside the mask bytes / inside the JSON's last value
+    assert path.stat().st_size == size
+    problem = sparse_state_complete(out / "checkpoint-4")
+    assert problem is not None and "checksum" in problem and str(path) in problem
+    # the model weights still carry the masks, so checkpoint-4 stays resumable, from those masks
+    assert last_complete_checkpoint(str(out)).endswith("checkpoint-4")
+    weights = out / "checkpoint-4" / "model.safetensors"
+    dense = {k: v for k, v in load_file(str(weights)).items() if not k.endswith(MASK_NAME)}
+    save_file(dense, str(weights), metadata={"format": "pt"})
+    assert last_complete_checkpoint(str(out)).endswith("checkpoint-2")
+
+
 # ------------------------------------------------------------------------------------------ resume
 def test_resume_from_model_weights_when_sparse_state_is_missing(out, run_dir):
     shutil.rmtree(out / "checkpoint-2" / STATE_DIR)
@@ -193,6 +223,58 @@ def test_resume_refuses_state_masks_that_differ_from_the_model_weights(out):
     save_sparse_state(str(out / "checkpoint-4"), other, state)
     with pytest.raises(ValueError, match=r"differ from those in .*model\.safetensors"):
         resume(out, out / "checkpoint-4")
+
+
+def test_resume_refuses_frozen_layers_the_config_cannot_freeze(out):
+    # the documented fallback path (no hf_chts_state/, masks in the weights), nothing forged: only
+    # engine.frozen in trainer_state.json set to every layer, with early_stop_threshold=None
+    assert cfg().early_stop_threshold is None
+    shutil.rmtree(out / "checkpoint-4" / STATE_DIR)
+    path = out / "checkpoint-4" / "trainer_state.json"
+    data = json.loads(path.read_text())
+    exported = data["stateful_callbacks"]["CHTssCallback"]["attributes"]["_exported"]
+    exported["engine"]["frozen"] = sorted(exported["layers"])
+    path.write_text(json.dumps(data))
+    with pytest.raises(
+        ValueError, match=r"trainer_state\.json: `engine\.frozen` lists .*early_stop_threshold=None"
+    ):
+        resume(out, out / "checkpoint-4")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("last_update_step", -5, r"`last_update_step` is -5, outside \[0, 4\]"),
+        ("last_update_step", 10**30, r"`last_update_step` is 1000000000000000000000000000000, outside"),
+        ("update_seconds_total", float("nan"), r"`update_seconds_total` is nan, not a finite number"),
+    ],
+)
+def test_resume_refuses_out_of_range_scalars(out, field, value, match):
+    masks, state = load_sparse_state(out / "checkpoint-4")
+    save_sparse_state(str(out / "checkpoint-4"), masks, {**state, field: value})
+    with pytest.raises(ValueError, match=match) as info:
+        resume(out, out / "checkpoint-4")
+    assert str(out / "checkpoint-4" / STATE_DIR / STATE_FILE) in str(info.value)
+
+
+def test_a_finished_run_resumes_as_finished(tmp_path, caplog):
+    # Trainer takes one more step when it resumes a run at max_steps; with a constant learning rate that step
+    # would change the weights. CHTssCallback runs it at learning rate 0 and says so.
+    args = dict(COMMON, lr_scheduler_type="constant", save_steps=4)
+    train(tmp_path, cfg(), probe=False, **args)
+    saved = load_file(str(tmp_path / "checkpoint-4" / "model.safetensors"))
+    trainer = Trainer(
+        model=tiny_llama(seed=123),
+        args=make_args(tmp_path, **args),
+        train_dataset=RandomTokens(),
+        callbacks=[CHTssCallback(cfg())],
+    )
+    with caplog.at_level("WARNING", logger="hf_chts"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    state = trainer.model.state_dict()
+    for key, value in saved.items():
+        assert torch.equal(state[key], value), key
+    assert "already finished (max_steps=4)" in caplog.text
 
 
 def test_resume_refuses_unknown_format_version(out):
@@ -228,3 +310,46 @@ def test_full_disk_during_a_write_keeps_the_old_file_and_names_it(tmp_path, monk
         write_atomic(str(path), b"new")
     assert info.value.errno == errno.ENOSPC
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+# ------------------------------------------------------------------------------------------ one writer
+def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path):
+    # another process's lock, taken through its own open file (flock conflicts between open files)
+    (tmp_path / "out").mkdir()
+    fd = os.open(tmp_path / "out" / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    os.write(fd, b"pid 4242 on elsewhere")
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(
+            ValueError, match=r"being written by another training run \(pid 4242 on elsewhere"
+        ):
+            train(tmp_path / "out", cfg(), probe=False, max_steps=2, save_strategy="no")
+        assert not any(p.name.startswith("checkpoint-") for p in (tmp_path / "out").iterdir())
+    finally:
+        os.close(fd)  # the first writer ends: the folder is free again
+    train(tmp_path / "out", cfg(), probe=False, max_steps=2, save_strategy="steps", save_steps=2)
+    assert (tmp_path / "out" / "checkpoint-2").is_dir()
+
+
+@pytest.mark.slow
+def test_a_killed_writer_leaves_no_stale_lock(tmp_path):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from hf_chts.checkpointing import lock_output_dir; "
+            f"lock_output_dir({str(tmp_path)!r}); print('locked', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=rf"pid {holder.pid} on"):
+            lock_output_dir(str(tmp_path))
+    finally:
+        holder.kill()  # kill -9: no cleanup code runs
+        holder.wait()
+    assert lock_output_dir(str(tmp_path)) is not None
+    unlock_output_dir(str(tmp_path))

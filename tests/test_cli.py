@@ -241,3 +241,74 @@ def test_broken_checkpoints_give_one_line_and_exit_1(checkpoint, tmp_path, capsy
     assert str(folder) in lines[0]  # the message names the file or folder
     if command == "export":
         assert not (tmp_path / "out" / "model.safetensors").exists()  # nothing written with a random layer
+
+
+def _edit_weights(folder: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+LAYER = "model.layers.1.mlp.down_proj"
+
+
+def test_inspect_reports_weights_nonzero_at_masked_positions(tmp_path, capsys):
+    # what PEFT's own merge_and_unload leaves: the masks are intact, the weights dense
+    folder = _sparse(tmp_path)
+
+    def densify(tensors):
+        weight, mask = tensors[LAYER + ".weight"], tensors[LAYER + ".weight_mask"]
+        weight[~mask] = 0.25
+
+    _edit_weights(folder, densify)
+    capsys.readouterr()
+    assert main(["inspect", str(folder), "--json", str(tmp_path / "r.json")]) == 1
+    captured = capsys.readouterr()
+    assert "w.dens" in captured.out and "1.0000" in captured.out  # the weights' density, next to the masks'
+    err = captured.err.strip()
+    assert err.startswith("hf-chts inspect: error: ") and len(err.splitlines()) == 1
+    assert LAYER in err and "non-zero where its weight_mask removes the link" in err
+    assert "hf_chts.merge_and_unload" in err and "hf_chts.compact.zero_masked_weights" in err
+    layer = json.loads((tmp_path / "r.json").read_text())["layers"][LAYER]
+    assert layer["weight_density"] == 1.0 and layer["nonzero_masked"] > 0
+
+
+def test_inspect_refuses_a_mask_that_is_not_bool(tmp_path, capsys):
+    folder = _sparse(tmp_path)
+    _edit_weights(
+        folder, lambda t: t.update({LAYER + ".weight_mask": t[LAYER + ".weight_mask"].to(torch.uint8)})
+    )
+    capsys.readouterr()
+    assert main(["inspect", str(folder)]) == 1
+    assert f"mask {LAYER}.weight_mask is stored as torch.uint8, not torch.bool" in capsys.readouterr().err
+
+
+def test_inspect_refuses_a_compact_popcount_mismatch(checkpoint, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from hf_chts.checkpointing import tensor_checksum
+
+    assert main(["export", str(checkpoint), str(tmp_path / "c"), "--format", "compact"]) == 0
+    path = tmp_path / "c" / COMPACT_FILE
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    key = LAYER + ".weight.values"
+    tensors[key] = tensors[key][:-3]
+    metadata["checksums"] = json.dumps({k: tensor_checksum(t) for k, t in tensors.items()})
+    save_file(tensors, str(path), metadata=metadata)
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "c")]) == 1
+    assert f"{key} holds" in capsys.readouterr().err
+
+
+def test_plot_on_a_file_that_is_not_a_trainer_state_names_it(tmp_path, capsys):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not json")
+    assert main(["plot", str(bad), "--output_dir", str(tmp_path / "p")]) == 1
+    err = capsys.readouterr().err
+    assert str(bad) in err and "is not a trainer_state.json" in err

@@ -10,6 +10,7 @@ import torch
 from _io_helpers import make_sparse_llama
 from safetensors import safe_open
 
+from hf_chts.checkpointing import tensor_checksum
 from hf_chts.compact import (
     COMPACT_FILE,
     folder_size,
@@ -230,7 +231,10 @@ def test_layer_order_is_numeric_then_by_type():
 
 
 # ------------------------------------------------------------------------------------------ refusing loaders
-def _rewrite_compact(folder, edit):
+UP = "model.layers.0.mlp.up_proj"
+
+
+def _rewrite_compact(folder, edit, resum=True):
     from safetensors.torch import load_file, save_file
 
     path = folder / COMPACT_FILE
@@ -239,6 +243,8 @@ def _rewrite_compact(folder, edit):
     tensors = load_file(str(path))
     result = edit(tensors, metadata)
     metadata = result if isinstance(result, dict) else metadata
+    if resum:  # an edit that also rewrites the checksums, so the checks behind them are reached
+        metadata["checksums"] = json.dumps({k: tensor_checksum(t) for k, t in tensors.items()})
     save_file(tensors, str(path), metadata=metadata)
 
 
@@ -253,6 +259,14 @@ def _rewrite_compact(folder, edit):
             lambda t, m: t.update({"model.layers.0.mlp.up_proj.weight.shape": torch.tensor([64, 32, 1])}),
             r"up_proj\.weight\.shape must be int64 \[rows, cols\]",
         ),
+        (
+            lambda t, m: t.update({UP + ".weight.values": t[UP + ".weight.values"].reshape(2, -1)}),
+            r"up_proj\.weight\.values must be 1-D with one value per kept link",
+        ),
+        (
+            lambda t, m: t.update({UP + ".weight.values": t[UP + ".weight.values"][:-1]}),
+            r"up_proj\.weight\.values must be 1-D with one value per kept link",
+        ),
     ],
 )
 def test_compact_with_missing_extra_or_bad_entries_is_refused(tmp_path, edit, match):
@@ -261,6 +275,23 @@ def test_compact_with_missing_extra_or_bad_entries_is_refused(tmp_path, edit, ma
     with pytest.raises(ValueError, match=match) as info:
         load_compact(tmp_path / "c")
     assert COMPACT_FILE in str(info.value)
+
+
+def test_compact_with_swapped_bitmasks_is_refused_by_its_checksums(tmp_path):
+    save_compact(make_sparse_llama(plain=True), tmp_path / "c")
+    a, b = "model.layers.0.mlp.up_proj.weight.bitmask", "model.layers.0.mlp.gate_proj.weight.bitmask"
+
+    def swap(tensors, metadata):
+        assert tensors[a].shape == tensors[b].shape and not torch.equal(tensors[a], tensors[b])
+        tensors[a], tensors[b] = tensors[b], tensors[a]
+
+    _rewrite_compact(tmp_path / "c", swap, resum=False)
+    for load in (load_compact, read_masks):
+        with pytest.raises(
+            ValueError, match=r"tensor '.*bitmask' has other content than the checksum"
+        ) as info:
+            load(tmp_path / "c")
+        assert COMPACT_FILE in str(info.value) and "Export the checkpoint again" in str(info.value)
 
 
 @pytest.mark.parametrize("plain", [True, False])
@@ -295,3 +326,22 @@ def test_truncated_weights_file_is_refused_with_its_name(tmp_path):
         load_sparse_model(tmp_path / "m")
     with pytest.raises(ValueError, match=r"model\.safetensors is truncated"):
         read_masks(tmp_path / "m")
+
+
+def test_an_interrupted_compact_save_leaves_the_previous_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model = make_sparse_llama(plain=True)
+    save_compact(model, tmp_path / "c")
+    before = (tmp_path / "c" / COMPACT_FILE).read_bytes()
+
+    def dies_half_way(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_half_way)
+    with pytest.raises(OSError):
+        save_compact(model, tmp_path / "c")
+    assert (tmp_path / "c" / COMPACT_FILE).read_bytes() == before
+    assert_same_state(model, load_compact(tmp_path / "c"))

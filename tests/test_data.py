@@ -187,6 +187,42 @@ def test_local_file_errors(tmp_path):
         load_text_dataset(str(tmp_path / "x.csv"), cache_dir=tmp_path)
 
 
+def test_whitespace_only_lines_separate_documents(tmp_path):
+    # WikiText's " \n" separator lines: one document per paragraph, never the whole file as one
+    lines = []
+    for i in range(20):
+        lines += [f" = Heading {i} = ", " ", f" Sentence one of doc {i}. ", " Sentence two. ", " "]
+    (tmp_path / "wiki.txt").write_text("\n".join(lines) + "\n")
+    docs = texts(load_text_dataset(str(tmp_path / "wiki.txt"), cache_dir=tmp_path / "c"))
+    assert len(docs) == 40
+    assert docs[:2] == ["= Heading 0 =", "Sentence one of doc 0. \n Sentence two."]
+    streamed = load_text_dataset(str(tmp_path / "wiki.txt"), streaming=True, cache_dir=tmp_path / "c")
+    assert texts(streamed) == docs
+    # one sentence per line, separated by whitespace-only lines: each sentence a document
+    (tmp_path / "sentences.txt").write_text("".join(f"Sentence {i} of the corpus.\n\t \n" for i in range(30)))
+    data = load_lm_data(
+        str(tmp_path / "sentences.txt"), tokenizer_vocab_size=300, max_seq_length=8, cache_dir=tmp_path / "c"
+    )
+    assert len(data.train_dataset) > 0
+
+
+def test_broken_local_files_are_refused_naming_the_file(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "empty.txt").write_text("")
+    for name in ("empty.jsonl", "empty.txt"):
+        with pytest.raises(ValueError, match=rf"{name} is empty; add text"):
+            load_text_dataset(str(tmp_path / name), cache_dir=tmp_path / "c")
+    (tmp_path / "random.jsonl.gz").write_bytes(bytes(range(7, 250)))
+    with pytest.raises(ValueError, match=r"random\.jsonl\.gz is named \.gz but is not gzip-compressed"):
+        load_text_dataset(str(tmp_path / "random.jsonl.gz"), cache_dir=tmp_path / "c")
+    half = tmp_path / "half.jsonl"
+    half.write_text(
+        "".join(json.dumps({"text": f"doc {i}"} if i % 2 == 0 else {"body": "x"}) + "\n" for i in range(60))
+    )
+    with pytest.raises(ValueError, match=r"30 of 60 records in .*half\.jsonl.* have no 'text' field"):
+        load_text_dataset(str(half), cache_dir=tmp_path / "c")
+
+
 def test_resolve_source(tmp_path):
     (tmp_path / "x.txt").write_text("hi")
     assert resolve_source(None) == ("embedded", None)

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,19 @@ def test_frozen_rank_makes_the_other_fail_within_the_timeout(tmp_path):
     match = re.search(r"rank 0 of 2 waited (\d+) s for rank 1 in the mask broadcast of model\.layers", output)
     assert match, output[-4000:]
     assert 9 <= int(match.group(1)) <= 20  # the configured 10 s, not gloo's 30 minutes
+
+
+@distributed
+@pytest.mark.slow
+def test_rank_frozen_outside_the_update_makes_the_other_fail_within_the_timeout(tmp_path):
+    # rank 1 SIGSTOPs itself before the optimizer step of step 3 (no topology update): rank 0 then waits
+    # in the Trainer's own gradient all-reduce of step 4, in the default process group, which must also get
+    # ddp_timeout=10 s under gloo instead of 30 minutes
+    args = ["--mode", "ddp", "--method", "chts", "--out", str(tmp_path), "--ddp_timeout", "10"]
+    start = time.monotonic()
+    result = torchrun([*args, "--freeze_at", "3"], timeout=240)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "rank 1 freezes" in output
+    assert time.monotonic() - start < 200, output[-4000:]
+    assert "imed out" in output or "imeout" in output, output[-4000:]

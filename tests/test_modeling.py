@@ -465,3 +465,14 @@ def test_sparsity_summary_without_masks_measures_nothing():
     )
     summary = sparsity_summary(LlamaForCausalLM(LlamaConfig(**arch)))
     assert summary["density"] is None and summary["numel"] == 0 and summary["per_layer"] == {}
+
+
+def test_auto_loading_a_truncated_sparse_checkpoint_names_the_file(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = SparseLlamaForCausalLM(tiny_config())
+    model.save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors is truncated.*Save the model again"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "m")

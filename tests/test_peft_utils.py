@@ -292,3 +292,42 @@ def test_shira_adapter_with_brf_mask_trains(tmp_path):
     for module in merged.modules():
         if has_mask(module):
             assert not torch.any(module.weight[~module.weight_mask] != 0.0)
+
+
+@pytest.mark.parametrize("bad", ["row", "float", "uint8"])
+def test_merge_with_one_bad_mask_is_refused_before_any_layer_is_merged(bad):
+    model = sparse_model()
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, target_modules=list(ATTENTION + MLP), init_lora_weights=False)
+    ).eval()
+    bases = {
+        n.replace(".base_layer", ""): m for n, m in peft_model.get_base_model().named_modules() if has_mask(m)
+    }
+    before = {n: m.weight.detach().clone() for n, m in bases.items()}
+    name = "model.layers.1.mlp.up_proj"
+    mask = bases[name].weight_mask
+    bad_mask = {
+        "row": mask[:1].clone(),
+        "float": mask.float(),
+        "uint8": mask.to(torch.uint8),
+    }[bad]
+    setattr(bases[name], MASK_NAME, bad_mask)  # a buffer assignment: replaces the registered mask
+    with pytest.raises(ValueError, match=rf"{name}.*weight_mask.*Nothing was merged"):
+        hf_chts.merge_and_unload(peft_model)
+    assert isinstance(peft_model, PeftModel)
+    for n, m in bases.items():  # no layer merged: every base weight is as it was
+        assert torch.equal(m.weight, before[n]), n
+
+
+def test_merge_sets_a_nan_at_a_masked_position_to_zero():
+    peft_model = get_peft_model(
+        sparse_model(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    ).eval()
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    row, col = (~layer.weight_mask).nonzero()[0].tolist()
+    with torch.no_grad():
+        layer.weight[row, col] = float("nan")
+    merged = hf_chts.merge_and_unload(peft_model)
+    weight = merged.model.layers[0].self_attn.q_proj.weight
+    assert weight[row, col].item() == 0.0
+    assert not torch.isnan(weight).any()

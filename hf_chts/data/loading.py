@@ -1,8 +1,9 @@
 """Training text as ``datasets`` objects: the embedded corpus, local files, Hub datasets, or the user's own.
 
-- local ``.txt`` (documents separated by blank lines), ``.jsonl`` / ``.json`` (JSON Lines, the text in
-  ``text_field``), either ``.gz``-compressed, or a folder of such files: ``datasets.load_dataset("text" /
-  "json", data_files=...)``;
+- local ``.txt`` (documents separated by blank lines: empty or whitespace-only, as WikiText's ``" \n"``),
+  ``.jsonl`` / ``.json`` (JSON Lines, the text in ``text_field``; every record must have it), either
+  ``.gz``-compressed, or a folder of such files: ``datasets.Dataset.from_generator`` over the text files
+  (:func:`read_paragraphs`), ``datasets.load_dataset("json", data_files=...)``;
 - a Hub dataset name: ``datasets.load_dataset(name, config, split=..., streaming=...)``;
 - a ``datasets.Dataset`` or ``datasets.IterableDataset`` the user built: used as it is.
 
@@ -16,7 +17,9 @@ Example:
 
 from __future__ import annotations
 
+import gzip
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,77 @@ def _data_files(path: Path) -> list[Path]:
             f"{', '.join(DATA_SUFFIXES)} (optionally .gz)."
         )
     return files
+
+
+def _check_file(path: Path) -> None:
+    """Refuse an empty file and a ``.gz`` name on a file that is not gzip-compressed, naming the file."""
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    if not head:
+        raise ValueError(f"The data file {path} is empty; add text to it or remove it from the data.")
+    if path.name.endswith(".gz") and head != b"\x1f\x8b":
+        raise ValueError(
+            f"The data file {path} is named .gz but is not gzip-compressed (it starts with {head!r}); "
+            "compress it with gzip, or drop the .gz from its name if it is plain text."
+        )
+
+
+def read_paragraphs(files: list[str], text_field: str = "text") -> Iterator[dict[str, str]]:
+    """The documents of plain-text files (``.gz`` read decompressed), one ``{text_field: text}`` each.
+
+    A document is a run of lines up to a blank line: empty or whitespace-only (WikiText's ``" \n"`` lines
+    and a file's trailing spaces count as blank), stripped of the whitespace around it.
+    """
+    for file in files:
+        opener = gzip.open if file.endswith(".gz") else open
+        with opener(file, "rt", encoding="utf-8") as handle:
+            lines: list[str] = []
+            for line in handle:
+                if line.strip():
+                    lines.append(line)
+                elif lines:
+                    yield {text_field: "".join(lines).strip()}
+                    lines = []
+            if lines:
+                yield {text_field: "".join(lines).strip()}
+
+
+def _read_text_files(group: list[str], text_field: str, folder: str, streaming: bool) -> Any:
+    import datasets
+
+    features = datasets.Features({text_field: datasets.Value("string")})
+    # the sizes and times are part of the cache fingerprint: an edited file is read again
+    stamps = [(os.path.getsize(f), os.path.getmtime(f)) for f in group]
+    kwargs = {"files": group, "text_field": text_field}
+    if streaming:
+        return datasets.IterableDataset.from_generator(read_paragraphs, features=features, gen_kwargs=kwargs)
+    if next(read_paragraphs(group, text_field), None) is None:  # only blank lines: no document at all
+        return datasets.Dataset.from_dict({text_field: []}, features=features)
+    return datasets.Dataset.from_generator(
+        read_paragraphs,
+        features=features,
+        gen_kwargs=kwargs,
+        cache_dir=folder,
+        fingerprint=_stamp(kwargs, stamps),
+    )
+
+
+def _stamp(kwargs: dict[str, Any], stamps: list[tuple[int, float]]) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps([kwargs, stamps]).encode()).hexdigest()[:32]
+
+
+def _check_records(part: Any, text_field: str, group: list[str]) -> None:
+    """Refuse JSON records without the text field (they would silently drop out of the training data)."""
+    missing = part.data.column(text_field).null_count  # counted by Arrow, no text is read
+    if missing:
+        raise ValueError(
+            f"{missing} of {len(part)} records in {group} have no {text_field!r} field (or null); training "
+            f"would silently skip them. Give every record a {text_field!r} string, remove those records, or "
+            "set --text_field (`text_field=`) to the field every record has."
+        )
 
 
 def is_dataset(obj: Any) -> bool:
@@ -118,10 +192,6 @@ def _keep_text(text: Any) -> bool:
     return isinstance(text, str) and bool(text.strip())
 
 
-def _strip(batch: dict[str, list], text_field: str) -> dict[str, list]:
-    return {text_field: [t.strip() if isinstance(t, str) else t for t in batch[text_field]]}
-
-
 def load_text_dataset(
     source: Any = None,
     *,
@@ -160,31 +230,31 @@ def load_text_dataset(
         ds, description = where, f"The given {type(where).__name__}"
     elif kind == "local":
         files = _data_files(Path(where))
+        for file in files:
+            _check_file(file)
         description = f"The local data {where}"
         parts = []
-        for builder, suffixes, kwargs in (
-            ("text", (".txt",), {"sample_by": "paragraph"}),
-            ("json", (".jsonl", ".json"), {}),
-        ):
+        for builder, suffixes in (("text", (".txt",)), ("json", (".jsonl", ".json"))):
             group = [str(f) for f in files if _base_suffix(f) in suffixes]
             if not group:
                 continue
             try:
-                part = datasets.load_dataset(
-                    builder, data_files=group, split="train", cache_dir=folder, streaming=streaming, **kwargs
-                )
-            except datasets.exceptions.DatasetGenerationError as err:
+                if builder == "text":
+                    part = _read_text_files(group, text_field, folder, streaming)
+                else:
+                    part = datasets.load_dataset(
+                        builder, data_files=group, split="train", cache_dir=folder, streaming=streaming
+                    )
+            except (datasets.exceptions.DatasetGenerationError, OSError, EOFError, StopIteration) as err:
                 cause = err.__cause__ or err
                 raise ValueError(
                     f"Could not read {group}: {cause}. Expected JSON Lines (one object per line) for "
-                    ".jsonl/.json and UTF-8 text for .txt."
+                    ".jsonl/.json and UTF-8 text for .txt (gzip-compressed when named .gz)."
                 ) from err
-            if builder == "text":  # paragraphs: strip the blank-line padding around them
-                if text_field != "text":
-                    part = part.rename_column("text", text_field)
-                part = part.map(_strip, batched=True, fn_kwargs={"text_field": text_field})
             check_text_field(part, text_field, f"The local data {group}")
             part = part.select_columns([text_field])
+            if builder == "json" and not streaming:
+                _check_records(part, text_field, group)
             parts.append(part)
         ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     else:

@@ -68,7 +68,7 @@ from ..masking import (
 from ..sparsify import draw_masks
 from ..stats import density_summary, mask_statistics
 from ..topology.percolation import LlamaBlockChain
-from ..weights_io import mask_specs
+from ..weights_io import check_safetensors_file, mask_specs, weight_files
 from .configuration_sparse_llama import SparseLlamaConfig
 from .llama_layout import projection_name, sparse_layer_names
 
@@ -208,6 +208,9 @@ class SparseLlamaForCausalLM(LlamaForCausalLM):
             ValueError: when a checkpoint mask has the wrong shape or is not ``torch.bool`` (naming the layer,
                 what was expected and what was found), or when a sparse checkpoint lacks masks.
         """
+        if pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path):
+            for file in weight_files(pretrained_model_name_or_path):  # named refusals, not SafetensorError
+                check_safetensors_file(file, fix="Save the model again, or load another checkpoint.")
         token = _INIT_MISSING_MASKS.set(bool(init_missing_masks))
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
