@@ -281,7 +281,7 @@ def run(args) -> dict:
         args.trainer_steps = min(args.trainer_steps, 100)
     layers = LAYERS[:2] if args.quick else LAYERS
     densities = (0.01, 0.05) if args.quick else DENSITIES
-    threads = (1,) if args.quick or device == "cuda" else (1, 2)
+    threads = (1,) if args.quick or device == "cuda" else tuple(args.threads)
     dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" else [])
     rows = []
     for n_threads in threads:
@@ -397,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="Two layer shapes, 1% and 5%, one thread.")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads (CPU rows).")
     parser.add_argument("--out", default=None, help="Markdown report; the JSON goes beside it.")
     parser.add_argument(
         "--trainer_steps", type=int, default=600, help="Steps of the MLP recipe through Trainer (0: skip)."
