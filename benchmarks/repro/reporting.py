@@ -111,8 +111,8 @@ def _compare(exp: Experiment, mine: dict[str, Any], best: dict[str, Any]) -> dic
     gap = sign * (mine["mean"] - best["mean"])
     stds = [r["std"] for r in (mine, best) if not math.isnan(r["std"])]
     spread = max(stds) if stds else float("nan")
-    direction = "agrees" if gap > 0 else "disagrees"
-    resolved = not math.isnan(spread) and abs(gap) > 2 * spread
+    direction = "agrees" if gap > 0 else "ties" if gap == 0 else "disagrees"
+    resolved = direction != "ties" and not math.isnan(spread) and abs(gap) > 2 * spread
     mine_by_seed = dict(zip(mine["seeds"], mine["values"], strict=True))
     best_by_seed = dict(zip(best["seeds"], best["values"], strict=True))
     paired = [
@@ -122,7 +122,7 @@ def _compare(exp: Experiment, mine: dict[str, Any], best: dict[str, Any]) -> dic
         "gap": gap,
         "spread": spread,
         "direction": direction,
-        "status": direction if resolved or math.isnan(spread) else "not resolved",
+        "status": direction if resolved or (math.isnan(spread) and gap != 0) else "not resolved",
         "paired": paired,
         "same_sign": len(paired) >= 2 and (all(d > 0 for d in paired) or all(d < 0 for d in paired)),
     }
@@ -158,7 +158,9 @@ def claim_checks(exp: Experiment, rows: list[dict[str, Any]]) -> list[str]:
     lines = []
     for mine, present, best, c in _claim_comparisons(exp, rows):
         gap, spread, direction = c["gap"], c["spread"], c["direction"]
-        if math.isnan(spread):
+        if direction == "ties":
+            verdict = "**ties** (equal to the digits shown: neither agrees nor disagrees)"
+        elif math.isnan(spread):
             verdict = f"**{direction}** with the paper (single seed, no spread estimate)"
         elif c["status"] != "not resolved":
             verdict = f"**{direction}** with the paper (gap > 2x the largest seed std, {spread:.{digits}f})"
@@ -168,7 +170,8 @@ def claim_checks(exp: Experiment, rows: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"- {mine['label']} vs the best of [{rival_names}] ({best['label']}): "
             f"{mine['mean']:.{digits}f} vs {best['mean']:.{digits}f}, "
-            f"{'better' if gap > 0 else 'worse'} by {abs(gap):.{digits}f} -> {verdict}."
+            f"{'better' if gap > 0 else 'worse' if gap < 0 else 'equal'} "
+            f"by {abs(gap):.{digits}f} -> {verdict}."
             f"{_paired_text(exp, mine, c)}"
         )
     return lines
