@@ -285,7 +285,7 @@ def relink_(modules, optimizer: Any = None) -> int:
 # ------------------------------------------------------------------------------ which layers run sparse
 # The largest density at which sparse compute beats dense on a CPU in float32, measured per layer shape with
 # benchmarks/bench_sparse_compute.py (benchmarks/results/sparse_compute_cpu.md); docs/DESIGN.md has the rule.
-SPARSE_MAX_DENSITY_CPU = 0.1
+SPARSE_MAX_DENSITY_CPU = 0.15
 
 
 def sparse_compute_blocker(module: nn.Module) -> str | None:
@@ -307,7 +307,8 @@ def sparse_compute_blocker(module: nn.Module) -> str | None:
 def auto_prefers_sparse(module: nn.Module) -> tuple[bool, str]:
     """The ``compute="auto"`` rule for one layer: ``(sparse, why)`` from its device, dtype and density."""
     mask = layer_mask(module)
-    density = link_count(module) / mask.numel() if is_sparse_compute(module) else float(mask.float().mean())
+    links = link_count(module) if is_sparse_compute(module) else int(mask.sum())
+    density = links / mask.numel()  # exact: a float32 mean of 10% links reads 0.10000000149
     dtype = (
         module._parameters.get("weight") if not is_sparse_compute(module) else module.weight_values
     ).dtype
