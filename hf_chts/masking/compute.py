@@ -44,6 +44,7 @@ from ..sparse_ops import (
 )
 from .buffer import MASK_NAME, as_named_modules, layer_mask
 from .layers import GRAD_CAPTURE_ATTR, MaskedLinear, install_grad_masks_
+from .optim import inner_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -121,15 +122,18 @@ class _SparseComputeMixin:
         destination.update(rest)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        key = prefix + "weight"
+        key, index = prefix + "weight", None
         if key in state_dict:
             dense = state_dict.pop(key)
             mask = state_dict.get(prefix + MASK_NAME, layer_mask(self))
             index = LinkIndex.from_mask(mask.to(self._parameters[VALUES_NAME].device).bool())
             state_dict[prefix + VALUES_NAME] = _fit(self, link_values(dense.to(index.device), index), index)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
-        if layer_mask(self).device.type != "meta":
-            _store_index(self, LinkIndex.from_mask(layer_mask(self)))
+        mask = layer_mask(self)
+        if mask.device.type != "meta":  # the loaded mask's index: built above when a weight came in
+            if index is None or index.device != mask.device:
+                index = LinkIndex.from_mask(mask)
+            _store_index(self, index)
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -173,7 +177,7 @@ def _sparse_class_for(cls: type) -> type:
 def _param_state(optimizer: Any, param: torch.Tensor) -> dict | None:
     if optimizer is None:
         return None
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = inner_optimizer(optimizer)
     return inner.state.get(param)
 
 
@@ -181,7 +185,7 @@ def _swap_in_optimizer(optimizer: Any, old: torch.Tensor, new: torch.Tensor, con
     """Put ``new`` in place of ``old`` in the optimizer; state tensors shaped like ``old`` are converted."""
     if optimizer is None:
         return
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = inner_optimizer(optimizer)
     for group in inner.param_groups:
         group["params"] = [new if p is old else p for p in group["params"]]
     state = inner.state.pop(old, None)

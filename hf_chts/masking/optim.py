@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -39,6 +40,11 @@ ZERO_PRESERVING_OPTIMIZERS: tuple[str, ...] = (
 )
 
 
+def inner_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer itself: an ``AcceleratedOptimizer`` (it holds one as ``.optimizer``) unwrapped."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def keeps_masked_weights_zero(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer`` leaves a weight at exactly 0.0 when its gradient and optimizer state are 0 there.
 
@@ -47,7 +53,7 @@ def keeps_masked_weights_zero(optimizer: torch.optim.Optimizer) -> bool:
     weights then stay 0.0 without re-masking. Optimizers that mix positions (Shampoo, Muon, GaLore's
     projections) or are simply unknown return False: re-mask after every step with :func:`apply_masks_`.
     """
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = inner_optimizer(optimizer)
     cls = type(inner)
     return f"{cls.__module__}.{cls.__qualname__}" in ZERO_PRESERVING_OPTIMIZERS
 
@@ -65,7 +71,7 @@ def remask_every_step(mode: str, optimizer: torch.optim.Optimizer | None) -> boo
     logger.info(
         "hf_chts: %s is not known to keep masked weights at 0.0; they are zeroed after every optimizer step "
         "(set remask='update_steps' to skip this if it does).",
-        type(getattr(optimizer, "optimizer", optimizer)).__name__,
+        type(inner_optimizer(optimizer)).__name__,
     )
     return True
 
@@ -94,7 +100,7 @@ def zero_optimizer_state_(
     Returns:
         The number of state tensors touched.
     """
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = inner_optimizer(optimizer)
     state = inner.state
     touched = 0
     for name, module in as_named_modules(modules):
