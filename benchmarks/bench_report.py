@@ -12,12 +12,22 @@ import time
 import torch
 
 
-def git_commit() -> str:
+def git_commit(mark_dirty: bool = False) -> str:
+    """This checkout's short commit; with ``mark_dirty``, ``+dirty`` appended when files differ from it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        head = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+        dirty = (
+            mark_dirty
+            and subprocess.run(
+                ["git", "-C", root, "status", "--porcelain"], capture_output=True, text=True
+            ).stdout.strip()
+        )
     except OSError:
         return "unknown"
-    return head.stdout.strip()
+    return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def command_line() -> str:

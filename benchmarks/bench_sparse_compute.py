@@ -36,12 +36,12 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from bench_report import git_commit  # benchmarks/, the script's folder, is on sys.path
 from torch import nn
 
 from hf_chts.masking import make_masked_, set_compute_
@@ -56,16 +56,6 @@ LAYERS = [
 ]
 DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.3)
 MLP_SIZES = (784, 1000, 1000, 1000, 10)
-
-
-def git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True)
-        return out.stdout.decode().strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except OSError:
-        return "unknown"
 
 
 def _sync(device: str) -> None:
@@ -320,7 +310,7 @@ def run(args) -> dict:
         ),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
-        "commit": git_commit(),
+        "commit": git_commit(mark_dirty=True),
         "command": "python " + shlex.join(sys.argv),
     }
 
