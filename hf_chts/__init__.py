@@ -24,6 +24,7 @@ _LAZY = {
     "AutoSparseModelForSequenceClassification": "auto",
     "AutoSparseModelForTokenClassification": "auto",
     "CHTssCallback": "callback",
+    "FinishedRunGuard": "finished_run",
     "last_complete_checkpoint": "checkpointing",
     "TopologyEngine": "engine",
     "StepStats": "engine",

@@ -4,14 +4,13 @@ The callback maps Trainer events to the modules that do the work and holds nothi
 (:func:`hf_chts.config.config_for_run`), sparse layers and initial masks (:mod:`hf_chts.sparsify`), the
 resumed state (:mod:`hf_chts.resume`), learning-rate re-warmup (:mod:`hf_chts.rewarmup`), the sharded
 topology update and its log figures (:mod:`hf_chts.update`), re-masking for optimizers not known to keep
-masked weights at 0.0 (:func:`hf_chts.masking.remask_every_step`).
+masked weights at 0.0 (:func:`hf_chts.masking.remask_every_step`), a finished run resumed as finished
+(:mod:`hf_chts.finished_run`).
 
 Step semantics: optimizer steps are counted from 1. "The update at step t" runs after the t-th call of
-``optimizer.step()`` (``t = state.global_step + 1`` inside ``on_optimizer_step``, which transformers runs
-before the scheduler step, ``zero_grad`` and ``state.global_step += 1``), for every t with
-``engine.should_update(t)``; the model saved at checkpoint ``checkpoint-t`` already has the topology of the
-update at step t. Gradient clipping runs before ``on_pre_optimizer_step``; the masked modules keep masked
-gradients out of the clipping norm (the gradient at a masked position is exactly 0 from backward).
+``optimizer.step()`` (``t = state.global_step + 1`` inside ``on_optimizer_step``), for every t with
+``engine.should_update(t)``; checkpoint ``checkpoint-t`` already has the topology of the update at step t.
+Masked gradients are exactly 0 from backward, so they stay out of the clipping norm.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
-from transformers import TrainerCallback
+from transformers import DefaultFlowCallback
 from transformers.trainer_callback import ExportableState
 
 from . import resume
@@ -30,6 +29,7 @@ from .checkpointing import STATE_DIR, load_sparse_state, save_sparse_state
 from .config import SparseTrainingConfig, config_for_run
 from .distributed import Collectives
 from .engine import TopologyEngine
+from .finished_run import FinishedRunGuard
 from .masking import (
     apply_masks_,
     keep_masks_out_of_ddp_,
@@ -54,7 +54,7 @@ __all__ = ["CHTssCallback", "STATE_DIR", "load_sparse_state", "save_sparse_state
 
 
 # ------------------------------------------------------------------------------ callback
-class CHTssCallback(TrainerCallback, ExportableState):
+class CHTssCallback(FinishedRunGuard, ExportableState):
     """Dynamic sparse training (CHTs, CHTss, SET, RigL, MEST, GraNet, CHT, static) in a ``Trainer``.
 
     Args:
@@ -86,9 +86,8 @@ class CHTssCallback(TrainerCallback, ExportableState):
     Distributed: every rank keeps identical masks; the update is sharded over ranks (:mod:`hf_chts.update`,
     :mod:`hf_chts.distributed`). Under FSDP2 the full weights are gathered for the update.
 
-    Loggers: ``Trainer`` runs its ``report_to`` integrations before the callbacks given as ``callbacks=``, so
-    they would log before this callback adds its keys. Add it with :meth:`attach` (``CHTssCallback(...)
-    .attach(trainer)``) to run first; ``trainer_state.json`` and callbacks after it get the keys either way.
+    Loggers: ``Trainer`` runs its ``report_to`` integrations before the callbacks given as ``callbacks=``;
+    add it with :meth:`attach` (``CHTssCallback(...).attach(trainer)``) so they see its keys.
 
     Example:
 
@@ -130,6 +129,7 @@ class CHTssCallback(TrainerCallback, ExportableState):
         self._density = 1.0
         self._grads: dict[str, Any] | None = None
         self._lr_scale = LearningRateScale()
+        super().__init__()  # FinishedRunGuard: a resumed finished run stays finished
         self._remask_every_step: bool | None = None  # decided from the optimizer (config.remask)
         self._exported: dict[str, Any] | None = None  # set by transformers when it restores callback states
         self._trainer_refs: tuple[Any, Any] | None = None  # (args, state) of the running Trainer
@@ -169,6 +169,7 @@ class CHTssCallback(TrainerCallback, ExportableState):
         if model is None:
             raise ValueError("CHTssCallback needs the model; it is passed by transformers.Trainer.")
         resume.claim_output_dir(args)  # one writer per output_dir; raises while another holds it
+        super().on_train_begin(args, state, control)
         self._trainer_refs = (args, state)
         self._collectives = Collectives(getattr(args, "ddp_timeout", None))  # every rank creates its group
         if getattr(args, "report_to", None) and not self._attached:
@@ -218,13 +219,14 @@ class CHTssCallback(TrainerCallback, ExportableState):
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         """Re-warm the learning rate for this step, after an update (``rewarmup_steps``)."""
-        if self.engine is not None:
-            step = state.global_step + 1
-            factor = rewarmup_factor(step, self.last_update_step, self.config.rewarmup_steps, state.max_steps)
-            self._lr_scale.scale_(optimizer, factor)  # 0.0 past max_steps: a finished run stays finished
+        super().on_pre_optimizer_step(args, state, control, optimizer=optimizer)
+        if self.engine is not None and self.finished_at is None:
+            factor = rewarmup_factor(state.global_step + 1, self.last_update_step, self.config.rewarmup_steps)
+            self._lr_scale.scale_(optimizer, factor)
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         """Restore the learning rate; re-mask if the optimizer needs it; evolve the topology at updates."""
+        super().on_optimizer_step(args, state, control, optimizer=optimizer)
         if self.engine is None:
             return
         self._lr_scale.restore_(optimizer)
@@ -254,6 +256,7 @@ class CHTssCallback(TrainerCallback, ExportableState):
     def on_train_end(self, args, state, control, **kwargs):
         """Stop any gradient capture; release the output folder."""
         resume.release_output_dir(args)
+        super().on_train_end(args, state, control)
         if self.modules:
             set_grad_capture_(self.modules, None)
         self._grads = None
@@ -282,13 +285,15 @@ class CHTssCallback(TrainerCallback, ExportableState):
         self._pending_logs = result.log_dict(LOG_PREFIX, self.log_per_layer, self.update_seconds_total)
 
     def attach(self, trainer) -> CHTssCallback:
-        """Add this callback to ``trainer`` ahead of every other callback (so loggers see its keys).
+        """Add this callback to ``trainer`` right after ``DefaultFlowCallback`` (the finished-run guard
+        cancels its save requests) and ahead of the ``report_to`` loggers (so they see its keys).
 
         ``trainer.callback_handler.callbacks`` is the list the Trainer dispatches events from, in order.
         """
         handler = trainer.callback_handler
         if self in handler.callbacks:
             handler.callbacks.remove(self)
-        handler.callbacks.insert(0, self)
+        flow = [i for i, cb in enumerate(handler.callbacks) if isinstance(cb, DefaultFlowCallback)]
+        handler.callbacks.insert(flow[-1] + 1 if flow else 0, self)
         self._attached = True
         return self

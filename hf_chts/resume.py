@@ -228,14 +228,6 @@ def resume_point(
     """
     if step <= 0:
         return None, 0, 0.0
-    if step >= engine.max_steps:
-        logger.warning(
-            "hf_chts: resuming at step %d, but the run already finished (max_steps=%d). Trainer still takes "
-            "one more step; CHTssCallback runs it at learning rate 0, so no weight changes. Skip "
-            "trainer.train() for a finished checkpoint (docs/reliability.md); raise max_steps to continue.",
-            step,
-            engine.max_steps,
-        )
     found = find_state(args, step, modules, engine, carried=carried, resume_from=resume_from)
     last_update_step, seconds = restore_progress(engine, found[1] if found else None, step)
     return (found[0] if found else None), last_update_step, seconds

@@ -21,15 +21,10 @@ from typing import Any
 __all__ = ["LearningRateScale", "rewarmup_factor"]
 
 
-def rewarmup_factor(step: int, last_update_step: int, steps: int, max_steps: int | None = None) -> float:
+def rewarmup_factor(step: int, last_update_step: int, steps: int) -> float:
     """The learning-rate multiplier of optimizer step ``step`` (counted from 1) after the update at
     ``last_update_step``: ``(step - last_update_step) / (steps + 1)`` for the ``steps`` steps that follow an
-    update, else 1.0 (also before the first update, ``last_update_step <= 0``, and with ``steps <= 0``).
-
-    A step past ``max_steps`` gets 0.0: ``Trainer`` takes one more step when it resumes a run that already
-    finished (docs/reliability.md), and at learning rate 0 it changes no weight."""
-    if max_steps is not None and 0 < max_steps < step:
-        return 0.0
+    update, else 1.0 (also before the first update, ``last_update_step <= 0``, and with ``steps <= 0``)."""
     if steps <= 0 or last_update_step <= 0:
         return 1.0
     since = step - last_update_step

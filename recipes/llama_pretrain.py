@@ -74,6 +74,7 @@ from hf_chts.callback import CHTssCallback
 from hf_chts.config import METHODS, SparseTrainingConfig
 from hf_chts.data import check_vocab_fits, load_lm_data
 from hf_chts.evaluation import evaluate, resolve_tasks
+from hf_chts.finished_run import FinishedRunGuard
 from hf_chts.hub import check_repo_id, push_to_hub, write_model_card
 from hf_chts.masking import dense_parameter_count
 from hf_chts.modeling import SparseLlamaConfig, SparseLlamaForCausalLM, sparsity_summary
@@ -423,6 +424,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # re-warms the LR after each update); attached first, so --report_to loggers see its sparsity/ keys.
     # CyclicRewarmup re-warms the LR every cycle, for dense runs too.
     callbacks = [rewarmup] if rewarmup is not None else []
+    if sparse_config is None:  # CHTssCallback is a FinishedRunGuard itself
+        callbacks.append(FinishedRunGuard())
     trainer = PerplexityTrainer(
         model=model,
         args=training_args,

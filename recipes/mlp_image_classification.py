@@ -48,6 +48,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_chts.config import SparseTrainingConfig
 from hf_chts.datasets_paper import ImageClassificationDataset, load_mnist, synthetic_image_classification
+from hf_chts.finished_run import FinishedRunGuard
 from hf_chts.masking import dense_parameter_count, get_masks
 from hf_chts.recipe_utils import (
     init_sparse_weights_,
@@ -218,7 +219,7 @@ def main(args: MLPArguments, sparse_args, training_args: TrainingArguments) -> d
     train_dataset, test_dataset = load_data(args, training_args.seed)
     model = MLPClassifier(train_dataset.images.shape[1], list(args.hidden_sizes), 10, args.dropout)
 
-    callbacks, config = [], None
+    callbacks, config = [FinishedRunGuard()], None  # a finished run resumed stays finished
     if sparse_args.method != "dense":
         from hf_chts.callback import CHTssCallback
         from hf_chts.sparsify import sparsify_
@@ -233,7 +234,7 @@ def main(args: MLPArguments, sparse_args, training_args: TrainingArguments) -> d
         order = [f"hidden.{i}" for i in range(len(model.hidden))] + ["classifier"]
         # The callback takes over the masked layers and asks for their chains (chain removal).
         chains = lambda _model, sparse: mlp_chains(order, sparse)  # noqa: E731
-        callbacks.append(CHTssCallback(config, chains=chains, csti_inputs=csti_inputs))
+        callbacks = [CHTssCallback(config, chains=chains, csti_inputs=csti_inputs)]  # a FinishedRunGuard too
 
     trainer = Trainer(
         model=model,

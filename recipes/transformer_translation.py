@@ -61,6 +61,7 @@ from transformers import (
 from hf_chts.config import SparseTrainingConfig
 from hf_chts.data import get_tokenizer
 from hf_chts.datasets_paper import read_parallel_corpus
+from hf_chts.finished_run import FinishedRunGuard
 from hf_chts.masking import dense_parameter_count, get_masks
 from hf_chts.recipe_utils import (
     init_sparse_weights_,
@@ -296,7 +297,7 @@ def main(args: TranslationArguments, sparse_args, training_args: Seq2SeqTraining
     val_dataset = PairDataset(tokenizer, val_src, val_tgt, *lengths)
     model = build_model(args, tokenizer)
 
-    callbacks, config = [], None
+    callbacks, config = [FinishedRunGuard()], None  # a finished run resumed stays finished
     if sparse_args.method != "dense":
         from hf_chts.callback import CHTssCallback
         from hf_chts.sparsify import sparsify_
@@ -307,7 +308,7 @@ def main(args: TranslationArguments, sparse_args, training_args: Seq2SeqTraining
         sparse_modules = sparsify_(model, config)
         init_sparse_weights_(sparse_modules, args.sparse_init)
         chains = lambda _model, sparse: marian_chains(sparse, args.chain_attention)  # noqa: E731
-        callbacks.append(CHTssCallback(config, chains=chains))
+        callbacks = [CHTssCallback(config, chains=chains)]  # a FinishedRunGuard too
 
     trainer = Seq2SeqTrainer(
         model=model,

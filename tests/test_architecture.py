@@ -39,6 +39,7 @@ LAYERS: list[set[str]] = [
         "checkpointing",
         "data.loading",
         "data.tokenizer",
+        "finished_run",
         "masking.layers",
         "masking.optim",
         "stats",

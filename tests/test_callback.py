@@ -231,7 +231,8 @@ def test_logs_reach_reporters_and_history(tmp_path):
     sparse = CHTssCallback(config_for("chts"), log_per_layer=True).attach(trainer)
     trainer.train()
     handler = trainer.callback_handler.callbacks
-    assert handler.index(sparse) == 0 and handler.count(sparse) == 1
+    assert handler.index(sparse) == 1 and handler.count(sparse) == 1  # right after DefaultFlowCallback
+    assert type(handler[0]).__name__ == "DefaultFlowCallback"
     update_logs = [log for log in reporter.logs if "sparsity/links_regrown" in log]
     assert len(update_logs) == 2  # updates at steps 2 and 4 (t_end = 4)
     keys = {

@@ -35,6 +35,7 @@ from hf_chts.checkpointing import (
     sparse_state_complete,
     unlock_output_dir,
 )
+from hf_chts.finished_run import FinishedRunGuard
 from hf_chts.masking import MASK_NAME
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -257,24 +258,61 @@ def test_resume_refuses_out_of_range_scalars(out, field, value, match):
     assert str(out / "checkpoint-4" / STATE_DIR / STATE_FILE) in str(info.value)
 
 
-def test_a_finished_run_resumes_as_finished(tmp_path, caplog):
-    # Trainer takes one more step when it resumes a run at max_steps; with a constant learning rate that step
-    # would change the weights. CHTssCallback runs it at learning rate 0 and says so.
-    args = dict(COMMON, lr_scheduler_type="constant", save_steps=4)
-    train(tmp_path, cfg(), probe=False, **args)
+def _trainer(out, callbacks=(), **args):
+    model, data = tiny_llama(seed=123), RandomTokens()
+    return Trainer(model=model, args=make_args(out, **args), train_dataset=data, callbacks=list(callbacks))
+
+
+def _resume(trainer, out):
+    trainer.train(resume_from_checkpoint=str(out / "checkpoint-4"))
+    return trainer
+
+
+FINISHED = dict(COMMON, lr_scheduler_type="constant", save_steps=4)
+
+
+@pytest.mark.parametrize("how", ["callbacks", "attach", "dense_guard"])
+def test_a_finished_run_resumes_as_finished(tmp_path, caplog, how):
+    # Trainer resumed at max_steps (4 steps of a 10-step epoch) takes one more step; with a constant learning
+    # rate it would change the weights, and at max_steps it saves checkpoint-5. The guard (CHTssCallback is
+    # one) runs that step at learning rate 0, puts global_step back and cancels its log and save.
+    if how == "dense_guard":
+        _trainer(tmp_path, **FINISHED).train()
+    else:
+        train(tmp_path, cfg(), probe=False, **FINISHED)
     saved = load_file(str(tmp_path / "checkpoint-4" / "model.safetensors"))
-    trainer = Trainer(
-        model=tiny_llama(seed=123),
-        args=make_args(tmp_path, **args),
-        train_dataset=RandomTokens(),
-        callbacks=[CHTssCallback(cfg())],
-    )
-    with caplog.at_level("WARNING", logger="hf_chts"):
-        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
-    state = trainer.model.state_dict()
-    for key, value in saved.items():
-        assert torch.equal(state[key], value), key
-    assert "already finished (max_steps=4)" in caplog.text
+    history = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    for _ in range(2):  # 4 -> 4 -> 4, not 4 -> 5 -> 6
+        callback = FinishedRunGuard() if how == "dense_guard" else CHTssCallback(cfg())
+        trainer = _trainer(tmp_path, [] if how == "attach" else [callback], **FINISHED)
+        if how == "attach":
+            callback.attach(trainer)
+        with caplog.at_level("WARNING", logger="hf_chts"):
+            _resume(trainer, tmp_path)
+        assert trainer.state.global_step == 4
+        assert trainer.state.log_history[: len(history)] == history
+        assert not any(entry.get("step", 0) > 4 for entry in trainer.state.log_history)
+        assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4"]
+        state = trainer.model.state_dict()
+        for key, value in saved.items():
+            assert torch.equal(state[key], value), key
+        assert "already finished (max_steps=4)" in caplog.text
+        assert [group["lr"] for group in trainer.optimizer.param_groups][0] == pytest.approx(1e-2)  # put back
+
+
+def test_without_a_guard_trainer_takes_a_step_past_a_finished_run(tmp_path):
+    # What the guard is for: transformers' own loop resumed at max_steps runs and saves step 5.
+    _trainer(tmp_path, **FINISHED).train()
+    trainer = _resume(_trainer(tmp_path, **FINISHED), tmp_path)
+    assert trainer.state.global_step == 5
+    assert (tmp_path / "checkpoint-5").is_dir()
+
+
+def test_two_guards_put_the_learning_rate_back(tmp_path):
+    train(tmp_path, cfg(), probe=False, **FINISHED)
+    trainer = _resume(_trainer(tmp_path, [FinishedRunGuard(), CHTssCallback(cfg())], **FINISHED), tmp_path)
+    assert trainer.state.global_step == 4
+    assert [group["lr"] for group in trainer.optimizer.param_groups][0] == pytest.approx(1e-2)
 
 
 def test_resume_refuses_unknown_format_version(out):

@@ -157,6 +157,26 @@ def test_mlp_recipe_dense_synthetic(tmp_path):
     ).is_file()
 
 
+@pytest.mark.parametrize("method", ["dense", "set"])
+def test_mlp_recipe_resumes_a_finished_run_as_finished(tmp_path, method):
+    # 7 steps of a 40-step epoch: transformers alone would take step 8 on each resume (and save it)
+    recipe = load_recipe("mlp_image_classification")
+    argv = [
+        "--synthetic", "--synthetic_train_size", "320", "--synthetic_test_size", "100",
+        "--hidden_sizes", "64", "64", "--max_steps", "7", "--save_strategy", "steps", "--save_steps", "7",
+        "--method", method, "--update_interval", "2",
+        "--lr_scheduler_type", "constant", "--output_dir", str(tmp_path / "out"), "--disable_tqdm", "true",
+    ]  # fmt: skip
+    recipe.main(*recipe.parse_args(argv))
+    weights = load_file(str(tmp_path / "out" / "checkpoint-7" / "model.safetensors"))
+    for _ in range(2):
+        results = recipe.main(*recipe.parse_args([*argv, "--resume_from_checkpoint", "latest"]))
+        assert results["metrics"]["global_step"] == 7
+        assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-7"]
+        final = load_file(str(tmp_path / "out" / "model.safetensors"))
+        assert all(torch.equal(final[key], value) for key, value in weights.items())
+
+
 def test_mlp_yaml_config_and_overrides(tmp_path):
     recipe = load_recipe("mlp_image_classification")
     args, sparse, training = recipe.parse_args(
