@@ -247,6 +247,50 @@ def _row(variant, values, density=0.3):
             "mean": mean, "std": std, "density": density}  # fmt: skip
 
 
+def test_mlp_paper_verdict_counts_matching_dense_and_the_active_neurons(repro):
+    # "matches or beats" dense: a gap within the seed spread counts for the claim; the verdict is about the
+    # paper's recipe (CHTs research) only, and the active-neuron bound is one of its checks
+    exp = repro.EXPERIMENTS["mlp_mnist_paper"]
+    research = dict(_row("chts_research", [0.9858, 0.9860, 0.9859]), active_values=[0.17, 0.18, 0.17])
+    research["active"] = (0.173, 0.006)
+    rows = [
+        _row("dense", [0.9858, 0.9861, 0.9856]),
+        _row("set", [0.9819, 0.9821, 0.9815]),
+        _row("set_ems", [0.9849, 0.9847, 0.9850]),
+        _row("rigl", [0.9839, 0.9836, 0.9841]),
+        _row("chts", [0.9800, 0.9801, 0.9799]),  # this library's preset: not the claim's variant
+        research,
+    ]
+    checks = "\n".join(repro.claim_checks(exp, rows))
+    assert "[dense] (dense): 0.9859 vs 0.9858, better by 0.0001 -> **matches**, as the claim allows" in checks
+    assert "chts vs the best of [dense] (dense): 0.9800 vs 0.9858, worse by 0.0058 -> **disagrees**" in checks
+    assert "leaves 0.173 ± 0.006 of the hidden neurons active" in checks
+    assert "under 30% -> **agrees**" in checks
+    (line,) = repro.claim_verdict(exp, rows)
+    assert "for chts_research: **reproduced**" in line
+    assert "of its 4 checks: 3 agrees, 1 matches, 0 disagrees" in line
+    research["active_values"] = [0.17, 0.31, 0.17]
+    assert "**not reproduced**" in repro.claim_verdict(exp, rows)[0]
+    research["active_values"] = [0.17, 0.18, 0.17]
+    rows[0] = _row("dense", [0.9880, 0.9881, 0.9879])  # dense beyond the spread: no longer a match
+    assert "**not reproduced**" in repro.claim_verdict(exp, rows)[0]
+    assert "**matches**" not in "\n".join(repro.claim_checks(exp, rows))
+
+
+def test_per_seed_table_lists_every_run(repro):
+    exp = repro.EXPERIMENTS["mlp_mnist_paper"]
+    runs = [
+        {"variant": v, "seed": s, "wall_time_seconds": 600.4, "git": {"commit": "abcdef0123"},
+         "metrics": {"test_accuracy": 0.98 + s / 1e4, "best_test_accuracy_after_t_end": 0.99,
+                     "active_hidden_neurons": 0.2}}
+        for v in ("dense", "chts_research") for s in (0, 1)
+    ]  # fmt: skip
+    lines = repro.per_seed_table(exp, runs).splitlines()
+    assert len(lines) == 2 + 4
+    expected = "| CHTs research (CSTI, CH3-L3p, EM_S) | 1 | 0.9801 | 0.9900 | 0.200 | 600 s | abcdef0 |"
+    assert lines[-1] == expected
+
+
 def test_verdict_and_static_ladder_lines(repro):
     exp = repro.EXPERIMENTS["llama_lm_research"]
     ladder = [_row(v, [p, p + 2, p + 4], d) for v, p, d in

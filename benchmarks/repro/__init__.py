@@ -20,6 +20,7 @@ from .reporting import (
     ladder_lines,
     load_runs,
     page_of,
+    per_seed_table,
     plot_experiment,
     report,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "git_commit",
     "hardware",
     "ladder_lines",
+    "per_seed_table",
     "llama_recipe_argv",
     "load_recipe",
     "load_runs",

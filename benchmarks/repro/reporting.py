@@ -59,7 +59,8 @@ def experiment_table(exp: Experiment, runs: list[dict[str, Any]]) -> tuple[str, 
         }
         for key in ("active_hidden_neurons", "active_mlp_neurons", "active_ffn_neurons"):
             if key in mine[0]["metrics"]:
-                row["active"] = _mean_std([float(r["metrics"][key]) for r in mine])
+                row["active_values"] = [float(r["metrics"][key]) for r in mine]
+                row["active"] = _mean_std(row["active_values"])
         for key in ("best_test_accuracy", "best_test_accuracy_after_t_end"):
             values = [r["metrics"].get(key) for r in mine]
             if all(v is not None for v in values):
@@ -99,14 +100,37 @@ def experiment_table(exp: Experiment, runs: list[dict[str, Any]]) -> tuple[str, 
     return "\n".join(lines), rows
 
 
+def per_seed_table(exp: Experiment, runs: list[dict[str, Any]]) -> str:
+    """Markdown table of every run (one row per variant and seed, in the page's order)."""
+    digits = _digits(exp)
+    labels = {v.name: v.title for v in exp.variants}
+    active_keys = ("active_hidden_neurons", "active_mlp_neurons", "active_ffn_neurons")
+    lines = [
+        f"| method | seed | {exp.metric_label} | best after t_end | active neurons | wall time | commit |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in runs:
+        metrics = r["metrics"]
+        best = metrics.get("best_test_accuracy_after_t_end")
+        active = next((metrics[k] for k in active_keys if k in metrics), None)
+        lines.append(
+            f"| {labels[r['variant']]} | {r['seed']} | {float(metrics[exp.metric]):.{digits}f} | "
+            f"{'-' if best is None else f'{float(best):.{digits}f}'} | "
+            f"{'-' if active is None else f'{float(active):.3f}'} | {float(r['wall_time_seconds']):.0f} s | "
+            f"{r['git']['commit'][:7]} |"
+        )
+    return "\n".join(lines)
+
+
 def _digits(exp: Experiment) -> int:
     return 2 if exp.metric in ("eval_perplexity", "test_bleu") else 4
 
 
 def _compare(exp: Experiment, mine: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
     """``mine`` against ``best`` (two table rows): the gap (+ = mine better), its status against the seed
-    spread ("agrees" / "disagrees" beyond 2x the largest seed std, else "not resolved") and the paired
-    per-seed differences (the same seed shares data order and weight init across methods)."""
+    spread ("agrees" / "disagrees" beyond 2x the largest seed std, else "not resolved", or "matches" when the
+    claim only has to match ``best``: ``exp.match_rivals``) and the paired per-seed differences (the same seed
+    shares data order and weight init across methods)."""
     sign = 1 if exp.higher_is_better else -1
     gap = sign * (mine["mean"] - best["mean"])
     stds = [r["std"] for r in (mine, best) if not math.isnan(r["std"])]
@@ -118,11 +142,14 @@ def _compare(exp: Experiment, mine: dict[str, Any], best: dict[str, Any]) -> dic
     paired = [
         sign * (mine_by_seed[k] - best_by_seed[k]) for k in sorted(set(mine_by_seed) & set(best_by_seed))
     ]
+    status = direction if resolved or (math.isnan(spread) and gap != 0) else "not resolved"
+    if status == "not resolved" and not math.isnan(spread) and best["variant"] in exp.match_rivals:
+        status = "matches"
     return {
         "gap": gap,
         "spread": spread,
         "direction": direction,
-        "status": direction if resolved or (math.isnan(spread) and gap != 0) else "not resolved",
+        "status": status,
         "paired": paired,
         "same_sign": len(paired) >= 2 and (all(d > 0 for d in paired) or all(d < 0 for d in paired)),
     }
@@ -158,7 +185,12 @@ def claim_checks(exp: Experiment, rows: list[dict[str, Any]]) -> list[str]:
     lines = []
     for mine, present, best, c in _claim_comparisons(exp, rows):
         gap, spread, direction = c["gap"], c["spread"], c["direction"]
-        if direction == "ties":
+        if c["status"] == "matches":
+            verdict = (
+                f"**matches**, as the claim allows (gap within 2x the seed std, {spread:.{digits}f}; "
+                f"leans {direction})"
+            )
+        elif direction == "ties":
             verdict = "**ties** (equal to the digits shown: neither agrees nor disagrees)"
         elif math.isnan(spread):
             verdict = f"**{direction}** with the paper (single seed, no spread estimate)"
@@ -174,26 +206,51 @@ def claim_checks(exp: Experiment, rows: list[dict[str, Any]]) -> list[str]:
             f"by {abs(gap):.{digits}f} -> {verdict}."
             f"{_paired_text(exp, mine, c)}"
         )
+    active = _active_check(exp, rows)
+    if active is not None:
+        row, status = active
+        mean, std = row["active"]
+        lines.append(
+            f"- {row['label']} leaves {_fmt(mean, std, 3)} of the hidden neurons active (per seed: "
+            f"{', '.join(f'{v:.3f}' for v in row['active_values'])}); the claim says under "
+            f"{exp.active_below:.0%} -> **{status}**."
+        )
     return lines
+
+
+def _active_check(exp: Experiment, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str] | None:
+    """``exp.verdict_variant``'s active-neuron fraction against the claim's bound: (row, agrees/disagrees)."""
+    row = next((r for r in rows if r["variant"] == exp.verdict_variant), None)
+    if exp.active_below is None or row is None or "active" not in row:
+        return None
+    return row, "agrees" if max(row["active_values"]) < exp.active_below else "disagrees"
 
 
 def claim_verdict(exp: Experiment, rows: list[dict[str, Any]]) -> list[str]:
     """The overall verdict on the claim from its comparisons: reproduced only if every one agrees beyond the
-    seed spread, not reproduced if one disagrees beyond it, else not resolved (also when some are missing)."""
-    found = list(_claim_comparisons(exp, rows))
+    seed spread (or matches, where the claim only asks to match), not reproduced if one disagrees beyond it,
+    else not resolved (also when some are missing)."""
+    about = exp.verdict_variant
+    found = [f for f in _claim_comparisons(exp, rows) if not about or f[0]["variant"] == about]
     if not found:
         return []
     statuses = [c["status"] for *_, c in found]
-    complete = len(found) == len(exp.comparisons)
+    expected = [c for c in exp.comparisons if not about or c[0] == about]
+    complete = len(found) == len(expected)
+    active = _active_check(exp, rows)
+    if active is not None:
+        statuses.append(active[1])
     if "disagrees" in statuses:
         verdict = "**not reproduced** at this budget"
-    elif complete and all(s == "agrees" for s in statuses):
+    elif complete and all(s in ("agrees", "matches") for s in statuses):
         verdict = "**reproduced** at this budget"
     else:
         verdict = "**not resolved** at this budget"
-    counts = ", ".join(f"{statuses.count(k)} {k}" for k in ("agrees", "disagrees", "not resolved"))
-    missing = "" if complete else f"; {len(exp.comparisons) - len(found)} comparison(s) lack their runs"
-    return [f"Verdict on the claim: {verdict} (of its {len(found)} comparisons: {counts}{missing})."]
+    kinds = ("agrees", "matches", "disagrees", "not resolved")
+    counts = ", ".join(f"{statuses.count(k)} {k}" for k in kinds if k != "matches" or k in statuses)
+    missing = "" if complete else f"; {len(expected) - len(found)} comparison(s) lack their runs"
+    whose = f" for {found[0][0]['label']}" if about else ""
+    return [f"Verdict on the claim{whose}: {verdict} (of its {len(statuses)} checks: {counts}{missing})."]
 
 
 def ladder_lines(exp: Experiment, rows: list[dict[str, Any]]) -> list[str]:
@@ -430,6 +487,7 @@ def report(results_dir: Path, scale: str = "cpu") -> dict[str, list[dict[str, An
             "",
             *([*verdict, ""] if verdict else []),
             *(["Which regime is this budget in?", "", *ladder, ""] if ladder else []),
+            *(["Every run:", "", per_seed_table(exp, mine), ""] if exp.per_seed else []),
             f"![{exp.name}]({plots[0].name})",
             "",
             "## Setting",
