@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import time
@@ -79,6 +80,22 @@ class CollectiveTimeout(RuntimeError):
     """A collective of the sparse-training callback did not complete within the timeout."""
 
 
+def _destroy_process_groups() -> None:
+    """At exit, destroy the process groups while the interpreter is still whole.
+
+    A run that ends without ``destroy_process_group()`` (``Trainer`` never calls it) leaves gloo's worker
+    threads holding tensors; destroying those during interpreter finalization aborts the process (SIGABRT,
+    "terminate called without an active exception") after training finished. Registered once, when the first
+    of this module's groups is created; a script that destroyed its groups already makes it a no-op.
+    """
+    _GROUPS.clear()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        try:
+            torch.distributed.destroy_process_group()
+        except (RuntimeError, ValueError) as err:  # never fail an exiting process over its clean-up
+            logger.debug("hf_chts: destroying the process groups at exit failed (%s).", err)
+
+
 def _default_group_timeout_(seconds: float) -> None:
     """Give the default process group (the Trainer's gradient all-reduce) the run's timeout under gloo.
 
@@ -119,6 +136,8 @@ class Collectives:
             backend = torch.distributed.get_backend()
             key = (str(backend), self.timeout)
             if key not in _GROUPS:
+                if not _GROUPS:
+                    atexit.register(_destroy_process_groups)
                 _GROUPS[key] = torch.distributed.new_group(
                     backend=backend, timeout=datetime.timedelta(seconds=self.timeout)
                 )
