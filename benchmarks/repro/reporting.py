@@ -129,8 +129,8 @@ def _digits(exp: Experiment) -> int:
 def _compare(exp: Experiment, mine: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
     """``mine`` against ``best`` (two table rows): the gap (+ = mine better), its status against the seed
     spread ("agrees" / "disagrees" beyond 2x the largest seed std, else "not resolved", or "matches" when the
-    claim only has to match ``best``: ``exp.match_rivals``) and the paired per-seed differences (the same seed
-    shares data order and weight init across methods)."""
+    claim only has to match ``best`` (``exp.match_rivals``) and ``mine`` is not worse on every seed) and the
+    paired per-seed differences (the same seed shares data order and weight init across methods)."""
     sign = 1 if exp.higher_is_better else -1
     gap = sign * (mine["mean"] - best["mean"])
     stds = [r["std"] for r in (mine, best) if not math.isnan(r["std"])]
@@ -142,16 +142,19 @@ def _compare(exp: Experiment, mine: dict[str, Any], best: dict[str, Any]) -> dic
     paired = [
         sign * (mine_by_seed[k] - best_by_seed[k]) for k in sorted(set(mine_by_seed) & set(best_by_seed))
     ]
+    same_sign = len(paired) >= 2 and (all(d > 0 for d in paired) or all(d < 0 for d in paired))
     status = direction if resolved or (math.isnan(spread) and gap != 0) else "not resolved"
+    # a match: within the seed spread, and not worse on every seed (the paired differences are the finer test)
+    worse_on_every_seed = same_sign and gap < 0
     if status == "not resolved" and not math.isnan(spread) and best["variant"] in exp.match_rivals:
-        status = "matches"
+        status = "not resolved" if worse_on_every_seed else "matches"
     return {
         "gap": gap,
         "spread": spread,
         "direction": direction,
         "status": status,
         "paired": paired,
-        "same_sign": len(paired) >= 2 and (all(d > 0 for d in paired) or all(d < 0 for d in paired)),
+        "same_sign": same_sign,
     }
 
 
