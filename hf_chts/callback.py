@@ -112,6 +112,7 @@ class CHTssCallback(FinishedRunGuard, ExportableState):
         csti_inputs: Any = None,
         **config_kwargs: Any,
     ) -> None:
+        super().__init__()  # FinishedRunGuard: a resumed finished run stays finished
         # One sparsity config per run: without one, the model's `config.sparsity` is adopted at train begin.
         self._config_given = config is not None or bool(config_kwargs)
         self.config = SparseTrainingConfig.coerce(config, **config_kwargs)
@@ -129,7 +130,6 @@ class CHTssCallback(FinishedRunGuard, ExportableState):
         self._density = 1.0
         self._grads: dict[str, Any] | None = None
         self._lr_scale = LearningRateScale()
-        super().__init__()  # FinishedRunGuard: a resumed finished run stays finished
         self._remask_every_step: bool | None = None  # decided from the optimizer (config.remask)
         self._exported: dict[str, Any] | None = None  # set by transformers when it restores callback states
         self._trainer_refs: tuple[Any, Any] | None = None  # (args, state) of the running Trainer

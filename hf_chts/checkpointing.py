@@ -139,7 +139,11 @@ def content_checksum(data: bytes | memoryview) -> str:
 
     CRC-32 (``zlib``, gigabytes per second) detects damaged bytes; it is not a defence against forgery.
     """
-    return f"crc32:{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+    return _crc32_text(zlib.crc32(data))
+
+
+def _crc32_text(value: int) -> str:
+    return f"crc32:{value & 0xFFFFFFFF:08x}"
 
 
 def tensor_checksum(tensor: torch.Tensor) -> str:
@@ -154,7 +158,7 @@ def file_checksum(path: str, chunk: int = 1 << 24) -> str:
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
             value = zlib.crc32(block, value)
-    return f"crc32:{value & 0xFFFFFFFF:08x}"
+    return _crc32_text(value)
 
 
 def _state_folder(directory: str) -> str:
@@ -228,9 +232,10 @@ def sparse_state_complete(directory: str) -> str | None:
         path = os.path.join(folder, name)
         if not os.path.isfile(path) or os.path.getsize(path) != size:
             return f"{path} is missing or has another size than {marker} records"
-        if name in checksums and file_checksum(path) != checksums[name]:
+        found = file_checksum(path) if name in checksums else None
+        if found is not None and found != checksums[name]:
             return (
-                f"{path} has other content than {marker} records (checksum {file_checksum(path)}, recorded "
+                f"{path} has other content than {marker} records (checksum {found}, recorded "
                 f"{checksums[name]}): the file was damaged or edited after it was written"
             )
     return None

@@ -87,7 +87,6 @@ COMPACT_FILE = "model.compact.safetensors"
 FORMAT_NAME = "hf_chts.compact"
 FORMAT_VERSION = "1"
 _VALUES, _BITMASK, _SHAPE = ".values", ".bitmask", ".shape"
-# model types whose sparse weights are stored (n_in, n_out) (GPT-2 Conv1D), see DESIGN.md "Masks"
 
 __all__ = [
     "COMPACT_FILE",

@@ -43,7 +43,7 @@ class FinishedRunGuard(TrainerCallback):
 
     def __init__(self) -> None:
         self.finished_at: tuple[int, float | None] | None = None  # (global_step, epoch) when resumed finished
-        self._lr_scale = LearningRateScale()
+        self._zero_lr = LearningRateScale()  # its own: CHTssCallback keeps a second one for re-warmup
 
     def on_train_begin(self, args, state, control, **kwargs):
         """Note whether this run starts at or past ``max_steps`` (a finished checkpoint)."""
@@ -62,10 +62,10 @@ class FinishedRunGuard(TrainerCallback):
         if self.finished_at is None or optimizer is None:
             return
         if any(group["lr"] for group in optimizer.param_groups):  # all 0: another guard scaled and restores
-            self._lr_scale.scale_(optimizer, 0.0)
+            self._zero_lr.scale_(optimizer, 0.0)
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        self._lr_scale.restore_(optimizer)
+        self._zero_lr.restore_(optimizer)
 
     def on_step_end(self, args, state, control, **kwargs):
         """Put the step count back and cancel the final log, evaluation and save of the extra step."""

@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logger.info("Model: %s", json.dumps(model_summary(model)))
 
     # 4. Train. CHTssCallback evolves the topology every update_interval steps (and, with --rewarmup_steps,
-    # re-warms the LR after each update); attached first, so --report_to loggers see its sparsity/ keys.
+    # re-warms the LR after each update); attached ahead of the --report_to loggers, so they see its keys.
     # CyclicRewarmup re-warms the LR every cycle, for dense runs too.
     callbacks = [rewarmup] if rewarmup is not None else []
     if sparse_config is None:  # CHTssCallback is a FinishedRunGuard itself

@@ -37,9 +37,13 @@ def _fmt(mean: float, std: float, digits: int) -> str:
     return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+# a run's active-neuron fraction, under the name its recipe gives it (MLP, LLaMA, translation)
+_ACTIVE_KEYS = ("active_hidden_neurons", "active_mlp_neurons", "active_ffn_neurons")
+
+
 def experiment_table(exp: Experiment, runs: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
     """Markdown table (one row per variant, mean ± std over seeds) and the rows as dicts."""
-    digits = 2 if exp.metric in ("eval_perplexity", "test_bleu") else 4
+    digits = _digits(exp)
     rows = []
     for var in exp.variants:
         mine = [r for r in runs if r["variant"] == var.name]
@@ -57,7 +61,7 @@ def experiment_table(exp: Experiment, runs: list[dict[str, Any]]) -> tuple[str, 
             "density": _mean_std([float(r["metrics"].get("density", 1.0)) for r in mine])[0],
             "wall": _mean_std([float(r["wall_time_seconds"]) for r in mine])[0],
         }
-        for key in ("active_hidden_neurons", "active_mlp_neurons", "active_ffn_neurons"):
+        for key in _ACTIVE_KEYS:
             if key in mine[0]["metrics"]:
                 row["active_values"] = [float(r["metrics"][key]) for r in mine]
                 row["active"] = _mean_std(row["active_values"])
@@ -104,7 +108,6 @@ def per_seed_table(exp: Experiment, runs: list[dict[str, Any]]) -> str:
     """Markdown table of every run (one row per variant and seed, in the page's order)."""
     digits = _digits(exp)
     labels = {v.name: v.title for v in exp.variants}
-    active_keys = ("active_hidden_neurons", "active_mlp_neurons", "active_ffn_neurons")
     lines = [
         f"| method | seed | {exp.metric_label} | best after t_end | active neurons | wall time | commit |",
         "|---|---:|---:|---:|---:|---:|---|",
@@ -112,7 +115,7 @@ def per_seed_table(exp: Experiment, runs: list[dict[str, Any]]) -> str:
     for r in runs:
         metrics = r["metrics"]
         best = metrics.get("best_test_accuracy_after_t_end")
-        active = next((metrics[k] for k in active_keys if k in metrics), None)
+        active = next((metrics[k] for k in _ACTIVE_KEYS if k in metrics), None)
         lines.append(
             f"| {labels[r['variant']]} | {r['seed']} | {float(metrics[exp.metric]):.{digits}f} | "
             f"{'-' if best is None else f'{float(best):.{digits}f}'} | "
